@@ -39,7 +39,9 @@ def smollm2_gguf_path() -> Path:
 
 
 @functools.lru_cache(maxsize=2)
-def load_model(name_or_path: str = DEFAULT_MODEL, *, device: str = "cpu", dtype: str = "float32") -> tuple[Any, Any]:
+def load_model(
+    name_or_path: str = DEFAULT_MODEL, *, device: str = "cpu", dtype: str = "float32"
+) -> tuple[Any, Any]:
     """Return ``(model, tokenizer)`` in eval mode on ``device``.
 
     Args:

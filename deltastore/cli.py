@@ -17,7 +17,11 @@ COMMANDS: tuple[tuple[str, str, str], ...] = (
     ("serve", "deltastore.server.app", "run the gRPC service and the ops HTTP API over one store"),
     ("codecs", "deltastore.codecs.table", "list the codec tiers: bits, ratio vs FP16, bit-exactness"),
     ("verify", "deltastore.verify", "check every store invariant of a data directory"),
-    ("demo", "deltastore.client.demo", "multi-turn SmolLM2 chat whose KV cache round-trips through the store"),
+    (
+        "demo",
+        "deltastore.client.demo",
+        "multi-turn SmolLM2 chat whose KV cache round-trips through the store",
+    ),
 )
 BENCHES: tuple[tuple[str, str, str], ...] = (
     ("codecs", "deltastore.bench.codecs", "codec encode/decode throughput vs memcpy"),
