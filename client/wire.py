@@ -1,0 +1,331 @@
+"""What the sync and asyncio clients share: request building, encoding, streaming framing, decoding.
+
+Transport-free, so :mod:`deltastore.client.sync` and :mod:`deltastore.client.aio` are only the
+calls themselves.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import grpc
+
+from deltastore.client.cache import KVLayers, as_layers, cache_tokens, slice_layers, to_dynamic_cache
+from deltastore.client.models import model_fingerprint
+from deltastore.errors import InvalidArgument
+from deltastore.v1 import deltastore_pb2 as pb
+from deltastore.v1.chunks import DEFAULT_CHUNK_BYTES, ChunkAssembler, iter_chunks
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = [
+    "DEFAULT_NAMESPACE",
+    "Plan",
+    "PlanSegment",
+    "PutResult",
+    "RestoredSnapshot",
+    "Retry",
+    "SnapshotSummary",
+    "decode_snapshot",
+    "encode_missing",
+    "fingerprint",
+    "put_requests",
+    "read_snapshot_stream",
+]
+
+DEFAULT_NAMESPACE = "default"
+
+
+@dataclasses.dataclass(frozen=True)
+class Retry:
+    """Retries with capped exponential backoff and full jitter, for transient failures only.
+
+    Attributes:
+        attempts: total tries (1 = no retry).
+        base_seconds: first backoff ceiling; doubles each try up to ``cap_seconds``.
+        codes: status codes that are retried. UNAVAILABLE means the call never reached a
+            working server (connection refused, server draining), so repeating it is safe.
+    """
+
+    attempts: int = 4
+    base_seconds: float = 0.05
+    cap_seconds: float = 2.0
+    codes: frozenset[grpc.StatusCode] = frozenset({grpc.StatusCode.UNAVAILABLE})
+
+    def __post_init__(self) -> None:
+        if self.attempts < 1:
+            raise InvalidArgument(f"attempts must be >= 1, got {self.attempts}")
+
+    def delays(self) -> Iterator[float]:
+        """Seconds to sleep before each retry (``attempts - 1`` values)."""
+        for i in range(self.attempts - 1):
+            yield random.uniform(0, min(self.cap_seconds, self.base_seconds * (2**i)))
+
+    def retryable(self, exc: BaseException) -> bool:
+        return isinstance(exc, grpc.RpcError) and exc.code() in self.codes
+
+
+@dataclasses.dataclass(frozen=True)
+class PlanSegment:
+    """Tokens ``[start, end)`` as one payload named ``key``; ``present`` when the store has it."""
+
+    start: int
+    end: int
+    key: bytes
+    present: bool
+    size_bytes: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    segments: tuple[PlanSegment, ...]
+    block_size: int
+    codec: str
+
+    @property
+    def missing(self) -> tuple[PlanSegment, ...]:
+        return tuple(s for s in self.segments if not s.present)
+
+    @classmethod
+    def from_proto(cls, msg: pb.PlanSnapshotResponse) -> Plan:
+        return cls(tuple(_segment(s) for s in msg.segments), msg.block_size, msg.codec)
+
+
+def _segment(s: pb.Segment) -> PlanSegment:
+    return PlanSegment(s.start, s.end, bytes(s.key), s.present, s.size_bytes)
+
+
+@dataclasses.dataclass(frozen=True)
+class PutResult:
+    """What a put wrote. ``sent_bytes`` is the payload bytes this client streamed."""
+
+    snapshot_id: str
+    new_bytes: int
+    reused_temporal_bytes: int
+    reused_shared_bytes: int
+    new_segments: int
+    reused_segments: int
+    logical_bytes: int
+    sent_bytes: int
+    encoded_segments: int
+
+
+@dataclasses.dataclass(frozen=True)
+class SnapshotSummary:
+    snapshot_id: str
+    session: str
+    turn: int
+    model: str
+    codec: str
+    n_tokens: int
+    logical_bytes: int
+    created_at: float
+    parent_turn: int | None
+
+    @classmethod
+    def from_proto(cls, s: pb.SnapshotSummary) -> SnapshotSummary:
+        return cls(
+            s.snapshot_id,
+            s.session,
+            s.turn,
+            s.model,
+            s.codec,
+            s.n_tokens,
+            s.logical_bytes,
+            s.created_at,
+            s.parent_turn if s.HasField("parent_turn") else None,
+        )
+
+
+@dataclasses.dataclass
+class RestoredSnapshot:
+    """A snapshot read back and decoded.
+
+    Attributes:
+        token_ids: every token of the sequence (``n_tokens`` of them).
+        n_tokens: tokens of the original sequence: the position to continue generation at.
+        layers: per layer ``(K, V)``, ``(kv_heads, kept, head_dim)``; ``kept < n_tokens`` only
+            with an evicting codec (evicted tokens are absent).
+        positions: per layer ``(kv_heads, kept)`` int64 absolute positions of the kept tokens.
+        cache: an HF ``DynamicCache`` of ``layers`` (None when not requested).
+        payload_bytes: encoded bytes received.
+    """
+
+    snapshot_id: str
+    session: str
+    turn: int
+    model: str
+    codec: str
+    token_ids: list[int]
+    n_tokens: int
+    layers: KVLayers
+    positions: list[torch.Tensor]
+    cache: Any
+    payload_bytes: int
+    logical_bytes: int
+
+    @property
+    def kept_tokens(self) -> int:
+        """Tokens the cache holds (its sequence length)."""
+        return cache_tokens(self.layers)
+
+
+def fingerprint(model: Any) -> str:
+    """A model fingerprint string, from a string as is or from an HF model / config."""
+    if isinstance(model, str):
+        if not model:
+            raise InvalidArgument("model fingerprint must not be empty")
+        return model
+    return model_fingerprint(model)
+
+
+def encode_missing(
+    plan: Plan,
+    cache: Any,
+    token_count: int,
+    *,
+    scores: Sequence[torch.Tensor] | None = None,
+) -> dict[bytes, bytes]:
+    """Encode the segments the plan reports missing, on the cache's device.
+
+    Args:
+        plan: from PlanSnapshot for these tokens.
+        cache: ``DynamicCache`` or ``[(K, V), ...]`` holding every one of the ``token_count`` tokens.
+        token_count: tokens of the snapshot.
+        scores: optional per layer ``(kv_heads, tokens)`` importance for evicting codecs.
+
+    Returns:
+        payload by segment key.
+    """
+    from deltastore.codecs import CodecSpec, encode_block
+
+    layers = as_layers(cache)
+    held = cache_tokens(layers)
+    if held != token_count:
+        raise InvalidArgument(
+            f"the cache holds {held} tokens but the snapshot has {token_count} token ids",
+            hint="store the cache the model computed for exactly these tokens; a cache restored with an "
+            "evicting codec lacks the evicted tokens and cannot be re-encoded",
+        )
+    if scores is not None and len(scores) != len(layers):
+        raise InvalidArgument(f"scores has {len(scores)} layers, the cache has {len(layers)}")
+    spec = CodecSpec.parse(plan.codec)
+    payloads: dict[bytes, bytes] = {}
+    for seg in plan.missing:
+        seg_scores = [s[..., seg.start : seg.end] for s in scores] if scores is not None else None
+        payloads[seg.key] = encode_block(
+            slice_layers(layers, seg.start, seg.end), spec, start=seg.start, scores=seg_scores
+        )
+    return payloads
+
+
+def put_requests(
+    header: pb.SnapshotHeader, payloads: Mapping[bytes, bytes], chunk_bytes: int = DEFAULT_CHUNK_BYTES
+) -> Iterator[pb.PutSnapshotRequest]:
+    """The PutSnapshot stream: the header, then every payload cut into chunks."""
+    yield pb.PutSnapshotRequest(header=header)
+    for key, payload in payloads.items():
+        for chunk in iter_chunks(key, payload, chunk_bytes):
+            yield pb.PutSnapshotRequest(chunk=chunk)
+
+
+def put_result(msg: pb.PutSnapshotResponse, payloads: Mapping[bytes, bytes]) -> PutResult:
+    return PutResult(
+        msg.snapshot_id,
+        msg.new_bytes,
+        msg.reused_temporal_bytes,
+        msg.reused_shared_bytes,
+        msg.new_segments,
+        msg.reused_segments,
+        msg.logical_bytes,
+        sum(len(p) for p in payloads.values()),
+        len(payloads),
+    )
+
+
+class SnapshotReader:
+    """Consumes a GetSnapshot stream message by message: the info, then every payload."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.info: pb.SnapshotInfo | None = None
+        self.payloads: dict[bytes, bytes] = {}
+        self._max = max_bytes
+        self._assembler: ChunkAssembler | None = None
+
+    def feed(self, msg: pb.GetSnapshotResponse) -> None:
+        if msg.WhichOneof("part") == "info":
+            if self.info is not None:
+                raise InvalidArgument("GetSnapshot stream carried two info messages")
+            self.info = msg.info
+            self._assembler = ChunkAssembler(max_payload_bytes=self._max, max_total_bytes=self._max)
+            return
+        if self._assembler is None:
+            raise InvalidArgument("GetSnapshot stream sent a chunk before the snapshot info")
+        done = self._assembler.add(msg.chunk)
+        if done is not None:
+            self.payloads[done[0]] = done[1]
+
+    def finish(self) -> tuple[pb.SnapshotInfo, list[bytes]]:
+        """The info and the payloads in segment order."""
+        if self.info is None or self._assembler is None:
+            raise InvalidArgument("GetSnapshot stream ended without the snapshot info")
+        self._assembler.finish()
+        missing = [s.key.hex() for s in self.info.segments if bytes(s.key) not in self.payloads]
+        if missing:
+            raise InvalidArgument(f"GetSnapshot stream lacked {len(missing)} segment(s): {missing[:2]}")
+        return self.info, [self.payloads[bytes(s.key)] for s in self.info.segments]
+
+
+def read_snapshot_stream(
+    messages: Iterable[pb.GetSnapshotResponse], max_bytes: int
+) -> tuple[pb.SnapshotInfo, list[bytes]]:
+    """Collect a whole GetSnapshot stream."""
+    reader = SnapshotReader(max_bytes)
+    for msg in messages:
+        reader.feed(msg)
+    return reader.finish()
+
+
+def decode_snapshot(
+    info: pb.SnapshotInfo,
+    payloads: Sequence[bytes],
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    as_cache: bool = True,
+    config: Any = None,
+) -> RestoredSnapshot:
+    """Decode every segment on ``device`` and join them along the token axis."""
+    import torch
+
+    from deltastore.codecs import decode_block
+
+    blocks = [decode_block(p, device=device, dtype=dtype) for p in payloads]
+    if not blocks:
+        raise InvalidArgument(f"snapshot {info.snapshot_id} has no segments")
+    n_layers = len(blocks[0].layers)
+    layers: KVLayers = []
+    positions: list[torch.Tensor] = []
+    for i in range(n_layers):
+        ks = [b.layers[i][0] for b in blocks]
+        vs = [b.layers[i][1] for b in blocks]
+        layers.append((torch.cat(ks, dim=1), torch.cat(vs, dim=1)))
+        positions.append(torch.cat([b.positions[i] for b in blocks], dim=1))
+    return RestoredSnapshot(
+        snapshot_id=info.snapshot_id,
+        session=info.session,
+        turn=info.turn,
+        model=info.model,
+        codec=info.codec,
+        token_ids=list(info.token_ids),
+        n_tokens=len(info.token_ids),
+        layers=layers,
+        positions=positions,
+        cache=to_dynamic_cache(layers, config) if as_cache else None,
+        payload_bytes=sum(len(p) for p in payloads),
+        logical_bytes=info.logical_bytes,
+    )

@@ -1,0 +1,106 @@
+"""The ops HTTP API (FastAPI): savings, session listing, health, readiness, metrics, a human page.
+
+It reads the same store object the gRPC service writes, in the same process. Errors are JSON
+``{"error": {"code", "type", "message", "hint"}}`` with the HTTP status of
+``deltastore.errors.STATUS_TABLE``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from importlib import resources
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from deltastore import __version__
+from deltastore.errors import DeltaStoreError, NotFound
+from deltastore.server.metrics import Metrics
+from deltastore.server.status import error_body, http_status
+
+__all__ = ["create_app"]
+
+DEFAULT_NAMESPACE = "default"
+
+
+def create_app(store: Any, metrics: Metrics, *, ready: Callable[[], bool] = lambda: True) -> FastAPI:
+    """Build the ops app over ``store``.
+
+    Args:
+        store: the ``deltastore.store.Store`` the gRPC service uses.
+        metrics: the server's metrics (exposed at ``/metrics``; HTTP requests are counted there).
+        ready: False while the process starts or drains; ``/readyz`` answers 503 then.
+    """
+    app = FastAPI(
+        title="DeltaStore ops API",
+        version=__version__,
+        description="Storage savings, sessions, health and metrics of a DeltaStore service.",
+    )
+    page = resources.files("deltastore.server").joinpath("static/index.html").read_text(encoding="utf-8")
+
+    @app.exception_handler(DeltaStoreError)
+    async def _deltastore_error(_request: Request, exc: DeltaStoreError) -> JSONResponse:
+        return JSONResponse(error_body(exc), status_code=http_status(exc))
+
+    @app.middleware("http")
+    async def _count(request: Request, call_next: Callable[[Request], Any]) -> Response:
+        response: Response = await call_next(request)
+        route = request.scope.get("route")
+        metrics.http_requests.labels(getattr(route, "path", "unmatched"), str(response.status_code)).inc()
+        return response
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def index() -> str:
+        # The current figures are inlined so the first paint already shows them (no fetch needed);
+        # "</" is escaped so stored names can never close the script element.
+        initial = json.dumps(store.savings(None)).replace("</", "<\\/")
+        return page.replace("__INITIAL_SAVINGS__", initial)
+
+    @app.get("/healthz", summary="the process is alive")
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", summary="the service takes traffic: started, not draining, store readable")
+    def readyz() -> JSONResponse:
+        if not ready():
+            return JSONResponse({"status": "not ready", "reason": "starting or draining"}, status_code=503)
+        try:
+            store.savings()
+        except DeltaStoreError as exc:
+            return JSONResponse({"status": "not ready", "reason": str(exc)}, status_code=503)
+        return JSONResponse({"status": "ready"})
+
+    @app.get("/metrics", summary="Prometheus text format", response_class=Response)
+    def metrics_endpoint() -> Response:
+        return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/savings", summary="logical vs stored bytes and the factor of each layer")
+    def savings(namespace: str | None = None) -> dict[str, Any]:
+        return store.savings(namespace)
+
+    @app.get("/v1/sessions/{session}", summary="the snapshots of one session")
+    def session(session: str, namespace: str = DEFAULT_NAMESPACE) -> dict[str, Any]:
+        snapshots = store.list_snapshots(namespace, session)
+        if not snapshots:
+            raise NotFound(f"session {session!r} has no snapshots in namespace {namespace!r}")
+        return {"namespace": namespace, "session": session, "snapshots": [_plain(s) for s in snapshots]}
+
+    return app
+
+
+def _plain(obj: Any) -> Any:
+    """JSON-ready form of a store record (dataclass, dict or scalar)."""
+    import dataclasses
+
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {k: _plain(v) for k, v in dataclasses.asdict(obj).items()}
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, bytes):
+        return obj.hex()
+    return obj

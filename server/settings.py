@@ -1,0 +1,140 @@
+"""Server settings: one frozen dataclass, read from flags, then ``DELTASTORE_*`` variables.
+
+This is the only place the server reads the environment. Precedence: command-line flag, then
+environment variable, then the default below.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+
+from deltastore.errors import InvalidArgument
+
+__all__ = ["ServerSettings", "add_setting_arguments", "parse_size"]
+
+_SIZE = re.compile(r"^\s*(\d+)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_size(text: str | int) -> int:
+    """Bytes from ``"1048576"``, ``"64MiB"``, ``"1G"`` (binary units: K = 1024)."""
+    if isinstance(text, int):
+        return text
+    match = _SIZE.match(text)
+    if match is None:
+        raise InvalidArgument(f"not a size: {text!r}", hint="use a byte count or a unit: 512KiB, 64MiB, 2GiB")
+    return int(match.group(1)) * _UNITS[(match.group(2) or "")[:1].lower()]
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerSettings:
+    """Everything the ``serve`` process is configured by.
+
+    Attributes:
+        data_dir: folder of the embedded LMDB store.
+        backend: storage URL; "" means ``lmdb://<data_dir>`` (see ``deltastore.server.app.open_store``).
+        grpc_address: ``host:port`` or ``unix:/path/to.sock`` (sidecars sharing a volume).
+        http_address: ``host:port`` of the ops HTTP API; "" disables it.
+        max_snapshot_bytes: largest sum of payload bytes one PutSnapshot may carry.
+        max_message_bytes: largest single gRPC message either way (chunks are ~1 MiB).
+        max_tokens: largest token count of one snapshot.
+        chunk_bytes: payload bytes per streamed chunk.
+        workers: gRPC handler threads (concurrent RPCs).
+        grace_seconds: how long SIGTERM waits for in-flight RPCs before cancelling them.
+    """
+
+    data_dir: Path = Path("./data")
+    backend: str = ""
+    grpc_address: str = "127.0.0.1:50051"
+    http_address: str = "127.0.0.1:8080"
+    max_snapshot_bytes: int = 1 << 30
+    max_message_bytes: int = 8 << 20
+    max_tokens: int = 1 << 20
+    chunk_bytes: int = 1 << 20
+    workers: int = 16
+    grace_seconds: float = 10.0
+
+    def __post_init__(self) -> None:
+        for name in ("max_snapshot_bytes", "max_message_bytes", "max_tokens", "chunk_bytes", "workers"):
+            if getattr(self, name) <= 0:
+                raise InvalidArgument(f"{name} must be positive, got {getattr(self, name)}")
+        if self.chunk_bytes + (64 << 10) > self.max_message_bytes:
+            raise InvalidArgument(
+                f"chunk_bytes {self.chunk_bytes} leaves no room for framing under max_message_bytes "
+                f"{self.max_message_bytes}"
+            )
+        if self.grace_seconds < 0:
+            raise InvalidArgument(f"grace_seconds must be >= 0, got {self.grace_seconds}")
+        if not self.grpc_address:
+            raise InvalidArgument("a gRPC address is required")
+
+    @property
+    def backend_url(self) -> str:
+        """The storage URL in effect."""
+        return self.backend or f"lmdb://{self.data_dir.resolve()}"
+
+    @classmethod
+    def load(
+        cls, args: argparse.Namespace | None = None, environ: Mapping[str, str] | None = None
+    ) -> ServerSettings:
+        """Build settings from parsed flags (None where not given) over ``DELTASTORE_*`` variables."""
+        env = os.environ if environ is None else environ
+        values: dict[str, object] = {}
+        for field in dataclasses.fields(cls):
+            raw = getattr(args, field.name, None) if args is not None else None
+            if raw is None:
+                raw = env.get(f"DELTASTORE_{field.name.upper()}")
+            if raw is None:
+                continue
+            values[field.name] = _convert(field.name, field.type, raw)
+        return cls(**values)  # type: ignore[arg-type]
+
+
+def _convert(name: str, type_name: object, raw: object) -> object:
+    """Coerce a flag or environment string to the field's type."""
+    text = str(raw)
+    try:
+        if type_name in ("int", int):
+            return parse_size(text) if name.endswith("_bytes") else int(text)
+        if type_name in ("float", float):
+            return float(text)
+        if type_name in ("Path", Path):
+            return Path(text)
+    except ValueError as exc:
+        raise InvalidArgument(f"{name}: cannot read {text!r}: {exc}") from None
+    return text
+
+
+def add_setting_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags for every setting; defaults are None so the environment can fill them."""
+    defaults = ServerSettings()
+    flags = {
+        "data_dir": ("--data-dir", "folder of the embedded LMDB store"),
+        "backend": ("--backend", "storage URL (lmdb:///path); default lmdb://<data-dir>"),
+        "grpc_address": ("--grpc", "gRPC address: host:port or unix:/path/to.sock"),
+        "http_address": ("--http", "ops HTTP address host:port ('' disables it)"),
+        "max_snapshot_bytes": (
+            "--max-snapshot-bytes",
+            "largest payload total of one PutSnapshot (e.g. 1GiB)",
+        ),
+        "max_message_bytes": ("--max-message-bytes", "largest gRPC message (e.g. 8MiB)"),
+        "max_tokens": ("--max-tokens", "largest token count of one snapshot"),
+        "chunk_bytes": ("--chunk-bytes", "payload bytes per streamed chunk (e.g. 1MiB)"),
+        "workers": ("--workers", "gRPC handler threads"),
+        "grace_seconds": ("--grace-seconds", "SIGTERM: seconds to let in-flight RPCs finish"),
+    }
+    for field in dataclasses.fields(ServerSettings):
+        flag, help_ = flags[field.name]
+        env = f"DELTASTORE_{field.name.upper()}"
+        parser.add_argument(
+            flag,
+            dest=field.name,
+            default=None,
+            metavar=field.name.split("_")[0].upper() if field.name != "data_dir" else "DIR",
+            help=f"{help_} [env {env}; default {getattr(defaults, field.name)!s}]",
+        )
