@@ -1,1 +1,45 @@
-"""Package."""
+"""KV-cache codecs in torch (CPU and CUDA): quantization, rotation, eviction, entropy, lossless.
+
+Public API (docs/ARCHITECTURE.md, "Codec contract")::
+
+    spec = CodecSpec.parse("k4v2-pe50")
+    payload = encode_block(layers, spec, start=0, scores=None)
+    blk = decode_block(payload, device=None, dtype=None)
+    hdr = read_header(payload)          # pure Python, no torch import
+
+``CodecSpec``, ``TIERS``, ``read_header``, ``BlockHeader`` and ``encoded_nbytes`` import without
+torch, so the server parses headers cheaply; ``encode_block``, ``decode_block`` and
+``DecodedBlock`` load torch on first use.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from deltastore.codecs.format import BlockHeader, encoded_nbytes, read_header
+from deltastore.codecs.spec import TIERS, CodecSpec, Tier
+
+if TYPE_CHECKING:
+    from deltastore.codecs.block import DecodedBlock, decode_block, encode_block
+
+__all__ = [
+    "TIERS",
+    "BlockHeader",
+    "CodecSpec",
+    "DecodedBlock",
+    "Tier",
+    "decode_block",
+    "encode_block",
+    "encoded_nbytes",
+    "read_header",
+]
+
+_LAZY = ("DecodedBlock", "decode_block", "encode_block")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        from deltastore.codecs import block
+
+        return getattr(block, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,257 @@
+"""The public codec API: encode a block of KV cache into one payload, decode it back.
+
+A block is the KV of ``n_tokens`` consecutive tokens starting at absolute position ``start``,
+for every layer. Steps, all in torch on the tensors' device: eviction (optional) -> fp16 sink
+tokens split off (optional) -> per-tensor codec (fp16, lossless byte planes, fp8, integer
+codes) -> one device-to-host copy of all sections -> zstd per section (lossless, or option z)
+-> header. ``len(payload)`` is every byte stored for the block.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from deltastore.codecs.base import Fp16Codec, TensorCodec, as_bytes, to_fp16
+from deltastore.codecs.entropy import compress, decompress
+from deltastore.codecs.eviction import gather_tokens, keep_indices, mask_from_indices
+from deltastore.codecs.format import (
+    DTYPE_CODES,
+    FLAG_ZSTD,
+    Section,
+    check_dims,
+    pack_header,
+    read_header,
+    section_sizes,
+)
+from deltastore.codecs.fp8 import Fp8Codec
+from deltastore.codecs.lossless import LosslessCodec
+from deltastore.codecs.packing import pack_bits, unpack_bits
+from deltastore.codecs.quant import IntCodec
+from deltastore.codecs.spec import CodecSpec
+from deltastore.errors import CodecError, FormatError
+
+__all__ = ["DecodedBlock", "decode_block", "encode_block"]
+
+Layers = Sequence[tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class DecodedBlock:
+    """A decoded block.
+
+    Attributes:
+        layers: per layer (K, V), each (kv_heads, kept, head_dim), kept tokens in position order.
+        positions: per layer (kv_heads, kept) int64 absolute positions of the kept tokens
+            (without eviction, one (kv_heads, n_tokens) tensor shared by every layer).
+        n_tokens: tokens in the block before eviction; start: absolute position of the first.
+        spec: the codec it was encoded with; dtype: the original dtype name.
+    """
+
+    layers: list[tuple[torch.Tensor, torch.Tensor]]
+    positions: list[torch.Tensor]
+    n_tokens: int
+    start: int
+    spec: CodecSpec
+    dtype: str
+
+    @property
+    def kept(self) -> int:
+        """Tokens per head after eviction."""
+        return self.layers[0][0].shape[1]
+
+
+def _codecs(spec: CodecSpec, dtype: torch.dtype) -> tuple[TensorCodec, TensorCodec]:
+    """(key codec, value codec) for ``spec``."""
+    if spec.kind == "fp16":
+        return Fp16Codec(), Fp16Codec()
+    if spec.kind == "lossless":
+        return LosslessCodec(dtype), LosslessCodec(dtype)
+    if spec.kind == "fp8":
+        return Fp8Codec(spec.group_size), Fp8Codec(spec.group_size)
+    return (
+        IntCodec(spec.key_bits, spec.group_size, spec.key_axis, spec.rotate),
+        IntCodec(spec.value_bits, spec.group_size, "token", rotate=False),
+    )
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    name = str(dtype).removeprefix("torch.")
+    if name not in DTYPE_CODES:
+        raise CodecError(f"unsupported KV dtype {dtype}; expected float16, bfloat16 or float32")
+    return name
+
+
+def _check_layers(layers: Layers) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Squeeze a batch dim of 1 and check that every K and V has one shape, dtype and device."""
+    if not isinstance(layers, Sequence) or not layers:
+        raise CodecError("layers must be a non-empty sequence of (K, V) pairs")
+    out = []
+    for i, pair in enumerate(layers):
+        if not isinstance(pair, Sequence) or len(pair) != 2:
+            raise CodecError(f"layer {i}: expected a (K, V) pair")
+        kv = []
+        for name, t in zip("KV", pair, strict=True):
+            if not isinstance(t, torch.Tensor):
+                raise CodecError(f"layer {i} {name}: expected a torch.Tensor, got {type(t).__name__}")
+            if t.dim() == 4 and t.shape[0] == 1:
+                t = t[0]
+            if t.dim() != 3:
+                raise CodecError(
+                    f"layer {i} {name}: shape {tuple(t.shape)}; expected (kv_heads, tokens, head_dim)"
+                    " or (1, kv_heads, tokens, head_dim)"
+                )
+            kv.append(t)
+        out.append((kv[0], kv[1]))
+    ref = out[0][0]
+    for i, (k, v) in enumerate(out):
+        for name, t in (("K", k), ("V", v)):
+            if t.shape != ref.shape or t.dtype != ref.dtype or t.device != ref.device:
+                raise CodecError(
+                    f"layer {i} {name}: {tuple(t.shape)} {t.dtype} on {t.device} differs from layer 0 K:"
+                    f" {tuple(ref.shape)} {ref.dtype} on {ref.device}"
+                )
+    return out
+
+
+def _check_scores(scores: Sequence[torch.Tensor] | None, n_layers: int) -> list[torch.Tensor | None]:
+    if scores is None:
+        return [None] * n_layers
+    if len(scores) != n_layers:
+        raise CodecError(f"scores has {len(scores)} layers, the cache {n_layers}")
+    out = []
+    for s in scores:
+        if not isinstance(s, torch.Tensor):
+            raise CodecError("scores must be tensors of shape (kv_heads, tokens)")
+        out.append(s[0] if s.dim() == 3 and s.shape[0] == 1 else s)
+    return out
+
+
+def encode_block(
+    layers: Layers, spec: CodecSpec | str, *, start: int = 0, scores: Sequence[torch.Tensor] | None = None
+) -> bytes:
+    """Encode the KV of one block of tokens.
+
+    Args:
+        layers: per layer (K, V), each (kv_heads, tokens, head_dim) or (1, kv_heads, tokens,
+            head_dim); float16, bfloat16 or float32; all on one device.
+        spec: a CodecSpec or spec string.
+        start: absolute position of the block's first token (sink tokens are positions < sink).
+        scores: optional per layer (kv_heads, tokens) importance for eviction (higher = keep);
+            None: the key-norm proxy. Ignored without eviction.
+    Returns:
+        The payload (format.py); ``len()`` counts every byte.
+    Raises:
+        CodecError: bad shapes, dtypes, dims out of bounds, values a lossy codec cannot represent.
+    """
+    spec = CodecSpec.parse(spec) if isinstance(spec, str) else spec
+    pairs = _check_layers(layers)
+    h, n, d = pairs[0][0].shape
+    n_layers = len(pairs)
+    dtype = _dtype_name(pairs[0][0].dtype)
+    check_dims(n_layers, h, d, n, start, CodecError)
+    per_layer_scores = _check_scores(scores if spec.evicts else None, n_layers)
+    key_codec, value_codec = _codecs(spec, pairs[0][0].dtype)
+    sink = spec.fp16_sink_tokens(n, start)
+    expected = section_sizes(spec, n_layers, h, d, n, start, dtype)
+
+    parts: list[list[torch.Tensor]] = [[] for _ in expected]
+    masks = []
+    for (k, v), score in zip(pairs, per_layer_scores, strict=True):
+        if spec.evicts:
+            idx = keep_indices(k, spec, start, score)
+            k, v = gather_tokens(k, idx), gather_tokens(v, idx)
+            masks.append(mask_from_indices(idx, n))
+        layer_parts = [*key_codec.encode(k[:, sink:]), *value_codec.encode(v[:, sink:])]
+        if sink:
+            layer_parts.append(torch.cat([as_bytes(to_fp16(k[:, :sink])), as_bytes(to_fp16(v[:, :sink]))]))
+        for i, p in enumerate(layer_parts):
+            parts[i].append(p)
+    if spec.evicts:
+        parts[-1].append(pack_bits(torch.stack(masks), 1))
+
+    flat = [p for section in parts for p in section]
+    sizes = [sum(p.numel() for p in section) for section in parts]
+    if sizes != [size for _, size in expected]:  # a codec broke the format's arithmetic: a bug, not input
+        raise RuntimeError(f"section sizes {sizes} differ from the format's {expected}")
+    body = memoryview(torch.cat(flat).cpu().numpy()).cast("B") if flat else memoryview(b"")
+    table, chunks, offset = [], [], 0
+    for (kind, _), size in zip(expected, sizes, strict=True):
+        raw = body[offset : offset + size]
+        offset += size
+        packed = compress(raw) if spec.entropy or spec.kind == "lossless" else None
+        table.append(
+            (kind, FLAG_ZSTD if packed is not None else 0, len(packed if packed is not None else raw))
+        )
+        chunks.append(packed if packed is not None else raw)
+    return b"".join([pack_header(spec, n_layers, h, d, n, start, dtype, table), *chunks])
+
+
+def _section_tensor(data: bytes | memoryview, device: torch.device) -> torch.Tensor:
+    """A uint8 tensor on ``device`` holding a copy of ``data`` (never aliasing the payload)."""
+    if len(data) == 0:
+        return torch.empty(0, dtype=torch.uint8, device=device)
+    with warnings.catch_warnings():  # frombuffer warns on read-only buffers; we copy right away
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.frombuffer(data, dtype=torch.uint8).to(device, copy=True)
+
+
+def decode_block(
+    payload: bytes | bytearray | memoryview,
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> DecodedBlock:
+    """Decode a payload from :func:`encode_block`.
+
+    Args:
+        payload: the block bytes.
+        device: where the tensors go (default CPU).
+        dtype: output dtype (default: the original dtype of the encoded tensors).
+    Raises:
+        FormatError: malformed payload (see ``read_header``), or a corrupt zstd section.
+    """
+    hdr = read_header(payload)
+    spec, n_layers, h, d, n = hdr.spec, hdr.n_layers, hdr.kv_heads, hdr.head_dim, hdr.n_tokens
+    target = torch.device(device) if device is not None else torch.device("cpu")
+    orig_dtype = getattr(torch, hdr.dtype)
+    out_dtype = dtype or orig_dtype
+    expected = section_sizes(spec, n_layers, h, d, n, hdr.start, hdr.dtype)
+    view = memoryview(payload).cast("B")
+    sections = []
+    for (kind, flags, offset, length), (_, raw_size) in zip(hdr.sections, expected, strict=True):
+        data = view[offset : offset + length]
+        if flags & FLAG_ZSTD:
+            data = decompress(data, raw_size)
+        sections.append(_section_tensor(data, target).view(n_layers, -1) if kind != Section.MASK else data)
+
+    kept = hdr.kept_tokens
+    sink = spec.fp16_sink_tokens(n, hdr.start)
+    key_codec, value_codec = _codecs(spec, orig_dtype)
+    n_key_parts = sum(1 for kind, _ in expected if kind in (Section.K_DATA, Section.K_PARAMS))
+    n_value_parts = sum(1 for kind, _ in expected if kind in (Section.V_DATA, Section.V_PARAMS))
+    shape = (h, kept - sink, d)
+    if spec.evicts:
+        mask = unpack_bits(_section_tensor(sections[-1], target), 1, n_layers * h * n).view(n_layers, h, n)
+        mask = mask.bool()
+        if not bool((mask.sum(dim=-1) == kept).all()):
+            raise FormatError(f"eviction mask does not keep exactly {kept} tokens per head")
+        all_pos = torch.arange(hdr.start, hdr.start + n, device=target).expand(h, n)
+        positions = [all_pos[mask[i]].view(h, kept) for i in range(n_layers)]
+    else:
+        positions = [torch.arange(hdr.start, hdr.start + n, device=target).expand(h, n)] * n_layers
+
+    out_layers = []
+    for i in range(n_layers):
+        layer = [s[i] for s in sections[: n_key_parts + n_value_parts]]
+        k = key_codec.decode(layer[:n_key_parts], shape).to(out_dtype)
+        v = value_codec.decode(layer[n_key_parts:], shape).to(out_dtype)
+        if sink:
+            sk, sv = sections[n_key_parts + n_value_parts][i].view(torch.float16).view(2, h, sink, d)
+            k = torch.cat([sk.to(out_dtype), k], dim=1)
+            v = torch.cat([sv.to(out_dtype), v], dim=1)
+        out_layers.append((k, v))
+    return DecodedBlock(out_layers, positions, n, hdr.start, spec, hdr.dtype)

@@ -1,0 +1,69 @@
+"""Token eviction: which tokens of a block each KV head keeps.
+
+Per layer and KV head, a block of ``n`` tokens keeps exactly ``spec.kept_tokens(n, start)``
+tokens (see ``spec.py`` for the budget): always the sink (absolute positions below
+``spec.eviction_sink``) and the last ``spec.recent`` tokens of the block; for ``pe<X>`` also the
+first ``ceil(n * X / 100)`` tokens; the rest of the budget goes to the highest scores.
+
+Scores are importance, higher = keep: the engine's attention mass from an observation window
+(SnapKV, Li et al. 2024; H2O) when given, else the key-norm proxy ``-||k||_2`` (tokens with small
+key norms draw the most attention: Devoto et al. 2024, kvpress ``KnormPress``).
+
+Evicted tokens are absent from the decoded block: ``DecodedBlock.layers`` holds only kept
+tokens, in position order, and ``positions`` their absolute positions. A caller rebuilding an HF
+cache uses the kept tensors as they are and continues generating at position ``n_tokens``
+(RoPE was applied before caching, so kept keys stay valid).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from deltastore.codecs.spec import CodecSpec
+from deltastore.errors import CodecError
+
+__all__ = ["gather_tokens", "keep_indices", "mask_from_indices"]
+
+
+def keep_indices(
+    keys: torch.Tensor, spec: CodecSpec, start: int, scores: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Kept token indices per head, ascending.
+
+    Args:
+        keys: (kv_heads, n_tokens, head_dim), used for the key-norm proxy when ``scores`` is None.
+        spec: a spec with eviction.
+        start: absolute position of the block's first token.
+        scores: optional (kv_heads, n_tokens) importance; NaN counts as least important.
+    Returns:
+        (kv_heads, kept) int64, kept = spec.kept_tokens(n_tokens, start).
+    """
+    h, n, _ = keys.shape
+    kept = spec.kept_tokens(n, start)
+    if kept == n:
+        return torch.arange(n, device=keys.device).expand(h, n)
+    if scores is None:
+        score = -torch.linalg.vector_norm(keys.float(), dim=-1)
+    else:
+        if tuple(scores.shape) != (h, n):
+            raise CodecError(
+                f"scores have shape {tuple(scores.shape)}, expected (kv_heads, tokens) = {(h, n)}"
+            )
+        score = torch.nan_to_num(scores.to(device=keys.device, dtype=torch.float32), nan=-torch.inf)
+        score = score.clone()
+    prefix = spec.forced_prefix(n, start)
+    recent = min(spec.recent, n)
+    score[:, :prefix] = torch.inf
+    score[:, n - recent :] = torch.inf
+    return torch.topk(score, kept, dim=-1, sorted=False).indices.sort(dim=-1).values
+
+
+def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """x: (kv_heads, n_tokens, head_dim), idx: (kv_heads, kept) -> (kv_heads, kept, head_dim)."""
+    return x.gather(1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+def mask_from_indices(idx: torch.Tensor, n_tokens: int) -> torch.Tensor:
+    """(kv_heads, kept) indices -> (kv_heads, n_tokens) bool keep mask."""
+    mask = torch.zeros(idx.shape[0], n_tokens, dtype=torch.bool, device=idx.device)
+    return mask.scatter_(1, idx, True)

@@ -1,0 +1,267 @@
+"""Codec specs: a short string names every parameter that changes the encoded bytes.
+
+Grammar (``-``-separated, options in any order, each at most once)::
+
+    base      fp16 | lossless | fp8 | k{8,4,2}v{8,4,2}
+    g<N>      group size in elements (power of two, 8..1024; default 64)
+    kc | kt   key grouping axis for kXvY: per channel over tokens (KIVI) or per token over head_dim
+    nr        kXvY: no Hadamard rotation of keys (kept for measurement; rotation is the default)
+    z         zstd entropy stage over the encoded sections (implied by, and not allowed with, lossless)
+    sink<N>   fp8/kXvY: the first N absolute positions are stored in fp16 instead
+    pe<X>     eviction, preserve-early: the first X% of the block's tokens are always kept
+    adapt<X>  eviction, adaptive: same budget as pe<X>, every token eligible by score
+    r<N>      eviction: the last N tokens of the block are always kept (default 16)
+
+Eviction budget (both policies): a block of n tokens keeps ``ceil(n * (100 + X) / 200)`` tokens,
+i.e. X% of the tokens plus half of the rest, never fewer than the tokens it must keep (the sink:
+absolute positions < max(4, sink N); the recent window; for pe<X> the first ``ceil(n * X / 100)``
+tokens). This fits the report's Adapt ratios (Adapt30 9.5x = 6.2x / 0.65) and roughly its PE
+ratios (its PE kept slightly fewer tokens; we use one budget for both so they compare at equal
+size). Evicted tokens are absent from the decoded block; positions say which were kept.
+
+``canonical()`` spells every parameter out, so a spec string in a hash or a header never changes
+meaning when a default changes.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+from deltastore.errors import InvalidArgument
+
+__all__ = ["EVICTION_SINK", "TIERS", "CodecSpec", "Tier"]
+
+Kind = Literal["fp16", "lossless", "fp8", "quant"]
+KeyAxis = Literal["channel", "token"]
+Eviction = Literal["none", "pe", "adapt"]
+
+EVICTION_SINK = 4
+"""Absolute positions below this are never evicted (attention sinks, Xiao et al. 2023)."""
+
+DEFAULT_GROUP = 64
+DEFAULT_RECENT = 16
+DEFAULT_KEY_AXIS: KeyAxis = "channel"
+_BITS = (2, 4, 8)
+_MAX_SINK = 1024
+_MAX_RECENT = 1 << 20
+
+_OPTION = re.compile(r"^(g|sink|pe|adapt|r)(\d{1,7})$")
+
+
+@dataclass(frozen=True)
+class CodecSpec:
+    """One codec configuration. Build with :meth:`parse`; fields are validated on construction.
+
+    Attributes:
+        kind: "fp16" (raw), "lossless" (bit-exact byte planes + zstd), "fp8" (e4m3, per-group
+            scale), "quant" (asymmetric integer codes with fp16 scale and zero-point per group).
+        key_bits / value_bits: bits per stored element (16 for fp16/lossless, 8 for fp8).
+        group_size: elements per scale group (fp8 and quant).
+        key_axis: quant keys grouped per "channel" (along tokens, KIVI) or per "token" (along
+            head_dim). Values are always grouped per token.
+        rotate: quant keys are rotated by a normalized, sign-randomized Walsh-Hadamard matrix.
+        entropy: sections go through zstd (always for lossless).
+        sink: first absolute positions stored in fp16 (fp8 and quant).
+        eviction / evict_pct / recent: see the module docstring.
+    """
+
+    kind: Kind
+    key_bits: int = 16
+    value_bits: int = 16
+    group_size: int = DEFAULT_GROUP
+    key_axis: KeyAxis = DEFAULT_KEY_AXIS
+    rotate: bool = True
+    entropy: bool = False
+    sink: int = 0
+    eviction: Eviction = "none"
+    evict_pct: int = 0
+    recent: int = DEFAULT_RECENT
+
+    def __post_init__(self) -> None:
+        bits = {"fp16": (16,), "lossless": (16,), "fp8": (8,), "quant": _BITS}.get(self.kind)
+        if bits is None:
+            raise InvalidArgument(f"unknown codec kind {self.kind!r}")
+        if self.key_bits not in bits or self.value_bits not in bits:
+            raise InvalidArgument(f"{self.kind}: bits must be one of {bits}")
+        g = self.group_size
+        if g < 8 or g > 1024 or g & (g - 1):
+            raise InvalidArgument(f"group size {g} must be a power of two in [8, 1024]")
+        if not 0 <= self.sink <= _MAX_SINK:
+            raise InvalidArgument(f"sink {self.sink} must be in [0, {_MAX_SINK}]")
+        if self.sink and self.kind in ("fp16", "lossless"):
+            raise InvalidArgument(f"sink<N> has no meaning for {self.kind}: every token is stored exactly")
+        if self.entropy and self.kind == "lossless":
+            raise InvalidArgument("lossless always uses zstd: drop the 'z' option")
+        if self.eviction not in ("none", "pe", "adapt"):
+            raise InvalidArgument(f"unknown eviction policy {self.eviction!r}")
+        if self.eviction != "none" and not 0 <= self.evict_pct < 100:
+            raise InvalidArgument(f"eviction percentage {self.evict_pct} must be in [0, 100)")
+        if not 0 <= self.recent <= _MAX_RECENT:
+            raise InvalidArgument(f"recent window {self.recent} must be in [0, {_MAX_RECENT}]")
+
+    @classmethod
+    def parse(cls, text: str) -> CodecSpec:
+        """Parse a spec string such as "k4v2-pe50" or "lossless"; raises InvalidArgument."""
+        if not isinstance(text, str) or not text or len(text) > 128:
+            raise InvalidArgument(f"codec spec must be a non-empty string of at most 128 chars, got {text!r}")
+        base, *options = text.strip().lower().split("-")
+        fields: dict[str, object] = {}
+        if base in ("fp16", "lossless", "fp8"):
+            fields["kind"] = base
+            fields["key_bits"] = fields["value_bits"] = 8 if base == "fp8" else 16
+        elif (m := re.fullmatch(r"k(\d)v(\d)", base)) is not None:
+            fields.update(kind="quant", key_bits=int(m.group(1)), value_bits=int(m.group(2)))
+        else:
+            raise InvalidArgument(f"unknown codec {base!r} in {text!r}", hint="see `deltastore codecs`")
+        seen: set[str] = set()
+        for opt in options:
+            m = _OPTION.fullmatch(opt)
+            key = m.group(1) if m else opt
+            if key in ("pe", "adapt"):
+                key = "eviction"
+            if key in ("kc", "kt"):
+                key = "axis"
+            if key in seen:
+                raise InvalidArgument(f"option {opt!r} given twice in {text!r}")
+            seen.add(key)
+            if opt in ("kc", "kt", "nr") and fields["kind"] != "quant":
+                raise InvalidArgument(f"option {opt!r} applies to kXvY codecs only")
+            if opt == "kc":
+                fields["key_axis"] = "channel"
+            elif opt == "kt":
+                fields["key_axis"] = "token"
+            elif opt == "nr":
+                fields["rotate"] = False
+            elif opt == "z":
+                fields["entropy"] = True
+            elif m is None:
+                raise InvalidArgument(f"unknown option {opt!r} in {text!r}", hint="see `deltastore codecs`")
+            elif m.group(1) == "g":
+                fields["group_size"] = int(m.group(2))
+            elif m.group(1) == "sink":
+                fields["sink"] = int(m.group(2))
+            elif m.group(1) == "r":
+                fields["recent"] = int(m.group(2))
+            else:
+                fields["eviction"] = m.group(1)
+                fields["evict_pct"] = int(m.group(2))
+        if "r" in seen and "eviction" not in seen:
+            raise InvalidArgument(f"r<N> needs an eviction policy (pe<X> or adapt<X>) in {text!r}")
+        if "g" in seen and fields["kind"] in ("fp16", "lossless"):
+            raise InvalidArgument(f"g<N> has no meaning for {fields['kind']}")
+        return cls(**fields)  # type: ignore[arg-type]
+
+    def canonical(self) -> str:
+        """The stable, fully explicit spec string (used in hashes and block headers)."""
+        if self.kind == "quant":
+            parts = [f"k{self.key_bits}v{self.value_bits}", f"g{self.group_size}"]
+            parts.append("kc" if self.key_axis == "channel" else "kt")
+            if not self.rotate:
+                parts.append("nr")
+        elif self.kind == "fp8":
+            parts = ["fp8", f"g{self.group_size}"]
+        else:
+            parts = [self.kind]
+        if self.entropy:
+            parts.append("z")
+        if self.sink:
+            parts.append(f"sink{self.sink}")
+        if self.eviction != "none":
+            parts += [f"{self.eviction}{self.evict_pct}", f"r{self.recent}"]
+        return "-".join(parts)
+
+    @property
+    def name(self) -> str:
+        """Same as :meth:`canonical`."""
+        return self.canonical()
+
+    @property
+    def bit_exact(self) -> bool:
+        """decode(encode(x)) is bit-identical to x for fp16, bf16 and fp32 input."""
+        return self.kind == "lossless" and self.eviction == "none"
+
+    @property
+    def evicts(self) -> bool:
+        return self.eviction != "none"
+
+    @property
+    def eviction_sink(self) -> int:
+        """Absolute positions below this are never evicted."""
+        return max(EVICTION_SINK, self.sink)
+
+    def kept_tokens(self, n_tokens: int, start: int = 0) -> int:
+        """Tokens a block of ``n_tokens`` starting at absolute ``start`` keeps (same for every head).
+
+        The budget ``ceil(n * (100 + X) / 200)``, raised to the tokens that must stay: the sink,
+        the recent window and, for pe<X>, the first ``ceil(n * X / 100)`` tokens.
+        """
+        if not self.evicts:
+            return n_tokens
+        budget = -(-n_tokens * (100 + self.evict_pct) // 200)
+        return max(budget, self.forced_prefix(n_tokens, start) + min(self.recent, n_tokens))
+
+    def forced_prefix(self, n_tokens: int, start: int = 0) -> int:
+        """Length of the block prefix that eviction always keeps (sink, plus pe<X>'s early part)."""
+        sink = min(max(self.eviction_sink - start, 0), n_tokens)
+        early = -(-n_tokens * self.evict_pct // 100) if self.eviction == "pe" else 0
+        return min(max(sink, early), n_tokens - min(self.recent, n_tokens))
+
+    def fp16_sink_tokens(self, n_tokens: int, start: int = 0) -> int:
+        """Leading tokens of the block stored in fp16 (absolute positions < sink)."""
+        return min(max(self.sink - start, 0), n_tokens)
+
+    def __str__(self) -> str:
+        return self.canonical()
+
+
+@dataclass(frozen=True)
+class Tier:
+    """A named operating point: what users pick, and what the report called it.
+
+    Attributes:
+        name: our honest name (the report's name kept where users will look for it).
+        spec: the codec.
+        about: one line saying what it is.
+        report_ratio: the ratio the source report claims for it (None: not in the report).
+    """
+
+    name: str
+    spec: CodecSpec
+    about: str
+    report_ratio: float | None = None
+
+
+def _tier(name: str, spec: str, about: str, report_ratio: float | None = None) -> tuple[str, Tier]:
+    return name, Tier(name, CodecSpec.parse(spec), about, report_ratio)
+
+
+TIERS: dict[str, Tier] = dict(
+    [
+        _tier("fp16", "fp16", "raw fp16, the reference every ratio is taken against"),
+        _tier("lossless", "lossless", "bit-exact: byte planes + zstd (fp16, bf16, fp32; NaN/inf/-0 kept)"),
+        _tier("fp8", "fp8", "e4m3 with an fp16 scale per 64 elements"),
+        _tier("k8v8", "k8v8", "8-bit keys and values, near-transparent"),
+        _tier(
+            "report-lossless (k4v4)",
+            "k4v4",
+            "the report's 'Lossless' tier: 4-bit keys and values, NOT bit-exact",
+            4.1,
+        ),
+        _tier("conservative (k4v2)", "k4v2", "4-bit rotated keys, 2-bit values, no eviction", 6.2),
+        _tier("k4v4-pe30", "k4v4-pe30", "k4v4, keep first 30% + half of the rest by score", 6.9),
+        _tier("k4v4-pe10", "k4v4-pe10", "k4v4, keep first 10% + half of the rest by score", 7.9),
+        _tier("k4v2-pe50", "k4v2-pe50", "k4v2, keep first 50% + half of the rest by score", 9.0),
+        _tier("k4v2-adapt30", "k4v2-adapt30", "k4v2, keep 65% of tokens chosen by score", 9.5),
+        _tier("balanced (k4v2-pe30)", "k4v2-pe30", "k4v2, keep first 30% + half of the rest by score", 10.2),
+        _tier("k4v2-pe20", "k4v2-pe20", "k4v2, keep first 20% + half of the rest by score", 10.9),
+        _tier("k4v2-adapt10", "k4v2-adapt10", "k4v2, keep 55% of tokens chosen by score", 11.1),
+        _tier("k4v2-pe15", "k4v2-pe15", "k4v2, keep first 15% + half of the rest by score", 11.3),
+        _tier(
+            "aggressive (k4v2-pe10)", "k4v2-pe10", "k4v2, keep first 10% + half of the rest by score", 11.8
+        ),
+        _tier("k4v2-pe5", "k4v2-pe5", "k4v2, keep first 5% + half of the rest by score", 12.2),
+    ]
+)
+"""Named tiers: ours, the report's four core tiers, and its 12-point sweep (explicit parameters)."""
