@@ -9,14 +9,17 @@ from __future__ import annotations
 
 __all__ = [
     "STATUS_TABLE",
+    "AlreadyExists",
     "AuthError",
     "BackendUnavailable",
     "ChecksumMismatch",
     "CodecError",
     "DeltaStoreError",
     "FormatError",
+    "IncompatibleFormat",
     "InvalidArgument",
     "MismatchError",
+    "MissingSegments",
     "NotFound",
     "PermissionDenied",
     "ResourceExhausted",
@@ -67,6 +70,26 @@ class MismatchError(DeltaStoreError):
     """Model fingerprint or codec spec differs from what is stored: never serve wrong tensors."""
 
 
+class MissingSegments(MismatchError):
+    """A put lacks payloads for segments the store does not hold (plan again and send them)."""
+
+    def __init__(self, keys: list[str]) -> None:
+        shown = ", ".join(keys[:4]) + (f" and {len(keys) - 4} more" if len(keys) > 4 else "")
+        super().__init__(
+            f"{len(keys)} segment(s) neither stored nor supplied: {shown}",
+            hint="call PlanSnapshot again and send every segment it reports missing",
+        )
+        self.keys = keys
+
+
+class AlreadyExists(DeltaStoreError):
+    """A snapshot with this (namespace, session, turn) exists with different content."""
+
+
+class IncompatibleFormat(DeltaStoreError):
+    """The data directory was written in a format version this build does not know."""
+
+
 class ResourceExhausted(DeltaStoreError):
     """A configured size limit was exceeded (snapshot bytes, message size, dimensions)."""
 
@@ -108,6 +131,8 @@ STATUS_TABLE: tuple[tuple[type[DeltaStoreError], str, int], ...] = (
     (StoreFull, "RESOURCE_EXHAUSTED", 507),
     (ResourceExhausted, "RESOURCE_EXHAUSTED", 413),
     (MismatchError, "FAILED_PRECONDITION", 409),
+    (AlreadyExists, "ALREADY_EXISTS", 409),
+    (IncompatibleFormat, "FAILED_PRECONDITION", 500),
     (NotFound, "NOT_FOUND", 404),
     (InvalidArgument, "INVALID_ARGUMENT", 400),
     (AuthError, "UNAUTHENTICATED", 401),
