@@ -17,7 +17,7 @@ from deltastore.client.cache import KVLayers, as_layers, cache_tokens, slice_lay
 from deltastore.client.models import model_fingerprint
 from deltastore.errors import InvalidArgument
 from deltastore.v1 import deltastore_pb2 as pb
-from deltastore.v1.chunks import DEFAULT_CHUNK_BYTES, ChunkAssembler, iter_chunks
+from deltastore.v1.protocol import DEFAULT_CHUNK_BYTES, ERROR_TYPE_KEY, ChunkAssembler, iter_chunks
 
 if TYPE_CHECKING:
     import torch
@@ -329,3 +329,29 @@ def decode_snapshot(
         payload_bytes=sum(len(p) for p in payloads),
         logical_bytes=info.logical_bytes,
     )
+
+
+def savings_dict(msg: pb.GetSavingsResponse) -> dict[str, Any]:
+    """The GetSavings answer in the shape of the HTTP ``/v1/savings`` JSON."""
+
+    def one(s: pb.Savings) -> dict[str, Any]:
+        return {
+            "logical_bytes": s.logical_bytes,
+            "stored_bytes": s.stored_bytes,
+            "ratio": s.ratio,
+            "layers": {"codec": s.codec, "prefix_dedup": s.prefix_dedup, "temporal_delta": s.temporal_delta},
+            "snapshots": s.snapshots,
+            "sessions": s.sessions,
+            "blocks": s.blocks,
+        }
+
+    return {**one(msg.total), "namespaces": {ns: one(s) for ns, s in sorted(msg.namespaces.items())}}
+
+
+def error_type(exc: grpc.RpcError) -> str:
+    """The DeltaStore error class name a server attached to a failed call ("" if none)."""
+    trailing = exc.trailing_metadata() if hasattr(exc, "trailing_metadata") else None
+    for key, value in trailing or ():
+        if key == ERROR_TYPE_KEY:
+            return str(value)
+    return ""

@@ -1,7 +1,6 @@
-"""Cutting segment payloads into ``BlockChunk`` messages and putting them back together.
+"""Protocol rules both ends of the wire share (hand-written, not generated).
 
-Hand-written (not generated): both ends of the wire share it, so the server and the client agree
-on the one framing rule of the streams: the chunks of one payload are consecutive, in offset
+Framing of payload streams: the chunks of one payload are consecutive, in offset
 order, each carries the payload's full size, and none is larger than the chunk limit. gRPC in
 Python moves ~1.3 GB/s with ~1 MiB messages and an order of magnitude less with one huge
 message, hence the default.
@@ -14,10 +13,13 @@ from collections.abc import Iterator
 from deltastore.errors import InvalidArgument, ResourceExhausted
 from deltastore.v1 import deltastore_pb2 as pb
 
-__all__ = ["DEFAULT_CHUNK_BYTES", "KEY_BYTES", "ChunkAssembler", "iter_chunks"]
+__all__ = ["DEFAULT_CHUNK_BYTES", "ERROR_TYPE_KEY", "KEY_BYTES", "ChunkAssembler", "iter_chunks"]
 
 DEFAULT_CHUNK_BYTES = 1 << 20  # 1 MiB of payload per message
 KEY_BYTES = 32  # BLAKE3 digest
+ERROR_TYPE_KEY = "deltastore-error-type"
+"""Trailing metadata key naming the ``deltastore.errors`` class behind a non-OK status, so a
+client can tell e.g. MissingSegments (plan again) from another FAILED_PRECONDITION."""
 
 
 def iter_chunks(

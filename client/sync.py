@@ -1,0 +1,280 @@
+"""The blocking client for inference workers.
+
+One channel per client, reused by every call (create one client per process and share it across
+threads; gRPC channels are thread-safe). Every call has a deadline; calls that fail with
+UNAVAILABLE are retried with backoff inside that deadline. Failures surface as ``grpc.RpcError``
+with the status code of ``deltastore.errors.STATUS_TABLE``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import grpc
+
+from deltastore.client.wire import (
+    DEFAULT_NAMESPACE,
+    Plan,
+    PutResult,
+    RestoredSnapshot,
+    Retry,
+    SnapshotSummary,
+    decode_snapshot,
+    encode_missing,
+    error_type,
+    fingerprint,
+    put_requests,
+    put_result,
+    read_snapshot_stream,
+    savings_dict,
+)
+from deltastore.v1 import deltastore_pb2 as pb
+from deltastore.v1 import deltastore_pb2_grpc as pb_grpc
+from deltastore.v1.protocol import DEFAULT_CHUNK_BYTES
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["DeltaStoreClient", "channel_options"]
+
+T = TypeVar("T")
+MAX_REPLANS = 2  # plan again when segments vanished between plan and put (concurrent deletes)
+
+
+def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
+    """Channel options shared by both clients: message limits, keepalive for long-lived sidecars."""
+    return [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.keepalive_time_ms", 30_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+    ]
+
+
+class DeltaStoreClient:
+    """Put and get KV-cache snapshots.
+
+    Args:
+        target: ``host:port`` or ``unix:/path/to.sock``.
+        namespace: tenant every call acts in.
+        timeout: default deadline of a call in seconds (a put includes its plan and encode).
+        retry: which failures are retried and how long to back off.
+        chunk_bytes: payload bytes per streamed message.
+        max_message_bytes: gRPC message limit (must be at least the server's chunk size + framing).
+        max_snapshot_bytes: largest snapshot this client accepts back.
+        credentials: TLS channel credentials (None: plaintext, for loopback and sidecars).
+        interceptors: client interceptors (e.g. auth metadata).
+    """
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        namespace: str = DEFAULT_NAMESPACE,
+        timeout: float = 30.0,
+        retry: Retry | None = None,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        max_message_bytes: int = 8 << 20,
+        max_snapshot_bytes: int = 1 << 32,
+        credentials: grpc.ChannelCredentials | None = None,
+        interceptors: Sequence[grpc.UnaryUnaryClientInterceptor] = (),
+    ) -> None:
+        options = channel_options(max_message_bytes)
+        if credentials is None:
+            channel = grpc.insecure_channel(target, options)
+        else:
+            channel = grpc.secure_channel(target, credentials, options)
+        self._channel = grpc.intercept_channel(channel, *interceptors) if interceptors else channel
+        self._raw_channel = channel
+        self._stub = pb_grpc.DeltaStoreStub(self._channel)
+        self.namespace = namespace
+        self.timeout = timeout
+        self.retry = retry or Retry()
+        self.chunk_bytes = chunk_bytes
+        self.max_snapshot_bytes = max_snapshot_bytes
+
+    def close(self) -> None:
+        self._raw_channel.close()
+
+    def __enter__(self) -> DeltaStoreClient:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    def _call(self, fn: Callable[[float], T], timeout: float | None) -> T:
+        """Run ``fn(remaining_seconds)``, retrying retryable failures until the deadline."""
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        delays = self.retry.delays()
+        while True:
+            try:
+                return fn(max(deadline - time.monotonic(), 0.0))
+            except grpc.RpcError as exc:
+                delay = next(delays, None) if self.retry.retryable(exc) else None
+                if delay is None or time.monotonic() + delay >= deadline:
+                    raise
+                time.sleep(delay)
+
+    def plan_snapshot(
+        self,
+        session: str,
+        token_ids: Sequence[int],
+        *,
+        model: Any,
+        codec: str = "k4v2",
+        parent_turn: int | None = None,
+        timeout: float | None = None,
+    ) -> Plan:
+        """The segments a snapshot of these tokens consists of, and which the store has."""
+        req = pb.PlanSnapshotRequest(
+            namespace=self.namespace,
+            session=session,
+            model=fingerprint(model),
+            codec=codec,
+            token_ids=token_ids,
+            parent_turn=parent_turn,
+        )
+        return Plan.from_proto(self._call(lambda t: self._stub.PlanSnapshot(req, timeout=t), timeout))
+
+    def put_snapshot(
+        self,
+        session: str,
+        turn: int,
+        token_ids: Sequence[int],
+        cache: Any,
+        *,
+        model: Any,
+        codec: str = "k4v2",
+        parent_turn: int | None = None,
+        scores: Sequence[torch.Tensor] | None = None,
+        timeout: float | None = None,
+    ) -> PutResult:
+        """Encode (on the cache's device) and store only the segments the store lacks.
+
+        Args:
+            session, turn: the snapshot's identity in this client's namespace.
+            token_ids: every token of the sequence the cache holds.
+            cache: HF ``DynamicCache`` or ``[(K, V), ...]``, each ``(kv_heads, tokens, head_dim)``
+                (a leading batch dim of 1 is accepted), fp16/bf16/fp32, any device.
+            model: fingerprint string, or the HF model / config to take it from.
+            codec: codec spec, e.g. "k4v2", "lossless".
+            parent_turn: the earlier turn of this session whose tokens are a prefix of these.
+            scores: optional per layer ``(kv_heads, tokens)`` importance for evicting codecs.
+        """
+        tokens = list(token_ids)
+        header = pb.SnapshotHeader(
+            namespace=self.namespace,
+            session=session,
+            turn=turn,
+            model=fingerprint(model),
+            token_ids=tokens,
+            parent_turn=parent_turn,
+        )
+        encoded: dict[bytes, bytes] = {}
+
+        def attempt(remaining: float) -> PutResult:
+            end = time.monotonic() + remaining
+            replans = 0
+            while True:
+                plan_req = pb.PlanSnapshotRequest(
+                    namespace=self.namespace,
+                    session=session,
+                    model=header.model,
+                    codec=codec,
+                    token_ids=tokens,
+                    parent_turn=parent_turn,
+                )
+                plan = Plan.from_proto(
+                    self._stub.PlanSnapshot(plan_req, timeout=max(end - time.monotonic(), 0.0))
+                )
+                header.codec = plan.codec
+                # A later round may report other segments missing: encode only what is new.
+                todo = Plan(
+                    tuple(s for s in plan.missing if s.key not in encoded), plan.block_size, plan.codec
+                )
+                encoded.update(encode_missing(todo, cache, len(tokens), scores=scores))
+                payloads = {s.key: encoded[s.key] for s in plan.missing}
+                try:
+                    reply = self._stub.PutSnapshot(
+                        put_requests(header, payloads, self.chunk_bytes),
+                        timeout=max(end - time.monotonic(), 0.0),
+                    )
+                except grpc.RpcError as exc:
+                    # A segment planned as present was deleted before the put landed: plan again.
+                    replans += 1
+                    if replans <= MAX_REPLANS and error_type(exc) == "MissingSegments":
+                        continue
+                    raise
+                return put_result(reply, payloads)
+
+        return self._call(attempt, timeout)
+
+    def get_snapshot(
+        self,
+        session: str,
+        turn: int,
+        *,
+        model: Any = "",
+        codec: str = "",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        as_cache: bool = True,
+        timeout: float | None = None,
+    ) -> RestoredSnapshot:
+        """Read a snapshot back and decode it on ``device`` in ``dtype``.
+
+        Args:
+            model: expected model (fingerprint, HF model or config); "" accepts the stored one.
+                With an HF model or config, the cache is built with its layer types.
+            codec: expected codec; "" accepts the stored one.
+            as_cache: also build an HF ``DynamicCache`` (``.cache``).
+        """
+        req = pb.GetSnapshotRequest(
+            namespace=self.namespace,
+            session=session,
+            turn=turn,
+            model=fingerprint(model) if model != "" else "",
+            codec=codec,
+        )
+        info, payloads = self._call(
+            lambda t: read_snapshot_stream(self._stub.GetSnapshot(req, timeout=t), self.max_snapshot_bytes),
+            timeout,
+        )
+        config = None if isinstance(model, str) else getattr(model, "config", model)
+        return decode_snapshot(info, payloads, device=device, dtype=dtype, as_cache=as_cache, config=config)
+
+    def lookup_prefix(
+        self, token_ids: Sequence[int], *, model: Any, codec: str = "k4v2", timeout: float | None = None
+    ) -> int:
+        """How many leading tokens of ``token_ids`` have their KV stored for this model and codec."""
+        req = pb.LookupPrefixRequest(
+            namespace=self.namespace, model=fingerprint(model), codec=codec, token_ids=token_ids
+        )
+        return self._call(lambda t: self._stub.LookupPrefix(req, timeout=t), timeout).matched_tokens
+
+    def has_blocks(self, keys: Sequence[bytes], *, timeout: float | None = None) -> list[bool]:
+        """Which of these 32-byte segment keys the store holds in this namespace."""
+        req = pb.HasBlocksRequest(namespace=self.namespace, keys=keys)
+        return list(self._call(lambda t: self._stub.HasBlocks(req, timeout=t), timeout).present)
+
+    def delete_snapshot(
+        self, session: str, turn: int, *, timeout: float | None = None
+    ) -> pb.DeleteSnapshotResponse:
+        req = pb.DeleteSnapshotRequest(namespace=self.namespace, session=session, turn=turn)
+        return self._call(lambda t: self._stub.DeleteSnapshot(req, timeout=t), timeout)
+
+    def delete_session(self, session: str, *, timeout: float | None = None) -> pb.DeleteSessionResponse:
+        req = pb.DeleteSessionRequest(namespace=self.namespace, session=session)
+        return self._call(lambda t: self._stub.DeleteSession(req, timeout=t), timeout)
+
+    def list_snapshots(self, session: str = "", *, timeout: float | None = None) -> list[SnapshotSummary]:
+        req = pb.ListSnapshotsRequest(namespace=self.namespace, session=session)
+        reply = self._call(lambda t: self._stub.ListSnapshots(req, timeout=t), timeout)
+        return [SnapshotSummary.from_proto(s) for s in reply.snapshots]
+
+    def savings(self, namespace: str | None = None, *, timeout: float | None = None) -> dict[str, Any]:
+        """Savings of one namespace (default: the whole store), as ``/v1/savings`` reports them."""
+        req = pb.GetSavingsRequest(namespace=namespace or "")
+        return savings_dict(self._call(lambda t: self._stub.GetSavings(req, timeout=t), timeout))

@@ -1,0 +1,202 @@
+"""Run the gRPC service and the ops HTTP API in one process over one store.
+
+``deltastore serve [--data-dir DIR] [--grpc ADDR] [--http ADDR]``. gRPC (default
+127.0.0.1:50051, or ``unix:/path.sock`` for a sidecar sharing a volume) runs on its thread pool,
+the ops API on uvicorn in a background thread. SIGTERM or SIGINT drains: readiness and gRPC
+health turn NOT_SERVING, new RPCs are refused, in-flight RPCs get ``--grace-seconds`` to finish,
+then the HTTP server and the store close.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import socket
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
+
+from deltastore.errors import InvalidArgument
+from deltastore.server.settings import ServerSettings, add_setting_arguments
+
+if TYPE_CHECKING:
+    import grpc
+    import uvicorn
+
+    from deltastore.store import Store
+
+__all__ = ["BACKENDS", "Service", "add_arguments", "open_store", "run"]
+
+log = logging.getLogger("deltastore.server")
+
+
+def _open_lmdb(url: str) -> Store:
+    from deltastore.backends.lmdb_backend import LmdbBackend
+    from deltastore.settings import load_settings
+    from deltastore.store import Store
+
+    parts = urlsplit(url)
+    path = (parts.netloc + parts.path) if parts.scheme else url
+    if not path:
+        raise InvalidArgument(f"backend URL {url!r} names no directory", hint="use lmdb:///absolute/path")
+    settings = load_settings(path)
+    return Store(LmdbBackend(settings.lmdb), settings.store)
+
+
+BACKENDS: dict[str, Callable[[str], Store]] = {"lmdb": _open_lmdb, "": _open_lmdb}
+"""Backend URL scheme -> opener. A distributed backend registers its scheme here."""
+
+
+def open_store(url: str) -> Store:
+    """Open the store a backend URL names: ``lmdb:///path`` (or a bare path)."""
+    scheme = urlsplit(url).scheme
+    opener = BACKENDS.get(scheme)
+    if opener is None:
+        known = ", ".join(f"{s}://" for s in sorted(BACKENDS) if s)
+        raise InvalidArgument(f"unknown backend {scheme!r} in {url!r}", hint=f"supported: {known}")
+    return opener(url)
+
+
+def _bind(address: str) -> socket.socket:
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        raise InvalidArgument(f"HTTP address {address!r} is not host:port")
+    host = host.strip("[]") or "0.0.0.0"
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, int(port)))
+    except OSError as exc:
+        sock.close()
+        raise InvalidArgument(f"cannot bind HTTP address {address!r}: {exc}") from None
+    return sock
+
+
+class Service:
+    """The serving process's parts: store, gRPC server, HTTP server, and their lifecycle.
+
+    Args:
+        settings: addresses, limits, data directory / backend URL.
+        store: serve this store instead of opening ``settings.backend_url`` (it is closed on stop).
+        interceptors: gRPC server interceptors (auth, tracing).
+    """
+
+    def __init__(
+        self,
+        settings: ServerSettings,
+        *,
+        store: Store | None = None,
+        interceptors: Sequence[grpc.ServerInterceptor] = (),
+    ) -> None:
+        self.settings = settings
+        self._store = store
+        self._interceptors = interceptors
+        self._grpc: grpc.Server | None = None
+        self._http: uvicorn.Server | None = None
+        self._http_thread: threading.Thread | None = None
+        self._draining = False
+        self.grpc_port = 0
+        self.http_port = 0
+
+    @property
+    def store(self) -> Store:
+        if self._store is None:
+            raise InvalidArgument("the service is not started")
+        return self._store
+
+    def ready(self) -> bool:
+        return self._grpc is not None and not self._draining
+
+    def start(self) -> Service:
+        import uvicorn
+        from grpc_health.v1 import health
+
+        from deltastore.server.http import create_app
+        from deltastore.server.metrics import Metrics
+        from deltastore.server.service import create_server
+
+        if self._store is None:
+            self._store = open_store(self.settings.backend_url)
+        store = self._store
+        self.metrics = Metrics(store.savings)
+        self.health = health.HealthServicer()
+        self._grpc, self.grpc_port = create_server(
+            store,
+            self.settings.grpc_address,
+            settings=self.settings,
+            metrics=self.metrics,
+            interceptors=self._interceptors,
+            health_servicer=self.health,
+        )
+        if self.settings.http_address:
+            sock = _bind(self.settings.http_address)
+            self.http_port = sock.getsockname()[1]
+            app = create_app(store, self.metrics, ready=self.ready)
+            config = uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False)
+            self._http = uvicorn.Server(config)
+            self._http_thread = threading.Thread(
+                target=self._http.run, kwargs={"sockets": [sock]}, name="deltastore-http", daemon=True
+            )
+            self._http_thread.start()
+            deadline = time.monotonic() + 30
+            while not self._http.started:
+                if not self._http_thread.is_alive() or time.monotonic() > deadline:
+                    raise InvalidArgument(f"the HTTP server on {self.settings.http_address} did not start")
+                time.sleep(0.01)
+        return self
+
+    def stop(self) -> None:
+        """Drain and close: refuse new calls, let in-flight ones finish within the grace period."""
+        self._draining = True
+        if self._grpc is not None:
+            self.health.enter_graceful_shutdown()
+            self._grpc.stop(self.settings.grace_seconds).wait()
+        if self._http is not None and self._http_thread is not None:
+            self._http.should_exit = True
+            self._http_thread.join(timeout=self.settings.grace_seconds + 5)
+        if self._store is not None:
+            self._store.close()
+
+    def __enter__(self) -> Service:
+        return self.start()
+
+    def __exit__(self, *_exc: object) -> None:
+        self.stop()
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_setting_arguments(parser)
+    parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+
+
+def run(args: argparse.Namespace) -> int:
+    import signal
+
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    settings = ServerSettings.load(args)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    service = Service(settings).start()
+    grpc_at = settings.grpc_address if settings.grpc_address.startswith("unix:") else None
+    if grpc_at is None:
+        grpc_at = f"{settings.grpc_address.rpartition(':')[0]}:{service.grpc_port}"
+    http_at = (
+        f"http://{settings.http_address.rpartition(':')[0]}:{service.http_port}"
+        if service.http_port
+        else "off"
+    )
+    # One machine-readable line: tests and scripts that bind port 0 read the real ports here.
+    print(f"deltastore serving grpc={grpc_at} http={http_at} backend={settings.backend_url}", flush=True)
+    try:
+        stop.wait()
+    finally:
+        log.info("draining: in-flight calls get %.1f s", settings.grace_seconds)
+        service.stop()
+        log.info("stopped")
+    return 0

@@ -1,0 +1,421 @@
+"""The gRPC service: convert messages, validate payload headers, delegate to the store.
+
+Thin on purpose (like grpc's own examples): every rpc is a conversion around one store call.
+What the server adds is what only a network boundary needs: size limits, chunk framing,
+deadlines, validating every incoming payload's header against the segment it claims to be, error
+codes, and metrics. ``create_server(store, address)`` returns ``(server, port)`` so tests bind
+port 0.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from concurrent import futures
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from deltastore.codecs import BlockHeader, CodecSpec, read_header
+from deltastore.errors import DeltaStoreError, FormatError, InvalidArgument, MismatchError, ResourceExhausted
+from deltastore.server.metrics import Metrics
+from deltastore.server.settings import ServerSettings
+from deltastore.server.status import grpc_code
+from deltastore.store import PlannedSegment, SegmentPayload, Snapshot, Store
+from deltastore.store import SnapshotInfo as StoreSnapshotInfo
+from deltastore.v1 import deltastore_pb2 as pb
+from deltastore.v1 import deltastore_pb2_grpc as pb_grpc
+from deltastore.v1.protocol import ERROR_TYPE_KEY, ChunkAssembler, iter_chunks
+
+__all__ = ["SERVICE_NAME", "DeltaStoreService", "create_server"]
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["DeltaStore"].full_name
+DEFAULT_NAMESPACE = "default"
+
+
+class _DeadlineExceeded(Exception):
+    """The caller's deadline passed before the work could be committed."""
+
+
+class _Call:
+    """Per-call bookkeeping: the final status code, for metrics."""
+
+    def __init__(self) -> None:
+        self.code = "OK"
+
+
+class DeltaStoreService(pb_grpc.DeltaStoreServicer):
+    """``deltastore.v1.DeltaStore`` over one :class:`deltastore.store.Store`."""
+
+    def __init__(self, store: Store, settings: ServerSettings, metrics: Metrics) -> None:
+        self._store = store
+        self._settings = settings
+        self._metrics = metrics
+
+    # -- plumbing ------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _rpc(self, method: str, context: grpc.ServicerContext) -> Iterator[_Call]:
+        """Map errors to status codes (with the error class in trailing metadata) and record metrics."""
+        call = _Call()
+        started = time.perf_counter()
+        try:
+            _check_deadline(context)
+            yield call
+        except GeneratorExit:  # the client went away mid-stream
+            call.code = "CANCELLED"
+            raise
+        except DeltaStoreError as exc:
+            code = grpc_code(exc)
+            call.code = code.name
+            context.set_trailing_metadata(((ERROR_TYPE_KEY, type(exc).__name__),))
+            context.abort(code, str(exc))
+        except _DeadlineExceeded as exc:
+            call.code = "DEADLINE_EXCEEDED"
+            context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(exc))
+        except Exception:
+            call.code = "INTERNAL"
+            log.exception("%s failed", method)
+            context.abort(grpc.StatusCode.INTERNAL, f"{method}: internal error (see the server log)")
+        finally:
+            self._metrics.observe(method, call.code, time.perf_counter() - started)
+
+    def _codec(self, text: str) -> str:
+        """Canonical codec spec of a request (INVALID_ARGUMENT if it does not parse)."""
+        if not text:
+            raise InvalidArgument("codec is required (e.g. 'k4v2', 'lossless')")
+        return CodecSpec.parse(text).canonical()
+
+    def _tokens(self, token_ids: Sequence[int]) -> list[int]:
+        if len(token_ids) > self._settings.max_tokens:
+            raise ResourceExhausted(
+                f"{len(token_ids)} tokens exceed the limit of {self._settings.max_tokens}",
+                hint="raise --max-tokens (DELTASTORE_MAX_TOKENS)",
+            )
+        return list(token_ids)
+
+    # -- rpcs ----------------------------------------------------------------------------------
+
+    def PlanSnapshot(
+        self, request: pb.PlanSnapshotRequest, context: grpc.ServicerContext
+    ) -> pb.PlanSnapshotResponse:
+        with self._rpc("PlanSnapshot", context):
+            codec = self._codec(request.codec)
+            plan = self._store.plan_snapshot(
+                _ns(request.namespace),
+                request.session,
+                model=_required("model", request.model),
+                codec=codec,
+                token_ids=self._tokens(request.token_ids),
+                parent_turn=request.parent_turn if request.HasField("parent_turn") else None,
+            )
+            return pb.PlanSnapshotResponse(
+                segments=[_segment(s) for s in plan.segments], block_size=plan.block_size, codec=codec
+            )
+
+    def PutSnapshot(
+        self, request_iterator: Iterator[pb.PutSnapshotRequest], context: grpc.ServicerContext
+    ) -> pb.PutSnapshotResponse:
+        with self._rpc("PutSnapshot", context):
+            first = next(request_iterator, None)
+            if first is None or first.WhichOneof("part") != "header":
+                raise InvalidArgument("PutSnapshot must start with a header message")
+            hdr = first.header
+            namespace, codec = _ns(hdr.namespace), self._codec(hdr.codec)
+            model = _required("model", hdr.model)
+            tokens = self._tokens(hdr.token_ids)
+            parent = hdr.parent_turn if hdr.HasField("parent_turn") else None
+            plan = self._store.plan_snapshot(
+                namespace, hdr.session, model=model, codec=codec, token_ids=tokens, parent_turn=parent
+            )
+            segments = {bytes.fromhex(s.key): s for s in plan.segments}
+            limit = self._settings.max_snapshot_bytes
+            assembler = ChunkAssembler(max_payload_bytes=limit, max_total_bytes=limit)
+            payloads: dict[bytes, tuple[bytes, BlockHeader]] = {}
+            received = self._metrics.bytes_received.labels("PutSnapshot")
+            shape: tuple[int, int, int] | None = None
+            for msg in request_iterator:
+                _check_deadline(context)
+                if msg.WhichOneof("part") != "chunk":
+                    raise InvalidArgument("PutSnapshot carries one header, then only chunks")
+                received.inc(len(msg.chunk.data))
+                done = assembler.add(msg.chunk)
+                if done is None:
+                    continue
+                key, payload = done
+                if key in payloads:
+                    raise InvalidArgument(f"segment {key.hex()} was sent twice")
+                header = _check_payload(key, payload, segments, codec)
+                dims = (header.n_layers, header.kv_heads, header.head_dim)
+                if shape is not None and dims != shape:
+                    raise InvalidArgument(
+                        f"segment {key.hex()} has (layers, kv_heads, head_dim) {dims}, other segments {shape}"
+                    )
+                shape = dims
+                payloads[key] = (payload, header)
+            assembler.finish()
+            # Never commit work the caller has given up on: it would be acknowledged to no one.
+            _check_deadline(context)
+            result = self._store.put_snapshot(
+                namespace,
+                hdr.session,
+                hdr.turn,
+                model=model,
+                codec=codec,
+                token_ids=tokens,
+                payloads={key: _store_payload(p, h) for key, (p, h) in payloads.items()},
+                parent_turn=parent,
+            )
+            return pb.PutSnapshotResponse(
+                snapshot_id=result.snapshot_id,
+                new_bytes=result.new_bytes,
+                reused_temporal_bytes=result.reused_temporal_bytes,
+                reused_shared_bytes=result.reused_shared_bytes,
+                new_segments=result.new_segments,
+                reused_segments=result.reused_segments,
+                logical_bytes=result.logical_bytes,
+            )
+
+    def GetSnapshot(
+        self, request: pb.GetSnapshotRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.GetSnapshotResponse]:
+        with self._rpc("GetSnapshot", context):
+            snap = self._store.get_snapshot(
+                _ns(request.namespace),
+                request.session,
+                request.turn,
+                model=request.model or None,
+                codec=self._codec(request.codec) if request.codec else None,
+            )
+            yield pb.GetSnapshotResponse(info=_snapshot_info(snap))
+            sent = self._metrics.bytes_sent.labels("GetSnapshot")
+            for seg in snap.segments:
+                for chunk in iter_chunks(bytes.fromhex(seg.key), seg.payload, self._settings.chunk_bytes):
+                    if not context.is_active():
+                        raise _DeadlineExceeded("GetSnapshot: the caller went away or its deadline passed")
+                    sent.inc(len(chunk.data))
+                    yield pb.GetSnapshotResponse(chunk=chunk)
+
+    def LookupPrefix(
+        self, request: pb.LookupPrefixRequest, context: grpc.ServicerContext
+    ) -> pb.LookupPrefixResponse:
+        with self._rpc("LookupPrefix", context):
+            matched = self._store.lookup_prefix(
+                _ns(request.namespace),
+                model=_required("model", request.model),
+                codec=self._codec(request.codec),
+                token_ids=self._tokens(request.token_ids),
+            )
+            return pb.LookupPrefixResponse(matched_tokens=matched)
+
+    def HasBlocks(self, request: pb.HasBlocksRequest, context: grpc.ServicerContext) -> pb.HasBlocksResponse:
+        with self._rpc("HasBlocks", context):
+            keys = [bytes(k) for k in request.keys]
+            if len(keys) > self._settings.max_tokens:
+                raise ResourceExhausted(
+                    f"{len(keys)} keys in one HasBlocks call exceed {self._settings.max_tokens}"
+                )
+            present = self._store.has_blocks(_ns(request.namespace), keys) if keys else []
+            return pb.HasBlocksResponse(present=present)
+
+    def DeleteSnapshot(
+        self, request: pb.DeleteSnapshotRequest, context: grpc.ServicerContext
+    ) -> pb.DeleteSnapshotResponse:
+        with self._rpc("DeleteSnapshot", context):
+            freed = self._store.delete_snapshot(_ns(request.namespace), request.session, request.turn)
+            return pb.DeleteSnapshotResponse(
+                freed_segments=freed.freed_segments, freed_bytes=freed.freed_bytes
+            )
+
+    def DeleteSession(
+        self, request: pb.DeleteSessionRequest, context: grpc.ServicerContext
+    ) -> pb.DeleteSessionResponse:
+        with self._rpc("DeleteSession", context):
+            freed = self._store.delete_session(_ns(request.namespace), request.session)
+            return pb.DeleteSessionResponse(
+                deleted_snapshots=freed.deleted_snapshots,
+                freed_segments=freed.freed_segments,
+                freed_bytes=freed.freed_bytes,
+            )
+
+    def ListSnapshots(
+        self, request: pb.ListSnapshotsRequest, context: grpc.ServicerContext
+    ) -> pb.ListSnapshotsResponse:
+        with self._rpc("ListSnapshots", context):
+            infos = self._store.list_snapshots(_ns(request.namespace), request.session or None)
+            return pb.ListSnapshotsResponse(snapshots=[_summary(s) for s in infos])
+
+    def GetSavings(
+        self, request: pb.GetSavingsRequest, context: grpc.ServicerContext
+    ) -> pb.GetSavingsResponse:
+        with self._rpc("GetSavings", context):
+            report = self._store.savings(request.namespace or None)
+            return pb.GetSavingsResponse(
+                total=_savings(report),
+                namespaces={ns: _savings(r) for ns, r in (report.get("namespaces") or {}).items()},
+            )
+
+
+# -- conversions -------------------------------------------------------------------------------
+
+
+def _ns(namespace: str) -> str:
+    return namespace or DEFAULT_NAMESPACE
+
+
+def _required(name: str, value: str) -> str:
+    if not value:
+        raise InvalidArgument(f"{name} is required")
+    return value
+
+
+def _check_deadline(context: grpc.ServicerContext) -> None:
+    remaining = context.time_remaining()
+    if remaining is not None and remaining <= 0:
+        raise _DeadlineExceeded("the call's deadline passed before the server finished; nothing was stored")
+
+
+def _check_payload(
+    key: bytes, payload: bytes, segments: dict[bytes, PlannedSegment], codec: str
+) -> BlockHeader:
+    """The payload's header, after checking it is the segment it claims to be."""
+    seg = segments.get(key)
+    if seg is None:
+        raise InvalidArgument(f"segment {key.hex()} is not part of this snapshot's plan")
+    try:
+        header = read_header(payload)
+    except FormatError as exc:
+        raise FormatError(f"segment {key.hex()}: {exc.message}", hint=exc.hint) from None
+    if header.spec.canonical() != codec:
+        raise MismatchError(
+            f"segment {key.hex()} is encoded as {header.spec.canonical()!r}, the snapshot as {codec!r}"
+        )
+    if header.n_tokens != seg.end - seg.start or header.start != seg.start:
+        raise InvalidArgument(
+            f"segment {key.hex()} covers tokens [{seg.start}, {seg.end}) but its payload holds "
+            f"[{header.start}, {header.start + header.n_tokens})"
+        )
+    return header
+
+
+def _store_payload(payload: bytes, header: BlockHeader) -> SegmentPayload:
+    return SegmentPayload(data=payload, n_tokens=header.n_tokens, fp16_nbytes=header.fp16_nbytes)
+
+
+def _segment(seg: PlannedSegment) -> pb.Segment:
+    return pb.Segment(
+        start=seg.start,
+        end=seg.end,
+        key=bytes.fromhex(seg.key),
+        present=seg.present,
+        size_bytes=seg.size_bytes,
+    )
+
+
+def _snapshot_info(snap: Snapshot) -> pb.SnapshotInfo:
+    info = snap.info
+    return pb.SnapshotInfo(
+        snapshot_id=info.snapshot_id,
+        namespace=info.namespace,
+        session=info.session,
+        turn=info.turn,
+        model=info.model,
+        codec=info.codec,
+        token_ids=snap.token_ids,
+        segments=[
+            pb.Segment(
+                start=s.start, end=s.end, key=bytes.fromhex(s.key), present=True, size_bytes=len(s.payload)
+            )
+            for s in snap.segments
+        ],
+        logical_bytes=info.logical_bytes,
+        payload_bytes=snap.payload_bytes,
+        parent_turn=info.parent_turn,
+        created_at=info.created_at,
+    )
+
+
+def _summary(info: StoreSnapshotInfo) -> pb.SnapshotSummary:
+    return pb.SnapshotSummary(
+        snapshot_id=info.snapshot_id,
+        session=info.session,
+        turn=info.turn,
+        model=info.model,
+        codec=info.codec,
+        n_tokens=info.n_tokens,
+        logical_bytes=info.logical_bytes,
+        created_at=info.created_at,
+        parent_turn=info.parent_turn,
+    )
+
+
+def _savings(report: dict[str, Any]) -> pb.Savings:
+    layers = report.get("layers") or {}
+    return pb.Savings(
+        logical_bytes=report.get("logical_bytes", 0),
+        stored_bytes=report.get("stored_bytes", 0),
+        ratio=report.get("ratio", 0.0),
+        codec=layers.get("codec", 0.0),
+        prefix_dedup=layers.get("prefix_dedup", 0.0),
+        temporal_delta=layers.get("temporal_delta", 0.0),
+        snapshots=report.get("snapshots", 0),
+        sessions=report.get("sessions", 0),
+        blocks=report.get("blocks", 0),
+    )
+
+
+# -- server ------------------------------------------------------------------------------------
+
+
+def create_server(
+    store: Store,
+    address: str,
+    *,
+    settings: ServerSettings | None = None,
+    metrics: Metrics | None = None,
+    interceptors: Sequence[grpc.ServerInterceptor] = (),
+    health_servicer: health.HealthServicer | None = None,
+) -> tuple[grpc.Server, int]:
+    """Build and start a gRPC server with the DeltaStore, health and reflection services.
+
+    Args:
+        store: the store to serve.
+        address: ``host:port`` (port 0 picks a free one) or ``unix:/path/to.sock``.
+        settings: limits and thread count (defaults when None).
+        metrics: where RPCs are counted (a fresh registry when None).
+        interceptors: server interceptors run before every handler (auth, tracing).
+        health_servicer: the grpc.health.v1 servicer to expose (pass one to set NOT_SERVING
+            while draining); a fresh one when None.
+
+    Returns:
+        ``(server, port)``: the started server and the bound port (0 for a unix socket).
+    """
+    settings = settings or ServerSettings()
+    metrics = metrics or Metrics(store.savings)
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="deltastore-grpc"),
+        interceptors=list(interceptors),
+        options=[
+            ("grpc.max_receive_message_length", settings.max_message_bytes),
+            ("grpc.max_send_message_length", settings.max_message_bytes),
+            ("grpc.so_reuseport", 0),
+        ],
+        maximum_concurrent_rpcs=settings.workers * 4,
+    )
+    pb_grpc.add_DeltaStoreServicer_to_server(DeltaStoreService(store, settings, metrics), server)
+    health_servicer = health_servicer or health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    port = server.add_insecure_port(address)
+    if port == 0 and not address.startswith("unix:"):
+        raise InvalidArgument(f"cannot bind gRPC address {address!r}")
+    server.start()
+    for name in ("", SERVICE_NAME):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    return server, (0 if address.startswith("unix:") else port)
