@@ -1,0 +1,266 @@
+"""Check every invariant of a data directory: ``deltastore verify --data-dir DIR``.
+
+In one consistent read view it checks: the format markers; every block's payload digest; every
+manifest's own digest, its segments covering ``[0, n)`` and pointing at existing blocks whose
+token ids hash to the segment keys; that refcounts (store, namespace and session level) equal a
+recount from the manifests, with no orphan blocks; session records, snapshot counts and the LRU
+index agree; and every accounting counter equals a recount from the data. Exit status 0 when
+clean, 1 with a report of each problem otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+from deltastore.accounting import COUNTERS, KS, global_counter_key, ns_counter_key
+from deltastore.addressing import Chain, Key, seed
+from deltastore.backend import COUNTER_NBYTES, Backend, ReadView
+from deltastore.errors import DeltaStoreError
+from deltastore.manifest import (
+    STORE_FORMAT,
+    BlockMeta,
+    Manifest,
+    SessionRecord,
+    decode_block,
+    global_ref_key,
+    lru_key,
+    ns_ref_key,
+    session_ref_key,
+    split_name,
+    split_session_prefix,
+    turn_of_manifest_key,
+)
+
+__all__ = ["VerifyReport", "add_arguments", "run", "verify_backend"]
+
+_MAX_SHOWN = 50
+
+
+@dataclass
+class VerifyReport:
+    """Problems found (empty when clean) and what was checked."""
+
+    problems: list[str] = field(default_factory=list)
+    checked: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def clean(self) -> bool:
+        return not self.problems
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"clean": self.clean, "problems": self.problems, "checked": self.checked}
+
+
+def _blocks(view: ReadView, report: VerifyReport) -> dict[tuple[str, Key], tuple[BlockMeta, bytes, int]]:
+    """Every block, digest-checked: (domain, key) -> (meta, token bytes, key+record size)."""
+    out: dict[tuple[str, Key], tuple[BlockMeta, bytes, int]] = {}
+    for raw_key, value in view.scan("blocks"):
+        domain, key = split_name(raw_key)
+        try:
+            meta, tokens, _ = decode_block(value, key.hex())
+        except DeltaStoreError as exc:
+            report.problems.append(f"block {domain}/{key.hex()}: {exc.message}")
+            continue
+        out[(domain, Key(key))] = (meta, bytes(tokens), len(raw_key) + len(value))
+    return out
+
+
+def verify_backend(backend: Backend) -> VerifyReport:
+    """Check every invariant of the store on ``backend`` (see the module docstring)."""
+    report = VerifyReport()
+    problems = report.problems
+    with backend.read() as view:
+        found = view.get("meta", b"store_format")
+        if found is None or bytes(found) != STORE_FORMAT:
+            problems.append(f"store format marker is {None if found is None else bytes(found)!r}")
+        blocks = _blocks(view, report)
+
+        # Sessions and the LRU index.
+        sessions: dict[tuple[str, str], SessionRecord] = {}
+        session_bytes: dict[tuple[str, str], int] = {}
+        lru: dict[bytes, int] = {}
+        for raw_key, value in view.scan("sessions"):
+            if raw_key[:1] == b"t":
+                lru[raw_key] = len(raw_key) + len(value)
+                continue
+            ns, sess, _ = split_session_prefix(raw_key[1:])
+            try:
+                sessions[(ns, sess)] = SessionRecord.decode(value)
+            except DeltaStoreError as exc:
+                problems.append(f"session {ns}/{sess}: {exc.message}")
+                continue
+            session_bytes[(ns, sess)] = len(raw_key) + len(value)
+        for (ns, sess), rec in sessions.items():
+            key = lru_key(rec.last_access_ms, ns, sess)
+            if key not in lru:
+                problems.append(f"session {ns}/{sess}: no LRU entry at {rec.last_access_ms}")
+        expected_lru = {lru_key(r.last_access_ms, ns, s) for (ns, s), r in sessions.items()}
+        for key in lru.keys() - expected_lru:
+            problems.append(f"LRU entry {key!r} names no session (or a stale time)")
+
+        # Manifests: recount references and accounting from them.
+        g_refs: Counter[tuple[str, Key]] = Counter()
+        n_refs: Counter[tuple[str, Key]] = Counter()
+        ns_domain: dict[str, str] = {}
+        s_refs: Counter[tuple[str, str, Key]] = Counter()
+        per_session: Counter[tuple[str, str]] = Counter()
+        expect: dict[bytes, int] = defaultdict(int)
+
+        def add(name: str, delta: int, ns: str | None, *, store: bool = True) -> None:
+            if store:
+                expect[global_counter_key(name)] += delta
+            if ns is not None:
+                expect[ns_counter_key(ns, name)] += delta
+
+        for raw_key, value in view.scan("manifests"):
+            ns, sess, rest = split_session_prefix(raw_key)
+            name = f"{ns}/{sess}/{turn_of_manifest_key(rest)}"
+            rec = sessions.get((ns, sess))
+            if rec is None:
+                problems.append(f"manifest {name}: its session does not exist")
+                continue
+            try:
+                m = Manifest.decode(value, name)
+            except DeltaStoreError as exc:
+                problems.append(f"manifest {name}: {exc.message}")
+                continue
+            per_session[(ns, sess)] += 1
+            add("manifest_bytes", len(raw_key) + len(value), ns)
+            add("logical", m.fp16_nbytes, ns)
+            add("snapshots", 1, ns)
+            if m.block_size != rec.block_size:
+                problems.append(f"manifest {name}: block size {m.block_size} != session's {rec.block_size}")
+            pos, fp16, tokens, complete = 0, 0, [], True
+            for seg in m.segments:
+                if seg.start != pos or seg.end <= seg.start:
+                    problems.append(
+                        f"manifest {name}: segment [{seg.start}, {seg.end}) does not follow {pos}"
+                    )
+                pos = seg.end
+                g_refs[(rec.domain, seg.key)] += 1
+                s_refs[(ns, sess, seg.key)] += 1
+                if rec.domain != ns:
+                    n_refs[(ns, seg.key)] += 1
+                    ns_domain[ns] = rec.domain
+                block = blocks.get((rec.domain, seg.key))
+                if block is None:
+                    problems.append(f"manifest {name}: segment {seg.hex} points at no block")
+                    complete = False
+                    continue
+                fp16 += block[0].fp16_nbytes
+                tokens.append(block[1])
+                if block[0].n_tokens != seg.n_tokens:
+                    problems.append(f"manifest {name}: block {seg.hex} holds {block[0].n_tokens} tokens")
+                    complete = False
+            if pos != m.n_tokens:
+                problems.append(f"manifest {name}: segments cover {pos} of {m.n_tokens} tokens")
+            elif complete:
+                if fp16 != m.fp16_nbytes:
+                    problems.append(f"manifest {name}: logical bytes {m.fp16_nbytes} != sum of blocks {fp16}")
+                chain = Chain(
+                    seed(rec.domain, m.model, m.codec, m.block_size), b"".join(tokens), m.block_size
+                )
+                bad = [s.hex for s in m.segments if chain.segment_key(s.start, s.end) != s.key]
+                if bad:
+                    problems.append(f"manifest {name}: token ids do not hash to keys {', '.join(bad[:3])}")
+
+        for (ns, sess), rec in sessions.items():
+            if rec.n_snapshots != per_session[(ns, sess)] or rec.n_snapshots == 0:
+                problems.append(
+                    f"session {ns}/{sess}: record says {rec.n_snapshots} snapshots, found {per_session[(ns, sess)]}"
+                )
+            index = session_bytes[(ns, sess)] + len(lru_key(rec.last_access_ms, ns, sess))
+            add("index_bytes", index, ns)
+            add("sessions", 1, ns)
+
+        # Refcounts: stored == recount, both ways; blocks exist exactly while referenced.
+        stored_refs = dict(view.scan_counters("refs"))
+        expected_refs: dict[bytes, int] = {}
+        for (domain, key), count in g_refs.items():
+            expected_refs[global_ref_key(domain, key)] = count
+        for (ns, key), count in n_refs.items():
+            expected_refs[ns_ref_key(ns, key)] = count
+        for (ns, sess, key), count in s_refs.items():
+            expected_refs[session_ref_key(ns, sess, key)] = count
+        for ref_key in stored_refs.keys() | expected_refs.keys():
+            got, want = stored_refs.get(ref_key, 0), expected_refs.get(ref_key, 0)
+            if got != want:
+                problems.append(f"refcount {ref_key.hex()}: stored {got}, recount {want}")
+        for domain, key in blocks.keys() - g_refs.keys():
+            problems.append(f"block {domain}/{key.hex()}: stored but referenced by no manifest (leak)")
+
+        for (domain, _key), (meta, _, nbytes) in blocks.items():
+            ns = None if domain.startswith("shared:") else domain
+            add("unique_fp16", meta.fp16_nbytes, ns)
+            add("block_bytes", nbytes, ns)
+            add("blocks", 1, ns)
+        entry = COUNTER_NBYTES
+        for domain, key in g_refs:
+            add(
+                "index_bytes",
+                len(global_ref_key(domain, key)) + entry,
+                None if domain.startswith("shared:") else domain,
+            )
+        for ns, key in n_refs:
+            meta, _, nbytes = blocks.get((ns_domain[ns], key), (None, b"", 0))
+            add("index_bytes", len(ns_ref_key(ns, key)) + entry, ns)
+            add("unique_fp16", meta.fp16_nbytes if meta else 0, ns, store=False)
+            add("block_bytes", nbytes, ns, store=False)
+            add("blocks", 1, ns, store=False)
+        for ns, sess, key in s_refs:
+            domain = sessions[(ns, sess)].domain
+            meta = blocks.get((domain, key), (None,))[0]
+            add("index_bytes", len(session_ref_key(ns, sess, key)) + entry, ns)
+            add("session_fp16", meta.fp16_nbytes if meta else 0, ns)
+
+        # Counters: stored == recount, for the store and every namespace.
+        stored_counters = dict(view.scan_counters(KS))
+        for key in stored_counters.keys() | {k for k, v in expect.items() if v}:
+            got, want = stored_counters.get(key, 0), expect.get(key, 0)
+            if got != want:
+                problems.append(f"counter {key.decode('utf-8', 'replace')}: stored {got}, recount {want}")
+        unknown = [k for k in stored_counters if k[:1] == b"g" and k[1:].decode() not in COUNTERS]
+        problems.extend(f"unknown counter {k!r}" for k in unknown)
+
+    report.checked = {
+        "blocks": len(blocks),
+        "manifests": sum(per_session.values()),
+        "sessions": len(sessions),
+        "refcounts": len(stored_refs),
+        "counters": len(stored_counters),
+    }
+    return report
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data-dir", required=True, help="the store's LMDB directory")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from deltastore.backends.lmdb_backend import LmdbBackend, LmdbConfig
+
+    path = Path(args.data_dir)
+    if not (path / "data.mdb").is_file():
+        print(f"verify: {path} holds no store (no data.mdb)", file=sys.stderr)
+        return 2
+    with LmdbBackend(LmdbConfig(path=path)) as backend:
+        report = verify_backend(backend)
+    if args.json:
+        print(json.dumps(report.as_dict(), indent=2))
+    else:
+        checked = ", ".join(f"{v} {k}" for k, v in report.checked.items())
+        print(f"checked {checked}")
+        for line in report.problems[:_MAX_SHOWN]:
+            print(f"PROBLEM: {line}")
+        if len(report.problems) > _MAX_SHOWN:
+            print(f"... and {len(report.problems) - _MAX_SHOWN} more problems")
+        print("clean" if report.clean else f"{len(report.problems)} problem(s) found")
+    return 0 if report.clean else 1
