@@ -1,0 +1,246 @@
+"""The asyncio client (grpc.aio), for async inference servers.
+
+Same calls and semantics as :class:`deltastore.client.sync.DeltaStoreClient`. Encoding and
+decoding run in a worker thread (``asyncio.to_thread``), so tensor work never blocks the event
+loop; on CUDA they mostly queue kernels anyway.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import grpc
+from grpc import aio
+
+from deltastore.client.sync import MAX_REPLANS, channel_options
+from deltastore.client.wire import (
+    DEFAULT_NAMESPACE,
+    Plan,
+    PutResult,
+    RestoredSnapshot,
+    Retry,
+    SnapshotReader,
+    SnapshotSummary,
+    decode_snapshot,
+    encode_missing,
+    error_type,
+    fingerprint,
+    put_requests,
+    put_result,
+    savings_dict,
+)
+from deltastore.v1 import deltastore_pb2 as pb
+from deltastore.v1 import deltastore_pb2_grpc as pb_grpc
+from deltastore.v1.protocol import DEFAULT_CHUNK_BYTES
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["AsyncDeltaStoreClient"]
+
+T = TypeVar("T")
+
+
+class AsyncDeltaStoreClient:
+    """Put and get KV-cache snapshots from asyncio code. Arguments as for ``DeltaStoreClient``.
+
+    Create it inside the running event loop and ``await client.close()`` (or use
+    ``async with``).
+    """
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        namespace: str = DEFAULT_NAMESPACE,
+        timeout: float = 30.0,
+        retry: Retry | None = None,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        max_message_bytes: int = 8 << 20,
+        max_snapshot_bytes: int = 1 << 32,
+        credentials: grpc.ChannelCredentials | None = None,
+        interceptors: Sequence[aio.ClientInterceptor] = (),
+    ) -> None:
+        options = channel_options(max_message_bytes)
+        if credentials is None:
+            self._channel = aio.insecure_channel(target, options, interceptors=interceptors)
+        else:
+            self._channel = aio.secure_channel(target, credentials, options, interceptors=interceptors)
+        self._stub = pb_grpc.DeltaStoreStub(self._channel)
+        self.namespace = namespace
+        self.timeout = timeout
+        self.retry = retry or Retry()
+        self.chunk_bytes = chunk_bytes
+        self.max_snapshot_bytes = max_snapshot_bytes
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> AsyncDeltaStoreClient:
+        return self
+
+    async def __aexit__(self, *_exc: object) -> None:
+        await self.close()
+
+    async def _call(self, fn: Callable[[float], Awaitable[T]], timeout: float | None) -> T:
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        delays = self.retry.delays()
+        while True:
+            try:
+                return await fn(max(deadline - time.monotonic(), 0.0))
+            except grpc.RpcError as exc:
+                delay = next(delays, None) if self.retry.retryable(exc) else None
+                if delay is None or time.monotonic() + delay >= deadline:
+                    raise
+                await asyncio.sleep(delay)
+
+    async def plan_snapshot(
+        self,
+        session: str,
+        token_ids: Sequence[int],
+        *,
+        model: Any,
+        codec: str = "k4v2",
+        parent_turn: int | None = None,
+        timeout: float | None = None,
+    ) -> Plan:
+        req = pb.PlanSnapshotRequest(
+            namespace=self.namespace,
+            session=session,
+            model=fingerprint(model),
+            codec=codec,
+            token_ids=token_ids,
+            parent_turn=parent_turn,
+        )
+        return Plan.from_proto(await self._call(lambda t: self._stub.PlanSnapshot(req, timeout=t), timeout))
+
+    async def put_snapshot(
+        self,
+        session: str,
+        turn: int,
+        token_ids: Sequence[int],
+        cache: Any,
+        *,
+        model: Any,
+        codec: str = "k4v2",
+        parent_turn: int | None = None,
+        scores: Sequence[torch.Tensor] | None = None,
+        timeout: float | None = None,
+    ) -> PutResult:
+        """Encode and store only the missing segments (see ``DeltaStoreClient.put_snapshot``)."""
+        tokens = list(token_ids)
+        header = pb.SnapshotHeader(
+            namespace=self.namespace,
+            session=session,
+            turn=turn,
+            model=fingerprint(model),
+            token_ids=tokens,
+            parent_turn=parent_turn,
+        )
+        encoded: dict[bytes, bytes] = {}
+
+        async def attempt(remaining: float) -> PutResult:
+            end = time.monotonic() + remaining
+            replans = 0
+            while True:
+                plan_req = pb.PlanSnapshotRequest(
+                    namespace=self.namespace,
+                    session=session,
+                    model=header.model,
+                    codec=codec,
+                    token_ids=tokens,
+                    parent_turn=parent_turn,
+                )
+                plan = Plan.from_proto(
+                    await self._stub.PlanSnapshot(plan_req, timeout=max(end - time.monotonic(), 0.0))
+                )
+                header.codec = plan.codec
+                todo = Plan(
+                    tuple(s for s in plan.missing if s.key not in encoded), plan.block_size, plan.codec
+                )
+                encoded.update(
+                    await asyncio.to_thread(encode_missing, todo, cache, len(tokens), scores=scores)
+                )
+                payloads = {s.key: encoded[s.key] for s in plan.missing}
+                try:
+                    reply = await self._stub.PutSnapshot(
+                        put_requests(header, payloads, self.chunk_bytes),
+                        timeout=max(end - time.monotonic(), 0.0),
+                    )
+                except grpc.RpcError as exc:
+                    replans += 1
+                    if replans <= MAX_REPLANS and error_type(exc) == "MissingSegments":
+                        continue
+                    raise
+                return put_result(reply, payloads)
+
+        return await self._call(attempt, timeout)
+
+    async def get_snapshot(
+        self,
+        session: str,
+        turn: int,
+        *,
+        model: Any = "",
+        codec: str = "",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        as_cache: bool = True,
+        timeout: float | None = None,
+    ) -> RestoredSnapshot:
+        """Read a snapshot back and decode it (see ``DeltaStoreClient.get_snapshot``)."""
+        req = pb.GetSnapshotRequest(
+            namespace=self.namespace,
+            session=session,
+            turn=turn,
+            model=fingerprint(model) if model != "" else "",
+            codec=codec,
+        )
+
+        async def fetch(remaining: float) -> tuple[pb.SnapshotInfo, list[bytes]]:
+            reader = SnapshotReader(self.max_snapshot_bytes)
+            async for msg in self._stub.GetSnapshot(req, timeout=remaining):
+                reader.feed(msg)
+            return reader.finish()
+
+        info, payloads = await self._call(fetch, timeout)
+        config = None if isinstance(model, str) else getattr(model, "config", model)
+        return await asyncio.to_thread(
+            decode_snapshot, info, payloads, device=device, dtype=dtype, as_cache=as_cache, config=config
+        )
+
+    async def lookup_prefix(
+        self, token_ids: Sequence[int], *, model: Any, codec: str = "k4v2", timeout: float | None = None
+    ) -> int:
+        req = pb.LookupPrefixRequest(
+            namespace=self.namespace, model=fingerprint(model), codec=codec, token_ids=token_ids
+        )
+        return (await self._call(lambda t: self._stub.LookupPrefix(req, timeout=t), timeout)).matched_tokens
+
+    async def has_blocks(self, keys: Sequence[bytes], *, timeout: float | None = None) -> list[bool]:
+        req = pb.HasBlocksRequest(namespace=self.namespace, keys=keys)
+        return list((await self._call(lambda t: self._stub.HasBlocks(req, timeout=t), timeout)).present)
+
+    async def delete_snapshot(
+        self, session: str, turn: int, *, timeout: float | None = None
+    ) -> pb.DeleteSnapshotResponse:
+        req = pb.DeleteSnapshotRequest(namespace=self.namespace, session=session, turn=turn)
+        return await self._call(lambda t: self._stub.DeleteSnapshot(req, timeout=t), timeout)
+
+    async def delete_session(self, session: str, *, timeout: float | None = None) -> pb.DeleteSessionResponse:
+        req = pb.DeleteSessionRequest(namespace=self.namespace, session=session)
+        return await self._call(lambda t: self._stub.DeleteSession(req, timeout=t), timeout)
+
+    async def list_snapshots(
+        self, session: str = "", *, timeout: float | None = None
+    ) -> list[SnapshotSummary]:
+        req = pb.ListSnapshotsRequest(namespace=self.namespace, session=session)
+        reply = await self._call(lambda t: self._stub.ListSnapshots(req, timeout=t), timeout)
+        return [SnapshotSummary.from_proto(s) for s in reply.snapshots]
+
+    async def savings(self, namespace: str | None = None, *, timeout: float | None = None) -> dict[str, Any]:
+        req = pb.GetSavingsRequest(namespace=namespace or "")
+        return savings_dict(await self._call(lambda t: self._stub.GetSavings(req, timeout=t), timeout))
