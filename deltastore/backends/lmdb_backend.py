@@ -42,11 +42,6 @@ _FORMAT_KEY = b"backend_format"
 T = TypeVar("T")
 GiB = 1 << 30
 
-# LMDB forbids opening one environment twice in a process (closing either drops the other's
-# locks), so the open directories are tracked and a second open is refused.
-_OPEN: set[tuple[int, str]] = set()  # (pid, realpath): a forked child inherits the set
-_OPEN_LOCK = threading.Lock()
-
 
 @dataclass(frozen=True)
 class LmdbConfig:
@@ -185,20 +180,7 @@ class LmdbBackend(Backend):
         self._pid = os.getpid()
         self._gate = _Gate()
         self._closed = True
-        self._real = (self._pid, os.path.realpath(config.path))
-        with _OPEN_LOCK:
-            if self._real in _OPEN:
-                raise DeltaStoreError(
-                    f"{config.path} is already open in this process",
-                    hint="share one LmdbBackend per directory within a process (it is thread-safe)",
-                )
-            _OPEN.add(self._real)
-        try:
-            self._open()
-        except BaseException:
-            with _OPEN_LOCK:
-                _OPEN.discard(self._real)
-            raise
+        self._open()
         self._closed = False
 
     def _open(self) -> None:
@@ -215,10 +197,16 @@ class LmdbBackend(Backend):
                 lock=True,
             )
         except lmdb.Error as exc:
-            raise DeltaStoreError(
-                f"cannot open LMDB environment at {config.path}: {exc}",
-                hint="check the path exists, is writable and is on a local filesystem",
-            ) from exc
+            # py-lmdb refuses a second open of one environment in a process (closing either would
+            # drop the other's locks); a forked child inherits that state, so open before forking
+            # or start workers with the "spawn" method.
+            hint = (
+                "share one LmdbBackend per directory within a process (it is thread-safe); "
+                "start worker processes with 'spawn', not fork"
+                if "already open" in str(exc)
+                else "check the path exists, is writable and is on a local filesystem"
+            )
+            raise DeltaStoreError(f"cannot open LMDB environment at {config.path}: {exc}", hint=hint) from exc
         # The map may already be larger than configured (grown earlier): adopt the file's size.
         self._env.set_mapsize(max(config.map_size, self._env.info()["map_size"]))
         with self._env.begin(write=True) as txn:
@@ -310,5 +298,3 @@ class LmdbBackend(Backend):
         with self._gate.exclusive():
             self._env.close()
         self._closed = True
-        with _OPEN_LOCK:
-            _OPEN.discard(self._real)
