@@ -74,7 +74,7 @@ def _codecs(spec: CodecSpec, dtype: torch.dtype) -> tuple[TensorCodec, TensorCod
         return Fp8Codec(spec.group_size), Fp8Codec(spec.group_size)
     return (
         IntCodec(spec.key_bits, spec.group_size, spec.key_axis, spec.rotate),
-        IntCodec(spec.value_bits, spec.group_size, "token", rotate=False),
+        IntCodec(spec.value_bits, spec.group_size, "token", spec.rotate),
     )
 
 

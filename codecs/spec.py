@@ -5,7 +5,7 @@ Grammar (``-``-separated, options in any order, each at most once)::
     base      fp16 | lossless | fp8 | k{8,4,2}v{8,4,2}
     g<N>      group size in elements (power of two, 8..1024; default 64)
     kc | kt   key grouping axis for kXvY: per channel over tokens (KIVI) or per token over head_dim
-    nr        kXvY: no Hadamard rotation of keys (kept for measurement; rotation is the default)
+    nr        kXvY: no Hadamard rotation of keys and values (for measurement; rotation is the default)
     z         zstd entropy stage over the encoded sections (implied by, and not allowed with, lossless)
     sink<N>   fp8/kXvY: the first N absolute positions are stored in fp16 instead
     pe<X>     eviction, preserve-early: the first X% of the block's tokens are always kept
@@ -61,7 +61,8 @@ class CodecSpec:
         group_size: elements per scale group (fp8 and quant).
         key_axis: quant keys grouped per "channel" (along tokens, KIVI) or per "token" (along
             head_dim). Values are always grouped per token.
-        rotate: quant keys are rotated by a normalized, sign-randomized Walsh-Hadamard matrix.
+        rotate: quant keys and values are rotated along head_dim by a normalized, sign-randomized
+            Walsh-Hadamard matrix before quantization (on SmolLM2 it cuts k4v2's KL by ~40%).
         entropy: sections go through zstd (always for lossless).
         sink: first absolute positions stored in fp16 (fp8 and quant).
         eviction / evict_pct / recent: see the module docstring.
