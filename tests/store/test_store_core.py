@@ -139,7 +139,7 @@ def test_model_and_codec_mismatch_never_serve_wrong_kv(small: Store) -> None:
         small.get_snapshot("acme", "s", 0, codec="k8v8")
     assert small.get_snapshot("acme", "s", 0, model="m1", codec="k4v2").token_ids == tokens
     with pytest.raises(MismatchError):
-        small.plan_snapshot("acme", "s", "m2", "k4v2", tokens + [5], parent_turn=0)
+        small.plan_snapshot("acme", "s", "m2", "k4v2", [*tokens, 5], parent_turn=0)
     # Another model or codec never dedups against these blocks.
     other = small.plan_snapshot("acme", "s2", "m2", "k4v2", tokens)
     assert not any(s.present for s in other.segments)
