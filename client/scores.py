@@ -1,0 +1,184 @@
+"""Token importance for KV eviction, captured from the engine's own attention at prefill.
+
+SnapKV (Li et al. 2024) showed that the attention the last prompt queries (the *observation
+window*) pay to each earlier token predicts which tokens later queries will need. This module
+hooks the attention modules of an HF causal LM during one prefill forward pass, recomputes that
+window's attention from the hooked query states and the cached (post-RoPE) keys, and returns a
+score per KV head and token, ready for ``deltastore.codecs.encode_block(..., scores=...)``.
+
+Why recompute instead of ``output_attentions``: SDPA and flash attention return no weights, and
+eager attention for the whole prompt costs a (heads, T, T) matrix; the window needs only
+(heads, W, T) per segment, computed in chunks.
+
+Dedup safety: a prefix block shared by many sessions must be evicted the same way whoever stores
+it, so its scores may only depend on the block's own prefix. ``segment_ends`` gives each segment
+its own observation window (its last ``window`` queries, attending to keys before the segment's
+end); with segments = the store's aligned blocks, the scores of a block depend on nothing after
+it. One segment ending at the prompt's end is classic (not dedup-safe) SnapKV.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from deltastore.errors import InvalidArgument
+
+__all__ = ["ScoreCapture", "capture_scores", "segment_ends_for_blocks"]
+
+
+def segment_ends_for_blocks(n_tokens: int, block_size: int) -> list[int]:
+    """Ends of the store's segments of a prompt of ``n_tokens``: aligned blocks, then the tail."""
+    if block_size < 1 or n_tokens < 1:
+        raise InvalidArgument(f"need n_tokens >= 1 and block_size >= 1, got {n_tokens}, {block_size}")
+    ends = list(range(block_size, n_tokens + 1, block_size))
+    if not ends or ends[-1] != n_tokens:
+        ends.append(n_tokens)
+    return ends
+
+
+@dataclass
+class ScoreCapture:
+    """Forward hooks that compute observation-window scores per layer during a prefill.
+
+    Attributes:
+        window: observation-window length W in queries (SnapKV uses 32-64).
+        segment_ends: exclusive end positions of the segments, ascending, the last one equal to
+            the prompt length (None: one segment, the whole prompt).
+        pool: width of the average pooling over tokens (SnapKV: neighbours of an important
+            token are kept with it); 1 disables it.
+        scores: filled by the hooks, per layer index a (kv_heads, tokens) float32 tensor.
+    """
+
+    window: int = 64
+    segment_ends: Sequence[int] | None = None
+    pool: int = 5
+    scores: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.window < 1:
+            raise InvalidArgument(f"observation window must be >= 1 query, got {self.window}")
+        if self.pool < 1 or self.pool % 2 == 0:
+            raise InvalidArgument(f"pool width must be odd and >= 1, got {self.pool}")
+
+    @contextmanager
+    def attach(self, model: Any) -> Iterator[ScoreCapture]:
+        """Hook every attention module of ``model`` for the duration of the block."""
+        hooks = [
+            layer.self_attn.register_forward_hook(self._hook, with_kwargs=True)
+            for layer in _decoder_layers(model)
+        ]
+        try:
+            yield self
+        finally:
+            for hook in hooks:
+                hook.remove()
+
+    def layer_scores(self, n_layers: int) -> list[torch.Tensor]:
+        """Scores of every layer, in layer order; raises if a layer was not captured."""
+        missing = [i for i in range(n_layers) if i not in self.scores]
+        if missing:
+            raise InvalidArgument(f"no attention scores captured for layers {missing[:5]}")
+        return [self.scores[i] for i in range(n_layers)]
+
+    def _hook(self, module: Any, args: tuple, kwargs: dict, output: Any) -> None:
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        cache = kwargs.get("past_key_values")
+        cos, sin = kwargs["position_embeddings"]
+        if hidden is None or cache is None:
+            raise InvalidArgument("score capture needs use_cache=True and a decoder with RoPE embeddings")
+        keys = cache.layers[module.layer_idx].keys  # (1, kv_heads, T, head_dim), post-RoPE
+        n = hidden.shape[1]
+        if keys.shape[-2] != n:
+            raise InvalidArgument("score capture runs on a fresh prefill (an empty cache before the call)")
+        ends = list(self.segment_ends) if self.segment_ends is not None else [n]
+        if not ends or ends[-1] != n or any(b <= a for a, b in zip([0, *ends], ends, strict=False)):
+            raise InvalidArgument(
+                f"segment ends must ascend and end at the prompt length {n}, got {ends[:8]}"
+            )
+        with torch.no_grad():
+            self.scores[module.layer_idx] = _window_scores(module, hidden, keys, cos, sin, ends, self)
+
+
+def _window_scores(
+    module: Any,
+    hidden: torch.Tensor,
+    keys: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    ends: list[int],
+    cfg: ScoreCapture,
+) -> torch.Tensor:
+    """Per segment, mean attention of its last W queries to each of its tokens.
+
+    Args:
+        hidden: (1, T, hidden) input of the attention module.
+        keys: (1, kv_heads, T, head_dim) cached keys after RoPE.
+        cos, sin: (1, T, head_dim) rotary tables of the prompt positions.
+    Returns:
+        (kv_heads, T) float32: a token's attention averaged over the window queries that can see
+        it (causal), pooled over ``cfg.pool`` tokens, averaged over the query heads of its group.
+    """
+    rope = sys.modules[type(module).__module__].apply_rotary_pos_emb
+    _, kv_heads, n, head_dim = keys.shape
+    groups = module.config.num_attention_heads // kv_heads
+    out = torch.empty(kv_heads, n, dtype=torch.float32, device=keys.device)
+    start = 0
+    for end in ends:
+        q0 = max(start, end - cfg.window)
+        q = module.q_proj(hidden[:, q0:end]).view(1, end - q0, -1, head_dim).transpose(1, 2)
+        if hasattr(module, "q_norm"):  # Qwen3-style per-head query norm before RoPE
+            q = module.q_norm(q)
+        q, _ = rope(q, q, cos[:, q0:end], sin[:, q0:end])
+        k = keys[0, :, :end].float()  # (kv_heads, end, d)
+        q = q[0].float().view(kv_heads, groups, end - q0, head_dim)
+        logits = torch.einsum("hgqd,htd->hgqt", q, k) * module.scaling
+        qpos = torch.arange(q0, end, device=keys.device)[:, None]
+        visible = torch.arange(end, device=keys.device)[None, :] <= qpos  # (W, end)
+        attn = logits.masked_fill(~visible, float("-inf")).softmax(dim=-1)
+        seg = attn[..., start:end].sum(dim=2).mean(dim=1)  # (kv_heads, seg_len)
+        seen_by = visible[:, start:end].sum(dim=0).clamp(min=1)
+        seg = seg / seen_by
+        if cfg.pool > 1:
+            seg = F.avg_pool1d(
+                seg[:, None], cfg.pool, stride=1, padding=cfg.pool // 2, count_include_pad=False
+            )[:, 0]
+        out[:, start:end] = seg
+        start = end
+    return out
+
+
+def _decoder_layers(model: Any) -> Sequence[Any]:
+    base = getattr(model, "model", model)
+    base = getattr(base, "language_model", base)
+    layers = getattr(base, "layers", None)
+    if layers is None or not all(hasattr(layer, "self_attn") for layer in layers):
+        raise InvalidArgument(f"{type(model).__name__}: no decoder layers with self_attn to hook")
+    return layers
+
+
+def capture_scores(
+    model: Any,
+    input_ids: torch.Tensor,
+    *,
+    window: int = 64,
+    segment_ends: Sequence[int] | None = None,
+    pool: int = 5,
+) -> tuple[Any, list[torch.Tensor]]:
+    """Prefill ``input_ids`` (1, T) and return ``(past_key_values, scores)``.
+
+    ``scores`` is a list over layers of (kv_heads, T) float32, higher = more important; slice it
+    per block to pass to ``encode_block``.
+    """
+    if input_ids.dim() != 2 or input_ids.shape[0] != 1:
+        raise InvalidArgument(f"input_ids must be (1, tokens), got {tuple(input_ids.shape)}")
+    cap = ScoreCapture(window=window, segment_ends=segment_ends, pool=pool)
+    with torch.no_grad(), cap.attach(model):
+        out = model(input_ids=input_ids, use_cache=True)
+    return out.past_key_values, cap.layer_scores(len(out.past_key_values.layers))

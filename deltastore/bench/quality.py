@@ -1,0 +1,380 @@
+"""Ratio vs KL/top-1 of every tier on a real model: the report's 12-config sweep, frontier, peers.
+
+``deltastore bench quality [--model ID_OR_PATH] [--text FILE] [--quick] --json PATH`` writes the
+JSON, a markdown table (PATH with .md) and a ratio-vs-KL plot (PATH with .png). The protocol is in
+``quality_eval.py``; the rows in ``quality_configs.py`` and ``quality_peers.py``.
+
+Default text: excerpts of B. M. Gardiner, *The French Revolution 1789-1795* (1921, public
+domain, Project Gutenberg eBook #71688), shipped in ``deltastore/bench/data``: real English
+expository prose like the report's WikiText-2, offline, and redistributable without conditions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from deltastore.errors import InvalidArgument
+
+__all__ = ["REPORT_POINTS", "add_arguments", "build_configs", "grade", "run", "run_benchmark"]
+
+DEFAULT_TEXT = "gardiner_french_revolution.txt"
+
+# The report's quality table (its 7B/32B/72B columns): (label, ratio, KL).
+REPORT_POINTS: dict[str, list[tuple[str, float, float]]] = {
+    "7B": [("Lossless", 4.1, 0.003), ("Conservative", 6.1, 0.039), ("Balanced", 10.0, 0.073), ("Aggressive", 11.4, 0.115)],
+    "32B": [
+        ("Lossless", 4.1, 0.006), ("Conservative", 6.2, 0.042), ("K4V4 PE30", 6.9, 0.054), ("K4V4 PE10", 7.9, 0.096),
+        ("K4V2 PE50", 9.0, 0.060), ("K4V2 Adapt30", 9.5, 0.076), ("Balanced", 10.2, 0.089), ("K4V2 PE20", 10.9, 0.112),
+        ("K4V2 Adapt10", 11.1, 0.117), ("K4V2 PE15", 11.3, 0.111), ("Aggressive", 11.8, 0.123), ("K4V2 PE5", 12.2, 0.186),
+    ],
+    "72B": [
+        ("Lossless", 4.1, 0.002), ("Conservative", 6.2, 0.024), ("K4V4 PE30", 6.9, 0.054), ("K4V4 PE10", 7.9, 0.157),
+        ("K4V2 PE50", 9.0, 0.039), ("K4V2 Adapt30", 9.5, 0.049), ("Balanced", 10.2, 0.076), ("K4V2 PE20", 10.9, 0.125),
+        ("K4V2 Adapt10", 11.1, 0.182), ("K4V2 PE15", 11.3, 0.191), ("Aggressive", 11.8, 0.220), ("K4V2 PE5", 12.2, 0.214),
+    ],
+}  # fmt: skip
+
+# The issue's frontier targets: at each ratio, the best KL the report gives for any model size.
+TARGETS: list[tuple[float, float]] = [
+    (4.1, 0.002),
+    (6.2, 0.024),
+    (9.0, 0.039),
+    (10.2, 0.073),
+    (11.8, 0.115),
+    (16.0, 0.10),
+]
+
+_GRADES = ((0.01, "EXCELLENT"), (0.05, "GOOD"), (0.2, "ACCEPTABLE"), (0.5, "MARGINAL"))
+
+
+def grade(kl: float) -> str:
+    """The report's grade of a mean KL (DESIGN.md): EXCELLENT < 0.01 <= GOOD < 0.05 <= ACCEPTABLE < 0.2."""
+    for bound, name in _GRADES:
+        if kl < bound or (name == "MARGINAL" and kl <= bound):
+            return name
+    return "POOR"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model", default="smollm2", help="HF causal LM id or path (default: SmolLM2-135M offline)"
+    )
+    parser.add_argument(
+        "--text", type=Path, default=None, help="UTF-8 text file (default: the shipped corpus)"
+    )
+    parser.add_argument(
+        "--json", type=Path, required=True, help="output JSON; .md and .png are written beside it"
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="2 short windows, core tiers only (the make-test check)"
+    )
+    parser.add_argument("--windows", type=int, default=None, help="number of windows (default 8, quick 2)")
+    parser.add_argument(
+        "--ctx", type=int, default=None, help="context tokens per window (default 512, quick 128)"
+    )
+    parser.add_argument(
+        "--eval", type=int, default=None, help="continuation tokens scored (default 64, quick 16)"
+    )
+    parser.add_argument("--block", type=int, default=64, help="store block size in tokens (default 64)")
+    parser.add_argument("--seed", type=int, default=0, help="window placement seed")
+    parser.add_argument("--no-peers", action="store_true", help="skip the quanto and kvpress rows")
+    parser.add_argument("--device", default="cpu", help="torch device for the model and the codecs")
+    parser.add_argument(
+        "--recommend", type=Path, default=None, help="also write the recommended-tiers JSON here"
+    )
+
+
+@dataclass
+class _Acc:
+    """Per-config accumulator over windows."""
+
+    kl: list[Any] = field(default_factory=list)
+    top1: list[Any] = field(default_factory=list)
+    fp16: int = 0
+    stored: int = 0
+    kept: float = 0.0
+    enc: float = 0.0
+    dec: float = 0.0
+    n: int = 0
+
+
+def build_configs(quick: bool, block: int, peers: bool) -> list[Any]:
+    """The rows, in table order: reference tiers, the report's 12, our frontier, then peers."""
+    from deltastore.bench.quality_configs import CodecConfig, EvictQuantConfig
+    from deltastore.codecs import TIERS
+
+    def tier(name: str, spec: str, group: str = "tier", scores: str | None = "block") -> CodecConfig:
+        return CodecConfig(name, spec, group, scores=scores, block=block)
+
+    rows: list[Any] = [tier("fp16", "fp16"), tier("lossless (bit-exact)", "lossless"), tier("K8V8", "k8v8")]
+    if quick:
+        return [*rows, tier("K4V4", "k4v4"), tier("K4V2", "k4v2"), tier("K4V2 PE50", "k4v2-pe50")]
+    rows.append(tier("fp8", "fp8"))
+    for t in TIERS.values():
+        if t.report_ratio is not None:
+            rows.append(tier(t.name, t.spec.canonical(), "sweep"))
+
+    def frontier(spec: str, keep: float, scores: str = "block", **kw: Any) -> EvictQuantConfig:
+        label = f"{spec} keep{round(keep * 100)}% ({scores})"
+        if kw.get("whole"):
+            label += f" prefix {kw['whole']} whole"
+        return EvictQuantConfig(
+            label, f"{spec}-keep{round(keep * 100)}", "frontier", keep=keep, scores=scores, block=block, **kw
+        )
+
+    # Levers one at a time: key layout, sink, entropy stage, bits, eviction (budget, scores, dedup).
+    for spec in (
+        "k4v4-kt",
+        "k4v4-nr",
+        "k4v4-sink4",
+        "k4v4-sink4-z",
+        "k8v4-sink4",
+        "k4v2-sink4",
+        "k2v2-sink4",
+    ):
+        rows.append(tier(spec, spec, "frontier"))
+    for keep in (0.8, 0.6, 0.5, 0.4, 0.3, 0.25, 0.2):
+        rows.append(frontier("k4v4-sink4-z", keep))
+    for keep in (0.8, 0.6, 0.4):
+        rows.append(frontier("k8v4-sink4-z", keep))
+    for keep in (0.7, 0.5):
+        rows.append(frontier("k4v2-sink4-z", keep))
+    for scores in ("window", "knorm"):
+        for keep in (0.5, 0.3):
+            rows.append(frontier("k4v4-sink4-z", keep, scores))
+    rows.append(frontier("k4v4-sink4-z", 0.3, "block", whole=256))
+    if peers:
+        from deltastore.bench.quality_peers import peer_configs
+
+        rows.extend(peer_configs())
+    return rows
+
+
+def _load_text(path: Path | None) -> tuple[str, str]:
+    if path is None:
+        return resources.files("deltastore.bench").joinpath("data", DEFAULT_TEXT).read_text(
+            "utf-8"
+        ), DEFAULT_TEXT
+    try:
+        return path.read_text("utf-8"), str(path)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InvalidArgument(f"cannot read --text {path}: {exc}") from exc
+
+
+def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
+    """Run the whole sweep and return the JSON document (also written by :func:`run`)."""
+    import torch
+    import transformers
+    from tqdm import tqdm
+
+    from deltastore.bench.quality_eval import Window, continuation_logprobs, kl_top1, make_windows, prefill
+    from deltastore.bench.quality_peers import peers_unavailable
+    from deltastore.client.models import load_model
+    from deltastore.client.scores import ScoreCapture, segment_ends_for_blocks
+
+    n_windows = args.windows or (2 if args.quick else 8)
+    ctx = args.ctx or (128 if args.quick else 512)
+    eval_len = args.eval or (16 if args.quick else 64)
+    text, text_name = _load_text(args.text)
+    transformers.utils.logging.disable_progress_bar()
+    model, tok = load_model(args.model, device=args.device)
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    windows = [Window(w, ctx) for w in make_windows(ids, n_windows, ctx, eval_len, args.seed)]
+    skipped = {} if args.no_peers or args.quick else peers_unavailable()
+    configs = build_configs(args.quick, args.block, peers=not (args.no_peers or args.quick))
+    configs = [c for c in configs if c.group != "peer" or c.__class__.__name__ not in _peer_classes(skipped)]
+    acc = {c.name: _Acc() for c in configs}
+    sources = sorted({c.scores for c in configs} & {"block", "window"})
+    capture_s = prefill_s = 0.0
+    torch.manual_seed(args.seed)
+    with tqdm(total=len(windows) * (len(configs) + 1), desc="quality", unit="run") as bar:
+        for w in windows:
+            t0 = time.perf_counter()
+            prefill(model, w)
+            t1 = time.perf_counter()
+            caps = {
+                "block": ScoreCapture(segment_ends=segment_ends_for_blocks(w.n_cached, args.block)),
+                "window": ScoreCapture(),
+            }
+            with torch.no_grad(), ExitStack() as stack:
+                for name in sources:
+                    stack.enter_context(caps[name].attach(model))
+                model(input_ids=w.context_ids.to(model.device), use_cache=True)
+            t2 = time.perf_counter()
+            prefill_s += t1 - t0
+            capture_s += t2 - t1
+            w.scores = {name: caps[name].layer_scores(len(w.layers)) for name in sources}
+            w.ref_logprobs = continuation_logprobs(model, w, w.layers)
+            bar.update(1)
+            for cfg in configs:
+                bar.set_postfix_str(cfg.name[:32])
+                try:
+                    trial = cfg.run(model, w)
+                except Exception as exc:
+                    if cfg.group != "peer":
+                        raise
+                    skipped[cfg.name] = f"{type(exc).__name__}: {exc}"  # a peer broke: say so, never fake it
+                    bar.update(1)
+                    continue
+                kl, top1 = kl_top1(w.ref_logprobs, continuation_logprobs(model, w, trial.layers))
+                a = acc[cfg.name]
+                a.kl.append(kl)
+                a.top1.append(top1)
+                a.fp16 += sum(2 * (k.numel() + v.numel()) for k, v in w.layers)
+                a.stored += trial.nbytes
+                a.kept += trial.kept_fraction
+                a.enc += trial.encode_s
+                a.dec += trial.decode_s
+                a.n += 1
+                bar.update(1)
+    rows = []
+    for cfg in configs:
+        a = acc[cfg.name]
+        if a.n != len(windows):
+            continue
+        kl = torch.cat(a.kl)
+        kl_mean = float(kl.mean())
+        rows.append(
+            {
+                "config": cfg.name,
+                "spec": cfg.spec,
+                "group": cfg.group,
+                "scores": getattr(cfg, "scores", None),
+                "dedup_safe": getattr(cfg, "scores", None) != "window",
+                "ratio": a.fp16 / a.stored,
+                "kl_mean": kl_mean,
+                "kl_p95": float(torch.quantile(kl.double(), 0.95)),
+                "top1": float(torch.cat(a.top1).mean()),
+                "grade": grade(kl_mean),
+                "kept_fraction": a.kept / a.n,
+                "encode_s": a.enc / a.n,
+                "decode_s": a.dec / a.n,
+                "bytes_per_window": a.stored / a.n,
+            }
+        )
+    return {
+        "model": args.model,
+        "text": text_name,
+        "windows": n_windows,
+        "ctx": ctx,
+        "eval": eval_len,
+        "block": args.block,
+        "seed": args.seed,
+        "device": args.device,
+        "protocol": "cache = first ctx-1 tokens; continuation of eval tokens teacher-forced from the last context token",
+        "prefill_s": prefill_s / n_windows,
+        "score_capture_overhead": (capture_s - prefill_s) / prefill_s,
+        "score_sources": _score_sources(),
+        "skipped": skipped,
+        "rows": rows,
+    }
+
+
+def _score_sources() -> dict[str, str]:
+    from deltastore.bench.quality_configs import SCORE_SOURCES
+
+    return SCORE_SOURCES
+
+
+def _peer_classes(skipped: dict[str, str]) -> set[str]:
+    return {
+        name for peer, name in (("quanto", "QuantoConfig"), ("kvpress", "KVPressConfig")) if peer in skipped
+    }
+
+
+def markdown(doc: dict[str, Any]) -> str:
+    """The results as a markdown table; encode/decode times as multiples of the prefill time."""
+    lines = [
+        f"Model {doc['model']}, text {doc['text']}: {doc['windows']} windows x ({doc['ctx']} context + "
+        f"{doc['eval']} scored), block {doc['block']}. Ratio = FP16 bytes / every stored byte. "
+        f"Times are per window, in prefills ({doc['prefill_s']:.2f} s on {doc['device']}).",
+        "",
+        "| config | spec | group | ratio | KL mean | KL p95 | top-1 | grade | kept | encode | decode |",
+        "|---|---|---|---:|---:|---:|---:|---|---:|---:|---:|",
+    ]
+    p = doc["prefill_s"] or 1.0
+    for r in doc["rows"]:
+        lines.append(
+            f"| {r['config']} | `{r['spec']}` | {r['group']}{'' if r['dedup_safe'] else ' (not dedup-safe)'} | "
+            f"{r['ratio']:.2f}x | {r['kl_mean']:.4f} | {r['kl_p95']:.4f} | {r['top1']:.3f} | {r['grade']} | "
+            f"{r['kept_fraction']:.2f} | {r['encode_s'] / p:.2f} | {r['decode_s'] / p:.2f} |"
+        )
+    for name, why in doc["skipped"].items():
+        lines.append(f"\nSkipped {name}: {why}")
+    return "\n".join(lines) + "\n"
+
+
+def plot(doc: dict[str, Any], path: Path) -> None:
+    """Ratio vs mean KL (log scale), our rows by group, the report's points as labelled references."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(10, 6.5))
+    styles = {
+        "tier": ("o", "tab:blue"),
+        "sweep": ("s", "tab:orange"),
+        "frontier": ("D", "tab:green"),
+        "peer": ("^", "tab:gray"),
+    }
+    floor = 1e-5  # KL 0 (fp16, bit-exact) drawn at the floor of the log axis
+    for group, (marker, color) in styles.items():
+        pts = [(r["ratio"], max(r["kl_mean"], floor)) for r in doc["rows"] if r["group"] == group]
+        if pts:
+            ax.scatter(
+                *zip(*pts, strict=True), marker=marker, color=color, label=f"measured: {group}", zorder=3
+            )
+    for size, color in (("7B", "tab:red"), ("32B", "tab:purple"), ("72B", "tab:brown")):
+        pts = REPORT_POINTS[size]
+        ax.scatter(
+            [p[1] for p in pts],
+            [p[2] for p in pts],
+            marker="x",
+            color=color,
+            label=f"report {size}",
+            zorder=2,
+        )
+        for label, x, y in pts[:4] if size != "72B" else pts:
+            ax.annotate(
+                f"{label} {size}", (x, y), fontsize=6, color=color, xytext=(3, 3), textcoords="offset points"
+            )
+    ax.step(
+        [t[0] for t in TARGETS],
+        [t[1] for t in TARGETS],
+        where="post",
+        color="k",
+        ls=":",
+        label="target (issue #8)",
+    )
+    ax.set_yscale("log")
+    ax.set_xlabel("compression ratio vs FP16 (every byte counted)")
+    ax.set_ylabel("mean KL(p_fp16 || p_compressed), nats")
+    ax.set_title(f"{doc['model']}: {doc['windows']} windows x {doc['ctx']}+{doc['eval']} tokens")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run(args: argparse.Namespace) -> int:
+    doc = run_benchmark(args)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(doc, indent=2) + "\n")
+    table = markdown(doc)
+    args.json.with_suffix(".md").write_text(table)
+    plot(doc, args.json.with_suffix(".png"))
+    if args.recommend is not None:
+        from deltastore.bench.quality_tiers import recommend
+
+        args.recommend.write_text(json.dumps(recommend(doc), indent=2) + "\n")
+    print(table)
+    return 0
