@@ -18,7 +18,8 @@ def payload_nbytes(n_tokens: int) -> int:
     return PAYLOAD_PER_TOKEN * n_tokens + 17  # what store_testlib.payload_for makes
 
 
-def test_prefix_dedup_across_sessions(store: Store) -> None:
+def test_prefix_dedup_across_sessions(store_factory: Callable[..., Store]) -> None:
+    store = store_factory(StoreConfig(block_size=B))
     system = random_tokens(100, 500)  # shared system prompt: 7 full blocks (448 tokens) shareable
     shared_blocks = 500 // B
     for user in range(6):
@@ -53,7 +54,8 @@ def _turns(store: Store, session: str, context: int, turns: int, step: int) -> l
     return written
 
 
-def test_bytes_per_turn_grow_with_new_tokens_not_context(store: Store) -> None:
+def test_bytes_per_turn_grow_with_new_tokens_not_context(store_factory: Callable[..., Store]) -> None:
+    store = store_factory(StoreConfig(block_size=B))
     long = _turns(store, "long", 4096, 20, 50)
     short = _turns(store, "short", 512, 20, 50)
     # Per-turn writes at a 4K context match those at 512 tokens within 5% (the manifest lists
