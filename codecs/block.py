@@ -226,7 +226,11 @@ def decode_block(
         data = view[offset : offset + length]
         if flags & FLAG_ZSTD:
             data = decompress(data, raw_size)
-        sections.append(_section_tensor(data, target).view(n_layers, -1) if kind != Section.MASK else data)
+        if kind == Section.MASK:
+            sections.append(data)
+        else:  # one slice per layer (narrow, not view: a 0-size row has stride 1, misaligning fp16 views)
+            flat, per = _section_tensor(data, target), raw_size // n_layers
+            sections.append([flat.narrow(0, i * per, per) for i in range(n_layers)])
 
     kept = hdr.kept_tokens
     sink = spec.fp16_sink_tokens(n, hdr.start)

@@ -39,5 +39,5 @@ class Fp8Codec(TensorCodec):
     def decode(self, parts: Sequence[torch.Tensor], shape: Shape) -> torch.Tensor:
         h, t, d = shape
         codes = parts[0].view(torch.float8_e4m3fn).view(shape).float()
-        scale = parts[1].view(torch.float16).view(h, t, -1, 1).float()
+        scale = parts[1].view(torch.float16).view(h, t, -(-d // self.group), 1).float()
         return merge_groups(split_groups(codes, self.group) * scale, d)

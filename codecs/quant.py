@@ -37,7 +37,7 @@ def split_groups(x: torch.Tensor, group: int) -> torch.Tensor:
 
 def merge_groups(x: torch.Tensor, n: int) -> torch.Tensor:
     """(..., groups, group) -> (..., n): inverse of :func:`split_groups` (drops padding)."""
-    x = x.reshape(*x.shape[:-2], -1)
+    x = x.reshape(*x.shape[:-2], x.shape[-2] * x.shape[-1])
     return x if x.shape[-1] == n else x[..., :n]
 
 
@@ -119,7 +119,7 @@ class IntCodec(TensorCodec):
         h, t, d = shape
         inner = (h, d, t) if self.axis == "channel" else (h, t, d)
         codes = unpack_bits(parts[0], self.bits, h * t * d).view(inner)
-        params = parts[1].view(torch.float16).view(*inner[:-1], -1, 2)
+        params = parts[1].view(torch.float16).view(*inner[:-1], -(-inner[-1] // self.group), 2)
         x = dequantize_groups(codes, params, self.group)
         if self.axis == "channel":
             x = x.transpose(1, 2)

@@ -1,0 +1,102 @@
+"""List the codec tiers: bits per element with every byte counted, ratio vs FP16, bit-exactness.
+
+Figures are exact byte arithmetic (``encoded_nbytes``, which the tests prove equal to real
+payload sizes) for a reference block: the Mistral-7B KV shape (32 layers x 8 KV heads x 128
+head_dim), 4096 tokens at position 0. Codecs with a zstd stage (lossless) depend on the data;
+their size is shown as null.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from deltastore.codecs.format import encoded_nbytes
+from deltastore.codecs.spec import TIERS, Tier
+
+__all__ = ["REFERENCE_BLOCK", "add_arguments", "run", "tier_row", "tier_rows"]
+
+REFERENCE_BLOCK: dict[str, int] = {
+    "n_layers": 32,
+    "kv_heads": 8,
+    "head_dim": 128,
+    "n_tokens": 4096,
+    "start": 0,
+}
+
+
+def tier_row(tier: Tier, block: dict[str, int] = REFERENCE_BLOCK) -> dict[str, Any]:
+    """One tier's figures for ``block`` (keys as in :data:`REFERENCE_BLOCK`)."""
+    spec = tier.spec
+    data_dependent = spec.entropy or spec.kind == "lossless"
+    elements = block["n_layers"] * 2 * block["kv_heads"] * block["n_tokens"] * block["head_dim"]
+    bits = None if data_dependent else 8 * encoded_nbytes(spec, **block) / elements
+    kept = spec.kept_tokens(block["n_tokens"], block["start"]) if spec.evicts else None
+    return {
+        "name": tier.name,
+        "spec": spec.canonical(),
+        "key_bits": spec.key_bits,
+        "value_bits": spec.value_bits,
+        "group_size": spec.group_size if spec.kind in ("fp8", "quant") else None,
+        "bits_per_element": bits,
+        "ratio_vs_fp16": None if bits is None else 16 / bits,
+        "bit_exact": spec.bit_exact,
+        "kept_fraction": None if kept is None else kept / block["n_tokens"],
+        "report_ratio": tier.report_ratio,
+        "about": tier.about,
+    }
+
+
+def tier_rows(block: dict[str, int] = REFERENCE_BLOCK) -> list[dict[str, Any]]:
+    return [tier_row(t, block) for t in TIERS.values()]
+
+
+def _fmt(value: Any, spec: str = "") -> str:
+    if value is None:
+        return "-"
+    return format(value, spec) if spec else str(value)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print the table as JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    rows = tier_rows()
+    if args.json:
+        json.dump({"reference_block": REFERENCE_BLOCK, "tiers": rows}, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return 0
+    b = REFERENCE_BLOCK
+    print(
+        f"Reference block: {b['n_layers']} layers x {b['kv_heads']} KV heads x {b['head_dim']} dims x "
+        f"{b['n_tokens']} tokens; every byte counted (codes, scales, zero-points, masks, header)."
+    )
+    print("Eviction pe<X>/adapt<X>: keep ceil(n*(100+X)/200) tokens per head (X% + half the rest);")
+    print("pe<X> always keeps the first X%, adapt<X> picks every kept token by score; both keep the")
+    print(
+        "first 4 positions (sink) and the last 16 tokens of the block. Evicted tokens are absent at decode."
+    )
+    print("'-' = not applicable, or data-dependent (zstd).\n")
+    header = ("tier", "spec", "K", "V", "group", "bits/elem", "ratio", "report", "bit-exact", "kept")
+    table = [
+        (
+            r["name"],
+            r["spec"],
+            str(r["key_bits"]),
+            str(r["value_bits"]),
+            _fmt(r["group_size"]),
+            _fmt(r["bits_per_element"], ".3f"),
+            _fmt(r["ratio_vs_fp16"], ".2f") + ("x" if r["ratio_vs_fp16"] else ""),
+            _fmt(r["report_ratio"], ".1f") + ("x" if r["report_ratio"] else ""),
+            "yes" if r["bit_exact"] else "no",
+            _fmt(r["kept_fraction"], ".0%"),
+        )
+        for r in rows
+    ]
+    widths = [max(len(row[i]) for row in (header, *table)) for i in range(len(header))]
+    for row in (header, tuple("-" * w for w in widths), *table):
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    return 0
