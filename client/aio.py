@@ -30,6 +30,7 @@ from deltastore.client.wire import (
     fingerprint,
     put_requests,
     put_result,
+    remaining,
     savings_dict,
 )
 from deltastore.v1 import deltastore_pb2 as pb
@@ -90,7 +91,7 @@ class AsyncDeltaStoreClient:
         delays = self.retry.delays()
         while True:
             try:
-                return await fn(max(deadline - time.monotonic(), 0.0))
+                return await fn(remaining(deadline))
             except grpc.RpcError as exc:
                 delay = next(delays, None) if self.retry.retryable(exc) else None
                 if delay is None or time.monotonic() + delay >= deadline:
@@ -142,8 +143,8 @@ class AsyncDeltaStoreClient:
         )
         encoded: dict[bytes, bytes] = {}
 
-        async def attempt(remaining: float) -> PutResult:
-            end = time.monotonic() + remaining
+        async def attempt(seconds: float) -> PutResult:
+            end = time.monotonic() + seconds
             replans = 0
             while True:
                 plan_req = pb.PlanSnapshotRequest(
@@ -154,9 +155,7 @@ class AsyncDeltaStoreClient:
                     token_ids=tokens,
                     parent_turn=parent_turn,
                 )
-                plan = Plan.from_proto(
-                    await self._stub.PlanSnapshot(plan_req, timeout=max(end - time.monotonic(), 0.0))
-                )
+                plan = Plan.from_proto(await self._stub.PlanSnapshot(plan_req, timeout=remaining(end)))
                 header.codec = plan.codec
                 todo = Plan(
                     tuple(s for s in plan.missing if s.key not in encoded), plan.block_size, plan.codec
@@ -168,7 +167,7 @@ class AsyncDeltaStoreClient:
                 try:
                     reply = await self._stub.PutSnapshot(
                         put_requests(header, payloads, self.chunk_bytes),
-                        timeout=max(end - time.monotonic(), 0.0),
+                        timeout=remaining(end),
                     )
                 except grpc.RpcError as exc:
                     replans += 1
@@ -200,9 +199,9 @@ class AsyncDeltaStoreClient:
             codec=codec,
         )
 
-        async def fetch(remaining: float) -> tuple[pb.SnapshotInfo, list[bytes]]:
+        async def fetch(seconds: float) -> tuple[pb.SnapshotInfo, list[bytes]]:
             reader = SnapshotReader(self.max_snapshot_bytes)
-            async for msg in self._stub.GetSnapshot(req, timeout=remaining):
+            async for msg in self._stub.GetSnapshot(req, timeout=seconds):
                 reader.feed(msg)
             return reader.finish()
 

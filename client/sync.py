@@ -28,6 +28,7 @@ from deltastore.client.wire import (
     put_requests,
     put_result,
     read_snapshot_stream,
+    remaining,
     savings_dict,
 )
 from deltastore.v1 import deltastore_pb2 as pb
@@ -110,7 +111,7 @@ class DeltaStoreClient:
         delays = self.retry.delays()
         while True:
             try:
-                return fn(max(deadline - time.monotonic(), 0.0))
+                return fn(remaining(deadline))
             except grpc.RpcError as exc:
                 delay = next(delays, None) if self.retry.retryable(exc) else None
                 if delay is None or time.monotonic() + delay >= deadline:
@@ -174,8 +175,8 @@ class DeltaStoreClient:
         )
         encoded: dict[bytes, bytes] = {}
 
-        def attempt(remaining: float) -> PutResult:
-            end = time.monotonic() + remaining
+        def attempt(seconds: float) -> PutResult:
+            end = time.monotonic() + seconds
             replans = 0
             while True:
                 plan_req = pb.PlanSnapshotRequest(
@@ -186,9 +187,7 @@ class DeltaStoreClient:
                     token_ids=tokens,
                     parent_turn=parent_turn,
                 )
-                plan = Plan.from_proto(
-                    self._stub.PlanSnapshot(plan_req, timeout=max(end - time.monotonic(), 0.0))
-                )
+                plan = Plan.from_proto(self._stub.PlanSnapshot(plan_req, timeout=remaining(end)))
                 header.codec = plan.codec
                 # A later round may report other segments missing: encode only what is new.
                 todo = Plan(
@@ -199,7 +198,7 @@ class DeltaStoreClient:
                 try:
                     reply = self._stub.PutSnapshot(
                         put_requests(header, payloads, self.chunk_bytes),
-                        timeout=max(end - time.monotonic(), 0.0),
+                        timeout=remaining(end),
                     )
                 except grpc.RpcError as exc:
                     # A segment planned as present was deleted before the put landed: plan again.

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -35,6 +36,7 @@ __all__ = [
     "fingerprint",
     "put_requests",
     "read_snapshot_stream",
+    "remaining",
 ]
 
 DEFAULT_NAMESPACE = "default"
@@ -172,6 +174,14 @@ class RestoredSnapshot:
     def kept_tokens(self) -> int:
         """Tokens the cache holds (its sequence length)."""
         return cache_tokens(self.layers)
+
+
+def remaining(deadline: float) -> float:
+    """Seconds left until a ``time.monotonic()`` deadline, as a gRPC timeout.
+
+    Never 0: gRPC reads a zero timeout as "no deadline"; a spent deadline must still expire.
+    """
+    return max(deadline - time.monotonic(), 1e-3)
 
 
 def fingerprint(model: Any) -> str:

@@ -79,6 +79,15 @@ class DeltaStoreService(pb_grpc.DeltaStoreServicer):
         except _DeadlineExceeded as exc:
             call.code = "DEADLINE_EXCEEDED"
             context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(exc))
+        except grpc.RpcError:  # reading the request stream failed: the caller cancelled or timed out
+            remaining = context.time_remaining()
+            code = (
+                grpc.StatusCode.DEADLINE_EXCEEDED
+                if remaining is not None and remaining <= 0
+                else grpc.StatusCode.CANCELLED
+            )
+            call.code = code.name
+            context.abort(code, f"{method}: the request stream ended early; nothing was stored")
         except Exception:
             call.code = "INTERNAL"
             log.exception("%s failed", method)
