@@ -5,9 +5,11 @@ Choices, and why:
 - Durability: ``sync=True, metasync=True`` by default, so an acknowledged transaction survives
   kill -9 *and* power loss (LMDB is copy-on-write: a crash never leaves a torn tree, only the
   last unsynced transactions missing). Each write transaction costs one fdatasync; the store
-  batches a whole snapshot into one transaction, so that is one sync per Put. ``sync=False``
-  keeps kill -9 safety (the OS page cache survives a process crash) but may lose the last
-  transactions on power loss; it is offered for scratch deployments.
+  batches a whole snapshot into one transaction, so that is one sync per Put. Measured on the
+  2-core dev VM: a one-turn delta put takes 14.6 ms synced vs 2.7 ms unsynced (one fdatasync is
+  ~12 ms there), a 2.4 MB snapshot 29 ms vs 18 ms; a put's latency is dominated by the sync, not
+  by its size. ``sync=False`` keeps kill -9 safety (the OS page cache survives a process crash)
+  but may lose the last transactions on power loss; it is offered for scratch deployments.
 - Map size: starts at ``map_size`` and doubles on ``MapFullError`` up to ``max_map_size``; then
   the transaction fails with :class:`~deltastore.errors.StoreFull` and an operator hint. Growth
   needs no transaction open in this process, so every transaction holds a shared gate and growth
