@@ -1,0 +1,141 @@
+"""The block format: headers read without torch, malformed payloads raise FormatError."""
+
+from __future__ import annotations
+
+import struct
+import subprocess
+import sys
+
+import pytest
+import torch
+from codec_testlib import make_cache
+
+from deltastore.codecs import decode_block, encode_block, read_header
+from deltastore.codecs.format import _ENTRY, _FIXED, FORMAT_VERSION, MAX_TOKENS, Section
+from deltastore.errors import FormatError
+
+
+@pytest.fixture(scope="module")
+def payloads() -> dict[str, bytes]:
+    layers = make_cache(n_layers=2, tokens=20)
+    return {s: encode_block(layers, s, start=3) for s in ("k4v2", "lossless", "k4v2-pe50-sink4", "fp8-z")}
+
+
+def _patch(payload: bytes, offset: int, fmt: str, value: int) -> bytes:
+    buf = bytearray(payload)
+    struct.pack_into(fmt, buf, offset, value)
+    return bytes(buf)
+
+
+def _entry_offset(payload: bytes, i: int) -> int:
+    spec_len = struct.unpack_from("<H", payload, 6)[0]
+    return _FIXED.size + spec_len + i * _ENTRY.size
+
+
+def test_header_fields(payloads: dict[str, bytes]) -> None:
+    hdr = read_header(payloads["k4v2-pe50-sink4"])
+    assert (hdr.n_layers, hdr.kv_heads, hdr.head_dim, hdr.n_tokens, hdr.start) == (2, 3, 64, 20, 3)
+    assert hdr.dtype == "float16" and hdr.version == FORMAT_VERSION
+    assert hdr.spec.canonical() == "k4v2-g64-kc-sink4-pe50-r16"
+    assert hdr.fp16_nbytes == 2 * 2 * 3 * 20 * 64 * 2
+    assert [s[0] for s in hdr.sections][-2:] == [Section.SINK, Section.MASK]
+
+
+def test_read_header_needs_no_torch() -> None:
+    code = (
+        "import sys; from deltastore.codecs import read_header, CodecSpec, encoded_nbytes, TIERS;"
+        "assert 'torch' not in sys.modules, 'torch imported'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("name", ["k4v2", "lossless", "k4v2-pe50-sink4", "fp8-z"])
+def test_every_truncation_and_extension_rejected(payloads: dict[str, bytes], name: str) -> None:
+    payload = payloads[name]
+    cuts = sorted({*range(0, 80), *range(80, len(payload), max(1, len(payload) // 50)), len(payload) - 1})
+    for cut in cuts:
+        with pytest.raises(FormatError):
+            read_header(payload[:cut])
+    with pytest.raises(FormatError, match="trailing"):
+        read_header(payload + b"\0")
+
+
+@pytest.mark.parametrize(
+    ("offset", "fmt", "value", "match"),
+    [
+        (0, "<4s", b"XXXX", "magic"),
+        (4, "<B", FORMAT_VERSION + 1, "version"),
+        (5, "<B", 9, "dtype"),
+        (8, "<I", 0, "n_layers"),
+        (8, "<I", 1 << 30, "n_layers"),
+        (12, "<I", 5000, "kv_heads"),
+        (16, "<I", 1 << 20, "head_dim"),
+        (20, "<I", MAX_TOKENS + 1, "n_tokens"),
+        (20, "<I", 21, "claims|sections end|truncated"),
+        (24, "<Q", 1 << 62, "start"),
+        (32, "<H", 60000, "sections"),
+        (32, "<H", 3, "sections|table"),
+    ],
+)
+def test_corrupt_fixed_header(
+    payloads: dict[str, bytes], offset: int, fmt: str, value: object, match: str
+) -> None:
+    buf = bytearray(payloads["k4v2"])
+    struct.pack_into(fmt, buf, offset, value)
+    with pytest.raises(FormatError, match=match):
+        read_header(bytes(buf))
+
+
+def test_unknown_or_noncanonical_spec(payloads: dict[str, bytes]) -> None:
+    payload = payloads["k4v2"]
+    spec_at = _FIXED.size
+    bad = payload[:spec_at] + b"k3v2-g64-kc" + payload[spec_at + 11 :]
+    with pytest.raises(FormatError, match="unknown codec"):
+        read_header(bad)
+    swapped = payload[:spec_at] + b"k4v2-g64-kt" + payload[spec_at + 11 :]
+    with pytest.raises(FormatError, match="claims"):  # kt has another params size at 20 tokens
+        read_header(swapped)
+
+
+def test_lying_section_sizes(payloads: dict[str, bytes]) -> None:
+    payload = payloads["k4v2"]
+    at = _entry_offset(payload, 0)
+    _kind, _flags, length = _ENTRY.unpack_from(payload, at)
+    with pytest.raises(FormatError, match="claims"):
+        read_header(_patch(payload, at + 2, "<Q", length - 1))
+    with pytest.raises(FormatError, match="claims"):
+        read_header(_patch(payload, at + 2, "<Q", 1 << 60))
+    with pytest.raises(FormatError, match="kind"):
+        read_header(_patch(payload, at, "<B", int(Section.V_DATA)))
+    with pytest.raises(FormatError, match="no entropy stage"):
+        read_header(_patch(payload, at + 1, "<B", 1))
+    with pytest.raises(FormatError, match="unknown flags"):
+        read_header(_patch(payload, at + 1, "<B", 4))
+
+
+def test_corrupt_zstd_section(payloads: dict[str, bytes]) -> None:
+    payload = payloads["lossless"]
+    hdr = read_header(payload)
+    _kind, flags, offset, _length = hdr.sections[0]
+    assert flags == 1
+    buf = bytearray(payload)
+    buf[offset : offset + 8] = b"\xff" * 8
+    with pytest.raises(FormatError, match="zstd"):
+        decode_block(bytes(buf))
+
+
+def test_corrupt_mask_rejected(payloads: dict[str, bytes]) -> None:
+    payload = payloads["k4v2-pe50-sink4"]
+    kind, _flags, offset, _length = read_header(payload).sections[-1]
+    assert kind == Section.MASK
+    buf = bytearray(payload)
+    buf[offset] ^= 0xFF
+    with pytest.raises(FormatError, match="mask"):
+        decode_block(bytes(buf))
+
+
+def test_decode_after_header_roundtrip_types(payloads: dict[str, bytes]) -> None:
+    for payload in payloads.values():
+        for view in (bytearray(payload), memoryview(payload)):
+            assert read_header(view) == read_header(payload)
+            assert decode_block(view).layers[0][0].dtype == torch.float16
