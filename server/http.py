@@ -7,17 +7,20 @@ It reads the same store object the gRPC service writes, in the same process. Err
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable
 from importlib import resources
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from deltastore import __version__
-from deltastore.errors import DeltaStoreError, NotFound
+from deltastore.errors import DeltaStoreError, InvalidArgument, NotFound
 from deltastore.server.metrics import Metrics
 from deltastore.server.status import error_body, http_status
 
@@ -44,6 +47,19 @@ def create_app(store: Any, metrics: Metrics, *, ready: Callable[[], bool] = lamb
     @app.exception_handler(DeltaStoreError)
     async def _deltastore_error(_request: Request, exc: DeltaStoreError) -> JSONResponse:
         return JSONResponse(error_body(exc), status_code=http_status(exc))
+
+    # Routing and validation errors get the same JSON shape as DeltaStore errors.
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        error = NotFound(str(exc.detail)) if exc.status_code == 404 else DeltaStoreError(str(exc.detail))
+        body = error_body(error)
+        if exc.status_code != 404:
+            body["error"]["code"] = "HTTP_" + str(exc.status_code)
+        return JSONResponse(body, status_code=exc.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse(error_body(InvalidArgument(str(exc.errors()))), status_code=400)
 
     @app.middleware("http")
     async def _count(request: Request, call_next: Callable[[Request], Any]) -> Response:
@@ -93,8 +109,6 @@ def create_app(store: Any, metrics: Metrics, *, ready: Callable[[], bool] = lamb
 
 def _plain(obj: Any) -> Any:
     """JSON-ready form of a store record (dataclass, dict or scalar)."""
-    import dataclasses
-
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         return {k: _plain(v) for k, v in dataclasses.asdict(obj).items()}
     if isinstance(obj, dict):

@@ -39,6 +39,8 @@ def test_savings_and_sessions(client: DeltaStoreClient, http: httpx.Client) -> N
     missing = http.get("/v1/sessions/nobody")
     assert missing.status_code == 404
     assert missing.json()["error"]["code"] == "NOT_FOUND"
+    nowhere = http.get("/v2/nothing")
+    assert nowhere.status_code == 404 and nowhere.json()["error"]["code"] == "NOT_FOUND"
     bad = http.get("/v1/savings", params={"namespace": "bad/name"})
     assert bad.status_code == 400 and bad.json()["error"]["code"] == "INVALID_ARGUMENT"
 
