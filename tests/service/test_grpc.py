@@ -340,3 +340,15 @@ def test_async_client_round_trip(service: Service) -> None:
             assert info.value.code() == grpc.StatusCode.NOT_FOUND
 
     asyncio.run(main())
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_cache_encodes_on_device_and_restores_there(client: DeltaStoreClient) -> None:
+    cache = [(k.cuda(), v.cuda()) for k, v in make_cache(200)]
+    client.put_snapshot("gpu", 0, TOKENS[:200], cache, model=MODEL, codec="lossless")
+    got = client.get_snapshot("gpu", 0, device="cuda")
+    assert got.layers[0][0].is_cuda and got.cache.layers[0].keys.is_cuda
+    assert all(torch.equal(a, b) for (a, _), (b, _) in zip(cache, got.layers, strict=True))
+    k4 = client.put_snapshot("gpu-k4v2", 0, TOKENS[:200], cache, model=MODEL, codec="k4v2")
+    assert k4.logical_bytes / k4.sent_bytes > 3.0
