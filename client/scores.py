@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from deltastore.errors import InvalidArgument
 
-__all__ = ["ScoreCapture", "capture_scores", "segment_ends_for_blocks"]
+__all__ = ["ScoreCapture", "capture_scores", "decoder_layers", "segment_ends_for_blocks"]
 
 
 def segment_ends_for_blocks(n_tokens: int, block_size: int) -> list[int]:
@@ -72,7 +72,7 @@ class ScoreCapture:
         """Hook every attention module of ``model`` for the duration of the block."""
         hooks = [
             layer.self_attn.register_forward_hook(self._hook, with_kwargs=True)
-            for layer in _decoder_layers(model)
+            for layer in decoder_layers(model)
         ]
         try:
             yield self
@@ -154,7 +154,8 @@ def _window_scores(
     return out
 
 
-def _decoder_layers(model: Any) -> Sequence[Any]:
+def decoder_layers(model: Any) -> Sequence[Any]:
+    """The decoder layers of an HF causal LM (each with ``self_attn``)."""
     base = getattr(model, "model", model)
     base = getattr(base, "language_model", base)
     layers = getattr(base, "layers", None)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from importlib import resources
@@ -168,14 +169,20 @@ def _load_text(path: Path | None) -> tuple[str, str]:
         raise InvalidArgument(f"cannot read --text {path}: {exc}") from exc
 
 
-def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
-    """Run the whole sweep and return the JSON document (also written by :func:`run`)."""
+def run_benchmark(
+    args: argparse.Namespace, checkpoint: Callable[[dict[str, Any]], None] | None = None
+) -> dict[str, Any]:
+    """Run the whole sweep and return the JSON document (also written by :func:`run`).
+
+    ``checkpoint`` receives the document after every window, so a long run that is stopped
+    still leaves its completed windows on disk.
+    """
     import torch
     import transformers
     from tqdm import tqdm
 
     from deltastore.bench.quality_eval import Window, continuation_logprobs, kl_top1, make_windows, prefill
-    from deltastore.bench.quality_peers import peers_unavailable
+    from deltastore.bench.quality_peers import KVPressConfig, PressBank, peers_unavailable
     from deltastore.client.models import load_model
     from deltastore.client.scores import ScoreCapture, segment_ends_for_blocks
 
@@ -184,6 +191,8 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     eval_len = args.eval or (16 if args.quick else 64)
     text, text_name = _load_text(args.text)
     transformers.utils.logging.disable_progress_bar()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     model, tok = load_model(args.model, device=args.device)
     ids = tok(text, add_special_tokens=False)["input_ids"]
     windows = [Window(w, ctx) for w in make_windows(ids, n_windows, ctx, eval_len, args.seed)]
@@ -193,24 +202,56 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     acc = {c.name: _Acc() for c in configs}
     sources = sorted({c.scores for c in configs} & {"block", "window"})
     capture_s = prefill_s = 0.0
+    measured_capture = False
+    windows_done = 0
+    press_rows = [c for c in configs if isinstance(c, KVPressConfig)]
+    bank = PressBank(model, press_rows) if press_rows else None
+
+    def document(done: int) -> dict[str, Any]:
+        return {
+            "model": args.model,
+            "text": text_name,
+            "windows": done,
+            "windows_planned": n_windows,
+            "ctx": ctx,
+            "eval": eval_len,
+            "block": args.block,
+            "seed": args.seed,
+            "device": args.device,
+            "protocol": "cache = first ctx-1 tokens; continuation of eval tokens teacher-forced from the last context token",
+            "prefill_s": prefill_s,
+            "score_capture_overhead": (capture_s - prefill_s) / max(prefill_s, 1e-9),
+            "score_sources": _score_sources(),
+            "skipped": skipped,
+            "rows": [_summary(c, acc[c.name]) for c in configs if acc[c.name].n == done and done],
+        }
+
     torch.manual_seed(args.seed)
     with tqdm(total=len(windows) * (len(configs) + 1), desc="quality", unit="run") as bar:
         for w in windows:
-            t0 = time.perf_counter()
-            prefill(model, w)
-            t1 = time.perf_counter()
             caps = {
                 "block": ScoreCapture(segment_ends=segment_ends_for_blocks(w.n_cached, args.block)),
                 "window": ScoreCapture(),
             }
-            with torch.no_grad(), ExitStack() as stack:
+            if not measured_capture:  # once: a plain prefill vs one with the score hooks
+                t0 = time.perf_counter()
+                prefill(model, w)
+                t1 = time.perf_counter()
+                with ExitStack() as stack:
+                    for name in sources:
+                        stack.enter_context(caps[name].attach(model))
+                    prefill(model, w)
+                prefill_s, capture_s = t1 - t0, time.perf_counter() - t1
+                measured_capture = True
+            with ExitStack() as stack:  # hooks only read: the cache is the plain prefill's
                 for name in sources:
                     stack.enter_context(caps[name].attach(model))
-                model(input_ids=w.context_ids.to(model.device), use_cache=True)
-            t2 = time.perf_counter()
-            prefill_s += t1 - t0
-            capture_s += t2 - t1
+                pruned = stack.enter_context(bank.attach()) if bank is not None else {}
+                prefill(model, w)
             w.scores = {name: caps[name].layer_scores(len(w.layers)) for name in sources}
+            w.pruned = {name: layers for name, layers in pruned.items() if name not in bank.errors}
+            for name, why in (bank.errors if bank is not None else {}).items():
+                skipped.setdefault(name, why)
             w.ref_logprobs = continuation_logprobs(model, w, w.layers)
             bar.update(1)
             for cfg in configs:
@@ -220,7 +261,9 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
                 except Exception as exc:
                     if cfg.group != "peer":
                         raise
-                    skipped[cfg.name] = f"{type(exc).__name__}: {exc}"  # a peer broke: say so, never fake it
+                    skipped.setdefault(
+                        cfg.name, f"{type(exc).__name__}: {exc}"
+                    )  # a peer broke: say so, never fake it
                     bar.update(1)
                     continue
                 kl, top1 = kl_top1(w.ref_logprobs, continuation_logprobs(model, w, trial.layers))
@@ -234,46 +277,32 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
                 a.dec += trial.decode_s
                 a.n += 1
                 bar.update(1)
-    rows = []
-    for cfg in configs:
-        a = acc[cfg.name]
-        if a.n != len(windows):
-            continue
-        kl = torch.cat(a.kl)
-        kl_mean = float(kl.mean())
-        rows.append(
-            {
-                "config": cfg.name,
-                "spec": cfg.spec,
-                "group": cfg.group,
-                "scores": getattr(cfg, "scores", None),
-                "dedup_safe": getattr(cfg, "scores", None) != "window",
-                "ratio": a.fp16 / a.stored,
-                "kl_mean": kl_mean,
-                "kl_p95": float(torch.quantile(kl.double(), 0.95)),
-                "top1": float(torch.cat(a.top1).mean()),
-                "grade": grade(kl_mean),
-                "kept_fraction": a.kept / a.n,
-                "encode_s": a.enc / a.n,
-                "decode_s": a.dec / a.n,
-                "bytes_per_window": a.stored / a.n,
-            }
-        )
+            windows_done += 1
+            if checkpoint is not None:
+                checkpoint(document(windows_done))
+    return document(windows_done)
+
+
+def _summary(cfg: Any, a: _Acc) -> dict[str, Any]:
+    import torch
+
+    kl = torch.cat(a.kl)
+    kl_mean = float(kl.mean())
     return {
-        "model": args.model,
-        "text": text_name,
-        "windows": n_windows,
-        "ctx": ctx,
-        "eval": eval_len,
-        "block": args.block,
-        "seed": args.seed,
-        "device": args.device,
-        "protocol": "cache = first ctx-1 tokens; continuation of eval tokens teacher-forced from the last context token",
-        "prefill_s": prefill_s / n_windows,
-        "score_capture_overhead": (capture_s - prefill_s) / prefill_s,
-        "score_sources": _score_sources(),
-        "skipped": skipped,
-        "rows": rows,
+        "config": cfg.name,
+        "spec": cfg.spec,
+        "group": cfg.group,
+        "scores": getattr(cfg, "scores", None),
+        "dedup_safe": getattr(cfg, "scores", None) != "window",
+        "ratio": a.fp16 / a.stored,
+        "kl_mean": kl_mean,
+        "kl_p95": float(torch.quantile(kl.double(), 0.95)),
+        "top1": float(torch.cat(a.top1).mean()),
+        "grade": grade(kl_mean),
+        "kept_fraction": a.kept / a.n,
+        "encode_s": a.enc / a.n,
+        "decode_s": a.dec / a.n,
+        "bytes_per_window": a.stored / a.n,
     }
 
 
@@ -366,9 +395,13 @@ def plot(doc: dict[str, Any], path: Path) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    doc = run_benchmark(args)
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(doc, indent=2) + "\n")
+
+    def write(doc: dict[str, Any]) -> None:
+        args.json.write_text(json.dumps(doc, indent=2) + "\n")
+
+    doc = run_benchmark(args, checkpoint=write)
+    write(doc)
     table = markdown(doc)
     args.json.with_suffix(".md").write_text(table)
     plot(doc, args.json.with_suffix(".png"))

@@ -46,6 +46,7 @@ class Window:
         ref_logprobs: (eval, vocab) float32 log-probabilities of the reference pass.
         prefill_s: seconds of the plain prefill (the time reference of this run).
         scores: eviction scores by source name, each a list over layers of (kv_heads, ctx - 1).
+        pruned: caches that peers pruned during the prefill, by row name.
     """
 
     ids: torch.Tensor
@@ -54,6 +55,7 @@ class Window:
     ref_logprobs: torch.Tensor | None = None
     prefill_s: float = 0.0
     scores: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    pruned: dict[str, KVLayers] = field(default_factory=dict)
 
     @property
     def n_cached(self) -> int:

@@ -10,14 +10,16 @@ that evict.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 
 from deltastore.bench.quality_configs import Config, Trial
-from deltastore.bench.quality_eval import KVLayers, Window, cache_layers
+from deltastore.bench.quality_eval import KVLayers, Window
 
-__all__ = ["KVPressConfig", "QuantoConfig", "peer_configs", "peers_unavailable"]
+__all__ = ["KVPressConfig", "PressBank", "QuantoConfig", "peer_configs", "peers_unavailable"]
 
 KVPRESS_PRESSES = ("SnapKVPress", "StreamingLLMPress", "TOVAPress", "ExpectedAttentionPress")
 KVPRESS_RATIOS = (0.3, 0.5, 0.7)
@@ -61,23 +63,32 @@ class QuantoConfig(Config):
     q_group_size: int = 64
 
     def run(self, model: object, window: Window) -> Trial:
-        from transformers import QuantizedCache
+        from transformers.cache_utils import QuantoQuantizedLayer
 
-        cache = QuantizedCache(
-            backend="quanto",
-            config=model.config,
+        # The code QuantizedCache runs on a prefill (lazy init + _quantize of the whole context),
+        # applied to the same stored cache every other row starts from.
+        layer = QuantoQuantizedLayer(
             nbits=self.nbits,
             axis_key=self.axis_key,
             axis_value=self.axis_value,
             q_group_size=self.q_group_size,
-            residual_length=window.n_cached + 1,
         )
-        with torch.no_grad():
-            model(input_ids=window.context_ids.to(model.device), past_key_values=cache, use_cache=True)
         layers: KVLayers = []
         nbytes = 0
-        for layer in cache.layers:
-            qk, qv = layer._quantized_keys, layer._quantized_values
+        tokens = window.n_cached
+        if (
+            self.q_group_size
+            and (self.axis_key == -1 or self.axis_value == -1)
+            and tokens % self.q_group_size
+        ):
+            # What QuantizedCache itself raises on such a prefill, said plainly.
+            raise ValueError(
+                f"quanto axis=-1 groups along tokens: a {tokens}-token prefill is not a multiple of "
+                f"q_group_size={self.q_group_size}, so HF QuantizedCache cannot quantize it"
+            )
+        for k, v in window.layers:
+            qk = layer._quantize(k[None].float().contiguous(), axis=self.axis_key)
+            qv = layer._quantize(v[None].float().contiguous(), axis=self.axis_value)
             nbytes += _qtensor_nbytes(qk) + _qtensor_nbytes(qv)
             layers.append((layer._dequantize(qk)[0].half(), layer._dequantize(qv)[0].half()))
         return Trial(layers, nbytes, 1.0, 0.0, 0.0)
@@ -85,7 +96,7 @@ class QuantoConfig(Config):
 
 @dataclass(frozen=True)
 class KVPressConfig(Config):
-    """A kvpress press applied during the prefill; the pruned cache is stored in fp16."""
+    """A kvpress press applied during the prefill (see PressBank); the pruned cache is stored in fp16."""
 
     name: str
     spec: str
@@ -94,15 +105,65 @@ class KVPressConfig(Config):
     ratio: float
 
     def run(self, model: object, window: Window) -> Trial:
-        import kvpress
-
-        press = getattr(kvpress, self.press)(compression_ratio=self.ratio)
-        with torch.no_grad(), press(model):
-            out = model(input_ids=window.context_ids.to(model.device), use_cache=True)
-        layers = cache_layers(out.past_key_values)
+        layers = window.pruned[self.name]
         n_layers, (heads, kept, dim) = len(layers), layers[0][0].shape
         mask = math.ceil(n_layers * heads * window.n_cached / 8)
         return Trial(layers, n_layers * 2 * heads * kept * dim * 2 + mask, kept / window.n_cached, 0.0, 0.0)
+
+
+class PressBank:
+    """Runs every kvpress press on one prefill, without touching the model's cache.
+
+    A press prunes a layer's cache after that layer's attention ran; later layers never read it,
+    so the hidden states, keys and values each press sees are those of the plain prefill. Calling
+    each press's own ``compress`` from one hook gives what ``with press(model)`` would give, for
+    one prefill instead of one per press.
+    """
+
+    def __init__(self, model: object, configs: list[KVPressConfig]) -> None:
+        import kvpress
+
+        self.presses = {c.name: getattr(kvpress, c.press)(compression_ratio=c.ratio) for c in configs}
+        for press in self.presses.values():
+            press.post_init_from_model(model)
+        self.model = model
+        self.out: dict[str, KVLayers] = {}
+        self.errors: dict[str, str] = {}
+
+    @contextmanager
+    def attach(self) -> Iterator[dict[str, KVLayers]]:
+        """Hook the attention modules; yields name -> pruned fp16 cache, filled by the prefill."""
+        from deltastore.client.scores import decoder_layers
+
+        self.out = {name: [] for name in self.presses}
+        base = getattr(self.model, "model", self.model)
+        base = getattr(base, "language_model", base)
+        layers = decoder_layers(self.model)
+        hooks = []
+        for layer in layers:
+            layer.self_attn.rotary_emb = base.rotary_emb  # what kvpress's own context manager sets up
+            hooks.append(layer.self_attn.register_forward_hook(self._hook, with_kwargs=True))
+        try:
+            yield self.out
+        finally:
+            for layer, hook in zip(layers, hooks, strict=True):
+                hook.remove()
+                del layer.self_attn.rotary_emb
+
+    def _hook(self, module: object, args: tuple, kwargs: dict, output: object) -> None:
+        layer = kwargs["past_key_values"].layers[module.layer_idx]
+        with torch.no_grad():
+            for name, press in self.presses.items():
+                if name in self.errors:
+                    continue
+                try:
+                    k, v = press.compress(
+                        module, kwargs["hidden_states"], layer.keys, layer.values, output[1], kwargs
+                    )
+                except Exception as exc:  # a peer that breaks is reported as skipped, never faked
+                    self.errors[name] = f"{type(exc).__name__}: {exc}"
+                    continue
+                self.out[name].append((k[0].half(), v[0].half()))
 
 
 def peer_configs() -> list[Config]:
