@@ -10,6 +10,7 @@ the same data: close the previous handle first). Every test using the ``backend_
 from __future__ import annotations
 
 import random
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -18,6 +19,9 @@ import blake3
 from deltastore.backend import Backend
 from deltastore.backends.lmdb_backend import LmdbBackend, LmdbConfig
 from deltastore.store import Plan, PutResult, SegmentPayload, Store
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "backends"))
+from redis_harness import redis_cluster_factory, redis_factory
 
 BackendFactory = Callable[..., Backend]
 
@@ -37,7 +41,11 @@ def lmdb_factory(tmp_path: Path) -> BackendFactory:
     return make
 
 
-BACKENDS: dict[str, Callable[[Path], BackendFactory]] = {"lmdb": lmdb_factory}
+BACKENDS: dict[str, Callable[[Path], BackendFactory]] = {
+    "lmdb": lmdb_factory,
+    "redis": redis_factory,
+    "redis-cluster": redis_cluster_factory,
+}
 
 
 def payload_for(key: str, n_tokens: int) -> bytes:
