@@ -47,7 +47,7 @@ import re
 import secrets
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
@@ -295,9 +295,7 @@ class _View(_Reader):
 
     def _raw(self, keyspace: str, key: bytes) -> bytes | None:
         with _errors("a read"):
-            raw = self._b.scripts["get_at"](
-                self._b.seq_key, self._b.tag, self._id, self._seq, keyspace, key
-            )
+            raw = self._b.scripts["get_at"](self._b.seq_key, self._b.tag, self._id, self._seq, keyspace, key)
         return None if raw is None else raw[_HDR:]
 
     def _raw_page(
@@ -546,20 +544,16 @@ class RedisBackend(Backend):
         self.check_keyspace("meta")
         view_id = secrets.token_hex(12)
         with _errors("opening a read view"):
-            seq = int(
-                self.scripts["open_view"](self.seq_key, self.tag, view_id, self.config.view_lease_ms)
-            )
+            seq = int(self.scripts["open_view"](self.seq_key, self.tag, view_id, self.config.view_lease_ms))
         try:
             yield _View(self, view_id, seq)
         finally:
-            try:
-                with _errors("closing a read view"):
-                    pipe = self.client.pipeline(transaction=False)
-                    pipe.zrem(f"{self.tag}:rs", view_id)
-                    pipe.zrem(f"{self.tag}:rx", view_id)
-                    pipe.execute()
-            except BackendUnavailable:
-                pass  # the view's lease ends it anyway
+            # Best effort: the view's lease ends it anyway.
+            with suppress(DeltaStoreError), _errors("closing a read view"):
+                pipe = self.client.pipeline(transaction=False)
+                pipe.zrem(f"{self.tag}:rs", view_id)
+                pipe.zrem(f"{self.tag}:rx", view_id)
+                pipe.execute()
 
     # ------------------------------------------------------------------ writes
 
@@ -581,12 +575,9 @@ class RedisBackend(Backend):
 
     def _release(self, token: str) -> None:
         """Best effort: an unreleased lock expires with its lease."""
-        try:
-            with _errors("releasing the write lock"):
-                if self.client.get(self._lock_key) == token.encode():
-                    self.client.delete(self._lock_key)
-        except DeltaStoreError:
-            pass
+        with suppress(DeltaStoreError), _errors("releasing the write lock"):
+            if self.client.get(self._lock_key) == token.encode():
+                self.client.delete(self._lock_key)
 
     def _data_key(self) -> str:
         # Its own random hash tag: payloads spread evenly over every node of a cluster.
@@ -644,11 +635,9 @@ class RedisBackend(Backend):
         return int(reply[1])
 
     def _delete_data_quietly(self, names: list[bytes | str]) -> None:
-        try:
-            with _errors("deleting unreferenced payloads"):
-                self._delete_data(names)
-        except DeltaStoreError:
-            pass  # their intents are moved to the free set by the next commit
+        # Best effort: their intents are moved to the free set by the next commit.
+        with suppress(DeltaStoreError), _errors("deleting unreferenced payloads"):
+            self._delete_data(names)
 
     def _drain_free(self) -> None:
         """Delete a page of data keys no version references any more (idempotent, any client)."""
@@ -672,10 +661,9 @@ class RedisBackend(Backend):
                 self._release(token)
                 raise
             if freed:
-                try:
+                # Committed already; if this fails, another commit's client frees them later.
+                with suppress(DeltaStoreError):
                     self._drain_free()
-                except DeltaStoreError:
-                    pass  # committed; another commit's client frees them later
             return result
 
     # ------------------------------------------------------------------ operations
@@ -733,7 +721,5 @@ class RedisBackend(Backend):
         if self._closed:
             return
         self._closed = True
-        try:
+        with suppress(rex.RedisError):
             self.client.close()
-        except rex.RedisError:
-            pass
