@@ -45,12 +45,25 @@ def _open_lmdb(url: str) -> Store:
     return Store(LmdbBackend(settings.lmdb), settings.store)
 
 
-BACKENDS: dict[str, Callable[[str], Store]] = {"lmdb": _open_lmdb, "": _open_lmdb}
+def _open_redis(url: str) -> Store:
+    from deltastore.backends.redis_backend import RedisBackend
+    from deltastore.settings import load_settings
+    from deltastore.store import Store
+
+    return Store(RedisBackend.from_url(url), load_settings().store)
+
+
+BACKENDS: dict[str, Callable[[str], Store]] = {
+    "lmdb": _open_lmdb,
+    "": _open_lmdb,
+    **dict.fromkeys(("redis", "rediss", "redis+cluster", "rediss+cluster"), _open_redis),
+}
 """Backend URL scheme -> opener. A distributed backend registers its scheme here."""
 
 
 def open_store(url: str) -> Store:
-    """Open the store a backend URL names: ``lmdb:///path`` (or a bare path)."""
+    """Open the store a backend URL names: ``lmdb:///path`` (or a bare path), ``redis://host:port``,
+    ``redis+cluster://host:port,host:port`` (see :mod:`deltastore.backends.redis_backend`)."""
     scheme = urlsplit(url).scheme
     opener = BACKENDS.get(scheme)
     if opener is None:
