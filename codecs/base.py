@@ -8,6 +8,7 @@ becomes one section of the block (that part of every layer, layer after layer).
 
 from __future__ import annotations
 
+import sys
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 
@@ -15,7 +16,7 @@ import torch
 
 from deltastore.errors import CodecError
 
-__all__ = ["Fp16Codec", "TensorCodec", "as_bytes", "to_fp16"]
+__all__ = ["Fp16Codec", "TensorCodec", "as_bytes", "require_little_endian", "to_fp16"]
 
 Shape = tuple[int, int, int]
 
@@ -23,6 +24,12 @@ Shape = tuple[int, int, int]
 def as_bytes(x: torch.Tensor) -> torch.Tensor:
     """A flat uint8 view of ``x``'s bytes (copy only if ``x`` is not contiguous)."""
     return x.contiguous().view(-1).view(torch.uint8)
+
+
+def require_little_endian() -> None:
+    """The format stores little-endian bytes and the codecs reinterpret tensors in place."""
+    if sys.byteorder != "little":
+        raise CodecError("DeltaStore codecs need a little-endian host")
 
 
 def to_fp16(x: torch.Tensor) -> torch.Tensor:
