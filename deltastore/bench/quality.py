@@ -88,6 +88,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-peers", action="store_true", help="skip the quanto and kvpress rows")
     parser.add_argument("--device", default="cpu", help="torch device for the model and the codecs")
     parser.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
+    )
+    parser.add_argument(
         "--recommend", type=Path, default=None, help="also write the recommended-tiers JSON here"
     )
 
