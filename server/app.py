@@ -127,13 +127,26 @@ class Service:
         import uvicorn
         from grpc_health.v1 import health
 
+        from deltastore.server.auth import AuthInterceptor, HttpAuth, load_auth_file
+        from deltastore.server.guard import StallGuard
         from deltastore.server.http import create_app
         from deltastore.server.metrics import Metrics
         from deltastore.server.service import create_server
+        from deltastore.server.tls import TlsFiles
+
+        # -- trust (auth, stall guard, TLS): each off unless configured --
+        s = self.settings
+        policy = load_auth_file(s.auth_file) if s.auth_file else None
+        tls = TlsFiles.from_paths(s.tls_cert, s.tls_key, s.tls_client_ca)
+        self.stall_guard = StallGuard(s.stall_seconds)
+        interceptors = [*([AuthInterceptor(policy)] if policy else []), self.stall_guard, *self._interceptors]
+        # -- end trust --
 
         if self._store is None:
             self._store = open_store(self.settings.backend_url)
         store = self._store
+        if policy is not None:
+            policy.check_dedup_groups(store.config.shared_groups)
         self.metrics = Metrics(store.savings)
         self.health = health.HealthServicer()
         self._grpc, self.grpc_port = create_server(
@@ -141,14 +154,22 @@ class Service:
             self.settings.grpc_address,
             settings=self.settings,
             metrics=self.metrics,
-            interceptors=self._interceptors,
+            interceptors=interceptors,
             health_servicer=self.health,
+            credentials=tls.grpc_credentials() if tls else None,
         )
         if self.settings.http_address:
             sock = _bind(self.settings.http_address)
             self.http_port = sock.getsockname()[1]
             app = create_app(store, self.metrics, ready=self.ready)
-            config = uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False)
+            served = HttpAuth(app, policy) if policy else app
+            config = uvicorn.Config(
+                served,
+                log_level="warning",
+                lifespan="off",
+                access_log=False,
+                **(tls.uvicorn_options() if tls else {}),
+            )
             self._http = uvicorn.Server(config)
             self._http_thread = threading.Thread(
                 target=self._http.run, kwargs={"sockets": [sock]}, name="deltastore-http", daemon=True
@@ -170,6 +191,8 @@ class Service:
         if self._http is not None and self._http_thread is not None:
             self._http.should_exit = True
             self._http_thread.join(timeout=self.settings.grace_seconds + 5)
+        if self._grpc is not None:
+            self.stall_guard.close()
         if self._store is not None:
             self._store.close()
 

@@ -390,6 +390,7 @@ def create_server(
     metrics: Metrics | None = None,
     interceptors: Sequence[grpc.ServerInterceptor] = (),
     health_servicer: health.HealthServicer | None = None,
+    credentials: grpc.ServerCredentials | None = None,
 ) -> tuple[grpc.Server, int]:
     """Build and start a gRPC server with the DeltaStore, health and reflection services.
 
@@ -401,6 +402,7 @@ def create_server(
         interceptors: server interceptors run before every handler (auth, tracing).
         health_servicer: the grpc.health.v1 servicer to expose (pass one to set NOT_SERVING
             while draining); a fresh one when None.
+        credentials: TLS / mTLS server credentials (``deltastore.server.tls``); None: plaintext.
 
     Returns:
         ``(server, port)``: the started server and the bound port (0 for a unix socket).
@@ -421,7 +423,10 @@ def create_server(
     health_servicer = health_servicer or health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    port = server.add_insecure_port(address)
+    if credentials is not None and not address.startswith("unix:"):
+        port = server.add_secure_port(address, credentials)
+    else:
+        port = server.add_insecure_port(address)
     if port == 0 and not address.startswith("unix:"):
         raise InvalidArgument(f"cannot bind gRPC address {address!r}")
     server.start()

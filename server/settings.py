@@ -46,6 +46,11 @@ class ServerSettings:
         chunk_bytes: payload bytes per streamed chunk.
         workers: gRPC handler threads (concurrent RPCs).
         grace_seconds: how long SIGTERM waits for in-flight RPCs before cancelling them.
+        stall_seconds: a streaming call with no message either way for this long is cancelled.
+        auth_file: API keys -> tenants, roles and namespaces (see ``deltastore.server.auth``);
+            "" leaves the service open (loopback sidecars, first runs).
+        tls_cert, tls_key: PEM server certificate and key; both "" means plaintext.
+        tls_client_ca: PEM CA that client certificates must chain to (mTLS); "" means none asked.
     """
 
     data_dir: Path = Path("./data")
@@ -58,6 +63,11 @@ class ServerSettings:
     chunk_bytes: int = 1 << 20
     workers: int = 16
     grace_seconds: float = 10.0
+    stall_seconds: float = 30.0
+    auth_file: str = ""
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_client_ca: str = ""
 
     def __post_init__(self) -> None:
         for name in ("max_snapshot_bytes", "max_message_bytes", "max_tokens", "chunk_bytes", "workers"):
@@ -68,6 +78,8 @@ class ServerSettings:
                 f"chunk_bytes {self.chunk_bytes} leaves no room for framing under max_message_bytes "
                 f"{self.max_message_bytes}"
             )
+        if self.stall_seconds <= 0:
+            raise InvalidArgument(f"stall_seconds must be positive, got {self.stall_seconds}")
         if self.grace_seconds < 0:
             raise InvalidArgument(f"grace_seconds must be >= 0, got {self.grace_seconds}")
         if not self.grpc_address:
@@ -127,6 +139,11 @@ def add_setting_arguments(parser: argparse.ArgumentParser) -> None:
         "chunk_bytes": ("--chunk-bytes", "payload bytes per streamed chunk (e.g. 1MiB)"),
         "workers": ("--workers", "gRPC handler threads"),
         "grace_seconds": ("--grace-seconds", "SIGTERM: seconds to let in-flight RPCs finish"),
+        "stall_seconds": ("--stall-seconds", "cancel a streaming call idle this long (seconds)"),
+        "auth_file": ("--auth-file", "API keys -> tenants (JSON/TOML); '' = no auth"),
+        "tls_cert": ("--tls-cert", "PEM server certificate (TLS on both listeners)"),
+        "tls_key": ("--tls-key", "PEM server private key"),
+        "tls_client_ca": ("--tls-client-ca", "PEM CA required of client certificates (mTLS)"),
     }
     for field in dataclasses.fields(ServerSettings):
         flag, help_ = flags[field.name]
