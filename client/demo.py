@@ -179,14 +179,7 @@ def run_demo(
 
     from deltastore.client.models import load_model, model_fingerprint
     from deltastore.client.sync import DeltaStoreClient
-    from deltastore.codecs import CodecSpec
 
-    if CodecSpec.parse(codec).evicts:
-        raise InvalidArgument(
-            f"the demo stores every turn's full cache; {codec!r} evicts tokens, so a restored cache "
-            "cannot be stored again",
-            hint="use a non-evicting codec (lossless, fp8, k8v8, k4v4, k4v2, ...)",
-        )
     model, tokenizer = load_model(model_name, device=device)
     dtype = next(model.parameters()).dtype
     log(f"model {model_fingerprint(model)} on {device}, codec {codec}, server {target}")

@@ -202,11 +202,16 @@ def encode_missing(
 ) -> dict[bytes, bytes]:
     """Encode the segments the plan reports missing, on the cache's device.
 
+    The cache may hold fewer tokens than the snapshot when it was restored with an evicting codec:
+    its last tokens are then still the sequence's last tokens, and a turn only ever encodes its
+    new tokens (the parent's segments are reused), so those are what is sliced.
+
     Args:
         plan: from PlanSnapshot for these tokens.
-        cache: ``DynamicCache`` or ``[(K, V), ...]`` holding every one of the ``token_count`` tokens.
+        cache: ``DynamicCache`` or ``[(K, V), ...]`` whose last tokens are the snapshot's last ones.
         token_count: tokens of the snapshot.
-        scores: optional per layer ``(kv_heads, tokens)`` importance for evicting codecs.
+        scores: optional per layer ``(kv_heads, tokens)`` importance for evicting codecs, aligned
+            with the cache's tokens.
 
     Returns:
         payload by segment key.
@@ -215,20 +220,24 @@ def encode_missing(
 
     layers = as_layers(cache)
     held = cache_tokens(layers)
-    if held != token_count:
+    shift = token_count - held  # tokens evicted from the cache's (already stored) past
+    first = min((seg.start for seg in plan.missing), default=token_count)
+    if shift < 0 or first < shift:
         raise InvalidArgument(
-            f"the cache holds {held} tokens but the snapshot has {token_count} token ids",
-            hint="store the cache the model computed for exactly these tokens; a cache restored with an "
-            "evicting codec lacks the evicted tokens and cannot be re-encoded",
+            f"the cache holds {held} tokens but the snapshot has {token_count} token ids and must "
+            f"encode tokens from position {first}",
+            hint="store the cache the model computed for these tokens; a cache restored with an evicting "
+            "codec can only store new turns on top of its own snapshot (pass parent_turn)",
         )
     if scores is not None and len(scores) != len(layers):
         raise InvalidArgument(f"scores has {len(scores)} layers, the cache has {len(layers)}")
     spec = CodecSpec.parse(plan.codec)
     payloads: dict[bytes, bytes] = {}
     for seg in plan.missing:
-        seg_scores = [s[..., seg.start : seg.end] for s in scores] if scores is not None else None
+        lo, hi = seg.start - shift, seg.end - shift
+        seg_scores = [s[..., lo:hi] for s in scores] if scores is not None else None
         payloads[seg.key] = encode_block(
-            slice_layers(layers, seg.start, seg.end), spec, start=seg.start, scores=seg_scores
+            slice_layers(layers, lo, hi), spec, start=seg.start, scores=seg_scores
         )
     return payloads
 

@@ -6,23 +6,28 @@ prefix: ``h_0 = BLAKE3("deltastore/v1" || lp(domain) || lp(model) || lp(codec) |
 does. Everything is BLAKE3 over a canonical byte encoding (never Python's ``hash()`` or pickle),
 so keys are the same in every process, version and machine.
 
-A snapshot of ``n`` tokens is cut into segments: every full aligned block of ``B`` tokens (key
-``h_{i+1}``, what other sessions dedup against), then the tail ``[floor(n/B)*B, n)``. When the
-parent turn's tail lies in the same unfinished block, the tail is the parent's tail segments plus
-one delta segment of the new tokens, so a turn writes only its new tokens (plus, when it completes
-a block, that block whole). Tail segments are keyed by their prefix identity and their tokens.
+A snapshot of ``n`` tokens is cut into segments. A first turn (no parent) is every full aligned
+block of ``B`` tokens (key ``h_{i+1}``, what other sessions dedup against), then the tail
+``[floor(n/B)*B, n)``. A later turn reuses *all* its parent's segments and cuts only its new
+tokens ``[m, n)``: a delta up to the next block boundary, full aligned blocks, then the tail. So a
+turn writes exactly its new tokens and never re-encodes a parent's: bytes per turn grow with the
+new tokens only, and a worker whose cache was restored with an evicting codec (its evicted tokens
+are gone) can still store the next turn. The price: a block completed by deltas is not stored as
+one aligned block, so another session can share it only through the first-turn blocks, which is
+where shared prompts live. Tail and delta segments are keyed by their prefix identity and tokens.
 
 The *domain* in the seed is the namespace, or ``shared:<group>`` for namespaces declared to share
 a dedup group (namespace names cannot contain ``:``, so the two never collide).
 
-Default block size: 32 tokens, by measurement (``tests/store/test_block_size.py``: 8 users sharing
-a 500-token system prompt, 200-token first messages, 10 turns of +50 tokens, K4V2-sized payloads
-with per-segment per-channel key scales, on SmolLM2's KV shape). Stored MiB for B = 16/32/64/128/256:
-every turn kept 40.6/39.8/45.1/49.1/54.2, latest turn kept 35.9/32.3/31.2/32.2/36.2. Small blocks
-pay per-segment scales and index entries; large ones leave more of a shared prompt in per-session
-tails and, when old turns are kept, store the tokens of each completed block twice (as earlier
-deltas and as the full block). 32 is never more than 4% above the best; 64 is 13% above it when
-turns are kept. Segments of any length are valid, so codecs must not assume a minimum group.
+Default block size: chosen by measurement (``tests/store/test_block_size.py``: 8 users sharing a
+500-token system prompt, 200-token first messages, 10 turns of +50 tokens, K4V2-sized payloads
+with per-segment per-channel key scales, on SmolLM2's KV shape; the test asserts the default has
+the smallest worst-case excess over the best size, and prints the table with ``-s``). Small blocks
+pay per-segment scales and index entries often; large ones leave more of a shared prompt in
+per-session tails. Measured stored MiB for B = 16/32/64/128/256: every turn kept
+37.7/34.0/33.0/34.0/37.4, latest turn kept 37.5/33.9/33.0/34.0/37.4, so B = 64 (which also matches
+the codec's default 64-token per-channel key groups). Segments of any length are valid, so codecs
+must not assume a minimum group.
 """
 
 from __future__ import annotations
@@ -51,7 +56,7 @@ __all__ = [
     "tokens_from_bytes",
 ]
 
-DEFAULT_BLOCK_SIZE = 32
+DEFAULT_BLOCK_SIZE = 64
 MAX_BLOCK_SIZE = 1 << 16
 KEY_BYTES = 32
 _TAG = b"deltastore/v1"
@@ -175,26 +180,25 @@ class Chain:
     def segments(self, parent_segments: Sequence[tuple[int, int]] = ()) -> list[Segment]:
         """Segmentation of this sequence given the parent turn's segment bounds (if any).
 
-        Full aligned blocks first; then, if the parent's tail lies in the unfinished last block,
-        the parent's tail segments and one new segment ``[m, n)``; otherwise one tail segment.
-        The caller checks that the parent's keys match (i.e. its tokens are a prefix).
+        The parent's segments, which must tile ``[0, m)``, are reused as they are; the new tokens
+        ``[m, n)`` become a delta up to the next block boundary, full aligned blocks, then the
+        tail. The caller checks that the parent's keys match (i.e. its tokens are a prefix).
         """
         b = self.block_size
         n = self.n_tokens
-        base = n // b * b
-        bounds = [(i * b, (i + 1) * b) for i in range(n // b)]
-        tail = [(s, e) for s, e in parent_segments if s >= base]
-        if tail:
-            expect = base
-            for s, e in tail:
-                if s != expect or e <= s:
-                    raise InvalidArgument(f"parent tail segments are not contiguous at token {s}")
-                expect = e
-            if expect > n:
-                raise InvalidArgument(f"parent has {expect} tokens, more than this snapshot's {n}")
-            bounds.extend(tail)
-            if expect < n:
-                bounds.append((expect, n))
-        elif base < n:
-            bounds.append((base, n))
+        bounds = list(parent_segments)
+        m = 0
+        for s, e in bounds:
+            if s != m or e <= s:
+                raise InvalidArgument(f"parent segments are not contiguous at token {s}")
+            m = e
+        if m > n:
+            raise InvalidArgument(f"parent has {m} tokens, more than this snapshot's {n}")
+        boundary = min(-(-m // b) * b, n)
+        if m < boundary:
+            bounds.append((m, boundary))
+        full_end = max(boundary, n // b * b)
+        bounds.extend((s, s + b) for s in range(boundary, full_end, b))
+        if full_end < n:
+            bounds.append((full_end, n))
         return [Segment(s, e, self.segment_key(s, e)) for s, e in bounds]

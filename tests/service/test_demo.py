@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from deltastore.client.demo import DEFAULT_TURNS, run_demo
-from deltastore.errors import InvalidArgument
 from deltastore.server.app import Service
 
 pytestmark = pytest.mark.slow
@@ -51,5 +50,21 @@ def test_lossy_codec_reports_agreement_and_savings(service: Service) -> None:
     assert report["per_turn"][0]["identical"]  # turn 0 runs before any round trip
     savings = report["savings"]
     assert savings["layers"]["codec"] > 3.0  # 4-bit keys, 2-bit values vs FP16, every byte counted
-    with pytest.raises(InvalidArgument, match="evicts"):
-        run_demo(f"127.0.0.1:{service.grpc_port}", codec="k4v2-pe50", log=lambda _line: None)
+
+
+def test_evicting_codec_stores_turns_on_top_of_a_restored_cache(service: Service) -> None:
+    """A cache restored with eviction lacks tokens; later turns still store only their new ones."""
+    report = run_demo(
+        f"127.0.0.1:{service.grpc_port}",
+        codec="k4v2-pe50",
+        session="evicting",
+        messages=DEFAULT_TURNS[:3],
+        max_new_tokens=3,
+        log=lambda _line: None,
+    )
+    turns = report["per_turn"]
+    figures = report["store"]
+    assert len(figures) == 2
+    for row in figures:
+        assert row["restored_tokens"] < row["tokens"]  # tokens were evicted
+    assert figures[1]["reused_temporal_bytes"] > 0 and len(turns) == 3

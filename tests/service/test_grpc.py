@@ -93,13 +93,13 @@ def test_turns_and_sessions_send_only_missing_segments(
         "alice", 0, TOKENS[:200], [(k[:, :200], v[:, :200]) for k, v in shared], model=MODEL, codec="k4v2"
     )
     second = client.put_snapshot("alice", 1, TOKENS, shared, model=MODEL, codec="k4v2", parent_turn=0)
-    # Turn 1 completes block [192, 256): it sends that block, the new tail and nothing else.
+    # Turn 1 sends its new tokens only: a delta completing block [192, 256), then the new tail.
     assert second.encoded_segments == 2 and second.reused_temporal_bytes > 0
-    # Bob shares Alice's first 256 tokens (4 blocks) and diverges after them.
-    bob_tokens = TOKENS[:256] + [7] * 44
+    # Bob shares the 3 aligned blocks of Alice's first turn (192 tokens) and diverges after them.
+    bob_tokens = TOKENS[:192] + [7] * 28
     bob_cache = [
-        (torch.cat([k[:, :256], k2[:, 256:]], 1), torch.cat([v[:, :256], v2[:, 256:]], 1))
-        for (k, v), (k2, v2) in zip(shared, make_cache(300, seed=1), strict=True)
+        (torch.cat([k[:, :192], k2[:, 192:]], 1), torch.cat([v[:, :192], v2[:, 192:]], 1))
+        for (k, v), (k2, v2) in zip(shared, make_cache(220, seed=1), strict=True)
     ]
     bob = client.put_snapshot("bob", 0, bob_tokens, bob_cache, model=MODEL, codec="k4v2")
     assert bob.encoded_segments == 1 and bob.reused_shared_bytes > 0
@@ -116,7 +116,7 @@ def test_turns_and_sessions_send_only_missing_segments(
     assert savings["namespaces"]["default"]["snapshots"] == 3
     assert client.savings()["ratio"] == pytest.approx(savings["ratio"])
     # Lookup and presence, as a worker would ask before prefill.
-    assert client.lookup_prefix([*bob_tokens[:280], 1, 2], model=MODEL, codec="k4v2") == 256
+    assert client.lookup_prefix([*bob_tokens[:210], 1, 2], model=MODEL, codec="k4v2") == 192
     assert client.lookup_prefix(TOKENS, model=MODEL, codec="lossless") == 0
     plan = client.plan_snapshot("carol", TOKENS[:130], model=MODEL, codec="k4v2")
     assert [s.present for s in plan.segments] == [True, True, False]

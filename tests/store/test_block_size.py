@@ -4,9 +4,8 @@ Payloads model a K4V2 tier on SmolLM2-135M's KV shape (30 layers, 3 KV heads, he
 4-bit keys and 2-bit values with per-token value scales (4680 bytes/token), plus per segment the
 per-channel key scales and zero-points (30*3*64*2 fp16 = 23040 bytes) and a 64-byte header. Small
 blocks pay that per-segment cost and per-block index entries often; large blocks leave more of a
-500-token shared prompt in per-session tails, and when every turn is kept, the tokens of a block
-completed by a turn are stored twice (as earlier turns' deltas and as the full block other
-sessions dedup against). Two retention patterns: every turn kept, only the latest turn kept.
+500-token shared prompt in per-session tails. Two retention patterns: every turn kept, only the
+latest turn kept.
 Run with ``-s`` to see the table.
 """
 

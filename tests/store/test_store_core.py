@@ -73,13 +73,18 @@ def test_turn_extending_parent_writes_only_the_delta(small: Store) -> None:
     ]
     r1 = small.put_snapshot("acme", "s", 1, "m1", "k4v2", t1, payloads(plan), parent_turn=0)
     assert r1.new_segments == 1 and r1.reused_temporal_segments == 2 and r1.reused_shared_segments == 0
-    t2 = t1 + random_tokens(5, 10)  # completes block 1: written whole, for other sessions to share
+    t2 = t1 + random_tokens(5, 10)  # completes block 1 with a delta: parent tokens never re-encoded
     plan2 = small.plan_snapshot("acme", "s", "m1", "k4v2", t2, parent_turn=1)
     assert [(s.start, s.end, s.present) for s in plan2.segments] == [
         (0, 16, True),
-        (16, 32, False),
+        (16, 20, True),
+        (20, 25, True),
+        (25, 32, False),
         (32, 35, False),
     ]
+    t3 = t2 + random_tokens(6, 2 * B + 1)  # new tokens span whole blocks: aligned blocks again
+    plan3 = small.plan_snapshot("acme", "s", "m1", "k4v2", t3, parent_turn=1)
+    assert [(s.start, s.end) for s in plan3.segments][3:] == [(25, 32), (32, 48), (48, 64), (64, 68)]
     put(small, "acme", "s", 2, t2, parent=1)
     assert small.get_snapshot("acme", "s", 2).token_ids == t2
     assert small.get_snapshot("acme", "s", 1).token_ids == t1
