@@ -130,7 +130,7 @@ def build_configs(quick: bool, block: int, peers: bool) -> list[Any]:
         if kw.get("whole"):
             label += f" prefix {kw['whole']} whole"
         return EvictQuantConfig(
-            label, f"{spec}-keep{round(keep * 100)}", "frontier", keep=keep, scores=scores, block=block, **kw
+            label, f"{spec}-keep{round(keep * 100)}", "frontier", spec, keep, scores=scores, block=block, **kw
         )
 
     # Levers one at a time: key layout, sink, entropy stage, bits, eviction (budget, scores, dedup).

@@ -18,6 +18,7 @@ import torch
 
 from deltastore.bench.quality_eval import KVLayers, Window
 from deltastore.codecs import CodecSpec, decode_block, encode_block
+from deltastore.errors import InvalidArgument
 
 __all__ = [
     "SCORE_SOURCES",
@@ -103,6 +104,9 @@ class CodecConfig(Config):
     scores: str | None = "block"
     block: int = 64
 
+    def __post_init__(self) -> None:
+        CodecSpec.parse(self.spec)  # a bad spec fails when the row is built, not hours into a run
+
     def run(self, model: object, window: Window) -> Trial:
         spec = CodecSpec.parse(self.spec)
         scores = None if self.scores in (None, "knorm") or not spec.evicts else window.scores[self.scores]
@@ -130,7 +134,8 @@ class EvictQuantConfig(Config):
     """Frontier: keep a fraction of each segment by score, then quantize the kept tokens.
 
     Attributes:
-        spec: the quantization spec (no eviction) the kept tokens are stored with.
+        spec: the row's spec in the proposed grammar (``<quant>-keep<P>``).
+        quant: the codec spec (no eviction) the kept tokens are stored with.
         keep: fraction of each segment's tokens kept, (0, 1].
         scores: "block", "window" or "knorm".
         sink: absolute positions below this are always kept.
@@ -142,6 +147,7 @@ class EvictQuantConfig(Config):
     name: str
     spec: str
     group: str
+    quant: str
     keep: float
     scores: str | None = "block"
     sink: int = 4
@@ -149,8 +155,12 @@ class EvictQuantConfig(Config):
     whole: int = 0
     block: int = 64
 
+    def __post_init__(self) -> None:
+        if CodecSpec.parse(self.quant).evicts or not 0 < self.keep <= 1:
+            raise InvalidArgument(f"{self.name}: needs a spec without eviction and 0 < keep <= 1")
+
     def run(self, model: object, window: Window) -> Trial:
-        spec = CodecSpec.parse(self.spec)
+        spec = CodecSpec.parse(self.quant)
         n_total = window.n_cached
         payloads, mask_bytes, kept_tokens = [], 0, 0
         t0 = time.perf_counter()
