@@ -25,6 +25,8 @@ from deltastore.errors import CodecError
 
 __all__ = ["IntCodec", "dequantize_groups", "merge_groups", "quantize_groups", "split_groups"]
 
+_MIN_HEAD_CHUNK = 1 << 16  # elements per head (256 KiB of float32) below which heads go together
+
 
 def split_groups(x: torch.Tensor, group: int, dim: int = -1) -> torch.Tensor:
     """Split axis ``dim`` (size n) into (ceil(n / group), group), padding by repeating the last element."""
@@ -122,9 +124,10 @@ class IntCodec(TensorCodec):
     def _head_chunks(self, shape: Shape, device: torch.device) -> bool:
         """Work head by head? On CPU a head's temporaries stay in cache and in malloc's reused
         heap (whole-layer temporaries are fresh mmaps that page-fault on every call): ~1.5-2x.
-        Only when each head's codes fill whole bytes, so the concatenation is the layer layout."""
+        Only for heads big enough to pay for the extra calls, and when each head's codes fill
+        whole bytes, so the concatenation is the layer layout."""
         h, t, d = shape
-        return device.type == "cpu" and h > 1 and (t * d * self.bits) % 8 == 0
+        return device.type == "cpu" and h > 1 and t * d >= _MIN_HEAD_CHUNK and (t * d * self.bits) % 8 == 0
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if not self._head_chunks(tuple(x.shape), x.device):
