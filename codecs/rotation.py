@@ -22,7 +22,7 @@ SIGN_SEED = 0x5EED
 
 
 @functools.lru_cache(maxsize=16)
-def hadamard(dim: int, device: torch.device, signed: bool = True) -> torch.Tensor:
+def hadamard(dim: int, device: torch.device) -> torch.Tensor:
     """The (dim, dim) float32 rotation matrix ``diag(s) @ H / sqrt(dim)`` on ``device``.
 
     Raises:
@@ -36,11 +36,9 @@ def hadamard(dim: int, device: torch.device, signed: bool = True) -> torch.Tenso
     while h.shape[0] < dim:
         h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
     h /= dim**0.5
-    if signed:
-        gen = torch.Generator().manual_seed(SIGN_SEED)
-        signs = torch.randint(0, 2, (dim,), generator=gen, dtype=torch.float64) * 2 - 1
-        h = signs[:, None] * h
-    return h.to(device=device, dtype=torch.float32)
+    gen = torch.Generator().manual_seed(SIGN_SEED)
+    signs = torch.randint(0, 2, (dim,), generator=gen, dtype=torch.float64) * 2 - 1
+    return (signs[:, None] * h).to(device=device, dtype=torch.float32)
 
 
 def rotate(x: torch.Tensor) -> torch.Tensor:
