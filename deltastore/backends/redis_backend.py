@@ -36,7 +36,7 @@ nodes or snapshot reads:
 URLs: ``redis://[user:pass@]host:port[/db]``, ``rediss://`` (TLS), and
 ``redis+cluster://host:port[,host:port...]`` (``rediss+cluster://`` with TLS). Query options:
 ``prefix`` (default ``deltastore``), ``lock_lease_ms`` (15000), ``lock_wait_s`` (60),
-``view_lease_ms`` (60000), ``timeout_s`` (socket timeout, 10).
+``view_lease_ms`` (60000), ``timeout_s`` (socket timeout, 10), ``payload_cache_mb`` (64).
 """
 
 from __future__ import annotations
@@ -45,7 +45,9 @@ import abc
 import hashlib
 import re
 import secrets
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
@@ -112,6 +114,8 @@ class RedisConfig:
         lock_wait_s: a writer waiting longer than this for the lock fails with BackendUnavailable.
         view_lease_ms: how long a read view may stay open.
         timeout_s: socket connect and read timeout, seconds.
+        payload_cache_mb: client-side cache of payloads, MiB (0: off). Always coherent: a data
+            key's bytes never change (each write makes a new key), so entries never go stale.
     """
 
     url: str = "redis://127.0.0.1:6379/0"
@@ -120,6 +124,7 @@ class RedisConfig:
     lock_wait_s: float = 60.0
     view_lease_ms: int = 60_000
     timeout_s: float = 10.0
+    payload_cache_mb: int = 64
 
     def __post_init__(self) -> None:
         scheme = urlsplit(self.url).scheme
@@ -131,8 +136,8 @@ class RedisConfig:
             raise InvalidArgument(f"Redis key prefix {self.prefix!r} must match [A-Za-z0-9._-]{{1,64}}")
         if self.lock_lease_ms < 100 or self.view_lease_ms < 100:
             raise InvalidArgument("lock_lease_ms and view_lease_ms must be at least 100")
-        if self.lock_wait_s <= 0 or self.timeout_s <= 0:
-            raise InvalidArgument("lock_wait_s and timeout_s must be positive")
+        if self.lock_wait_s <= 0 or self.timeout_s <= 0 or self.payload_cache_mb < 0:
+            raise InvalidArgument("lock_wait_s and timeout_s must be positive, payload_cache_mb >= 0")
 
     @property
     def cluster(self) -> bool:
@@ -150,6 +155,7 @@ class RedisConfig:
             "lock_wait_s": float,
             "view_lease_ms": int,
             "timeout_s": float,
+            "payload_cache_mb": int,
         }
         for name, value in parse_qsl(parts.query, keep_blank_values=True):
             if name in casts:
@@ -216,6 +222,39 @@ def _lex_range(prefix: bytes, after: bytes | None) -> tuple[bytes, bytes]:
     end = prefix.rstrip(b"\xff")
     high = b"(" + end[:-1] + bytes([end[-1] + 1]) if end else b"+"
     return low, high
+
+
+class _PayloadCache:
+    """Least recently used payloads by data key name, up to ``capacity`` bytes; thread-safe.
+
+    Why: the store reads a stored block's record to learn its size when a later turn or another
+    session reuses it; without this each put would fetch every reused payload again.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._items: OrderedDict[bytes, bytes] = OrderedDict()
+        self._size = 0
+        self._lock = threading.Lock()
+
+    def get(self, name: bytes) -> bytes | None:
+        with self._lock:
+            value = self._items.get(name)
+            if value is not None:
+                self._items.move_to_end(name)
+            return value
+
+    def put(self, name: bytes, value: bytes) -> None:
+        if len(value) > self.capacity:
+            return
+        with self._lock:
+            if name in self._items:
+                return
+            self._items[name] = value
+            self._size += len(value)
+            while self._size > self.capacity:
+                _, old = self._items.popitem(last=False)
+                self._size -= len(old)
 
 
 class _Script:
@@ -411,6 +450,7 @@ class RedisBackend(Backend):
         self._format_key = f"{tag}:format"
         self._free_key = f"{tag}:free"
         self._closed = False
+        self._cache = _PayloadCache(config.payload_cache_mb << 20)
         self.client = self._connect()
         self.scripts = {
             name: _Script(self.client, source)
@@ -522,22 +562,27 @@ class RedisBackend(Backend):
 
     def fetch_data(self, pointers: list[tuple[bytes, bytes]]) -> list[bytes]:
         """The payloads behind (key, data key name) pointers, in order."""
+        values: list[bytes | None] = [self._cache.get(bytes(name)) for _, name in pointers]
+        todo = [i for i, v in enumerate(values) if v is None]
         with _errors("a payload read"):
-            if len(pointers) == 1:
-                values = [self.client.get(pointers[0][1])]
-            else:
+            if len(todo) == 1:
+                fetched = [self.client.get(pointers[todo[0]][1])]
+            elif todo:
                 pipe = self.client.pipeline(transaction=False)
-                for _, name in pointers:
-                    pipe.get(name)
-                values = pipe.execute()
-        out: list[bytes] = []
-        for (key, name), value in zip(pointers, values, strict=True):
+                for i in todo:
+                    pipe.get(pointers[i][1])
+                fetched = pipe.execute()
+            else:
+                fetched = []
+        for i, value in zip(todo, fetched, strict=True):
+            key, name = pointers[i]
             if value is None:
                 raise ChecksumMismatch(
                     key.hex(), f"payload under Redis key {bytes(name).decode()}", "no such key (data lost)"
                 )
-            out.append(value)
-        return out
+            self._cache.put(bytes(name), value)
+            values[i] = value
+        return values  # type: ignore[return-value]
 
     @contextmanager
     def read(self) -> Iterator[ReadView]:
@@ -632,6 +677,8 @@ class RedisBackend(Backend):
         except _LockLost:
             self._delete_data_quietly(written)
             raise
+        for name, value in data:
+            self._cache.put(name.encode(), value)
         return int(reply[1])
 
     def _delete_data_quietly(self, names: list[bytes | str]) -> None:

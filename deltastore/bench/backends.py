@@ -158,8 +158,13 @@ def _parallel(
     }
 
 
-def _drive(store: Any, w: Workload, tick: Callable[[], None]) -> dict[str, Any]:
-    """Put every turn of every session (as a client: plan, payloads, put), then get each back."""
+def _drive(open_store: Callable[[], Any], w: Workload, tick: Callable[[], None]) -> dict[str, Any]:
+    """Put every turn of every session (as a client: plan, payloads, put), then get each back.
+
+    The gets go through a freshly opened store, as through another server of a deployment: no
+    process-local cache of the writer helps them.
+    """
+    store = open_store()
 
     def put(s: int, turn: int) -> tuple[float, int]:
         tokens = _tokens(s, w.system_tokens + (turn + 1) * w.tokens_per_turn, w.system_tokens)
@@ -172,10 +177,18 @@ def _drive(store: Any, w: Workload, tick: Callable[[], None]) -> dict[str, Any]:
 
     def get(s: int, turn: int) -> tuple[float, int]:
         t0 = time.perf_counter()
-        snap = store.get_snapshot("bench", f"s{s}", turn)
+        snap = reader.get_snapshot("bench", f"s{s}", turn)
         return time.perf_counter() - t0, snap.payload_bytes
 
-    return {"put": _parallel(w, put, tick), "get": _parallel(w, get, tick)}
+    try:
+        puts = _parallel(w, put, tick)
+    finally:
+        store.close()
+    reader = open_store()
+    try:
+        return {"put": puts, "get": _parallel(w, get, tick), "savings_ratio": reader.savings()["ratio"]}
+    finally:
+        reader.close()
 
 
 @contextmanager
@@ -195,13 +208,16 @@ def _engines(args: argparse.Namespace, root: Path) -> Iterator[dict[str, Callabl
 
         def redis_opener(url: str) -> Callable[[], Any]:
             full = f"{url}{'&' if '?' in url else '?'}prefix={prefix}"
+            opened: list[str] = []
 
             def destroy() -> None:
                 with RedisBackend.from_url(full) as backend:
                     backend.destroy()
 
             def open_() -> Any:
-                stack.callback(destroy)  # runs before the local servers stop
+                if not opened:
+                    stack.callback(destroy)  # runs before the local servers stop
+                    opened.append(full)
                 return RedisBackend.from_url(full)
 
             return open_
@@ -224,10 +240,10 @@ def run_benchmark(args: argparse.Namespace, w: Workload) -> dict[str, Any]:
         bar = tqdm(total=2 * w.ops * len(ENGINES), desc="backends", unit="op")
         for name in ENGINES:
             bar.set_postfix_str(name)
-            store = Store(engines[name](), StoreConfig(block_size=w.block_size))
-            results[name] = _drive(store, w, bar.update)
-            results[name]["savings_ratio"] = store.savings()["ratio"]
-            store.backend.close()
+            opener = engines[name]
+            results[name] = _drive(
+                lambda opener=opener: Store(opener(), StoreConfig(block_size=w.block_size)), w, bar.update
+            )
         bar.close()
     ref = results["lmdb"]
     for name in ENGINES:
