@@ -181,7 +181,9 @@ def decode_block(
     view = memoryview(raw)
     if len(view) < _BLOCK.size or view[0] != _BLOCK_VERSION:
         raise ChecksumMismatch(name, "a block record", "a truncated or unknown record")
-    _, _, n_tokens, fp16, digest = _BLOCK.unpack_from(view)
+    _, reserved, n_tokens, fp16, digest = _BLOCK.unpack_from(view)
+    if reserved or view[1]:  # pad and reserved lie outside the digest: a flip there must not pass either
+        raise ChecksumMismatch(name, "zero reserved bytes", f"reserved bytes {bytes(view[1:4]).hex()}")
     tokens = view[_BLOCK.size : _BLOCK.size + 4 * n_tokens]
     payload = view[_BLOCK.size + 4 * n_tokens :]
     if len(tokens) != 4 * n_tokens:
