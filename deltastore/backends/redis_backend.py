@@ -349,13 +349,18 @@ class _Batch(_Reader, WriteBatch):
     def __init__(self, backend: RedisBackend) -> None:
         super().__init__(backend)
         self.writes: dict[str, dict[bytes, Value]] = {}
+        # Stored values read so far: nobody else commits while the lock is held, so they stay
+        # current and each key costs one round trip per transaction.
+        self._read: dict[tuple[str, bytes], bytes | None] = {}
 
     def _raw(self, keyspace: str, key: bytes) -> bytes | None:
         mine = self.writes.get(keyspace)
         if mine is not None and key in mine:
             return mine[key]
-        raw = self._b.current(keyspace, key)
-        return None if raw is None else raw[_HDR:]
+        if (keyspace, key) not in self._read:
+            raw = self._b.current(keyspace, key)
+            self._read[keyspace, key] = None if raw is None else raw[_HDR:]
+        return self._read[keyspace, key]
 
     def get(self, keyspace: str, key: bytes) -> bytes | None:
         mine = self.writes.get(self._b.check_keyspace(keyspace))
