@@ -464,6 +464,7 @@ class RedisBackend(Backend):
                 ("get_at", redis_scripts.GET_AT),
                 ("scan_at", redis_scripts.SCAN_AT),
                 ("intent", redis_scripts.INTENT),
+                ("release", redis_scripts.RELEASE),
                 ("commit", redis_scripts.COMMIT),
             )
         }
@@ -626,8 +627,7 @@ class RedisBackend(Backend):
     def _release(self, token: str) -> None:
         """Best effort: an unreleased lock expires with its lease."""
         with suppress(DeltaStoreError), _errors("releasing the write lock"):
-            if self.client.get(self._lock_key) == token.encode():
-                self.client.delete(self._lock_key)
+            self.scripts["release"](self.seq_key, self.tag, token)
 
     def _data_key(self) -> str:
         # Its own random hash tag: payloads spread evenly over every node of a cluster.
@@ -731,10 +731,13 @@ class RedisBackend(Backend):
             pipe.zcard(f"{tag}:T")
             pipe.scard(self._free_key)
             blocks, seq, views, history, free = pipe.execute()
-            memory = self.client.info("memory")
+            if self.config.cluster:
+                memory = self.client.info("memory", target_nodes=RedisCluster.PRIMARIES)
+            else:
+                memory = self.client.info("memory")
         if self.config.cluster:
             used = sum(int(m.get("used_memory", 0)) for m in memory.values() if isinstance(m, dict))
-            nodes = [f"{n.host}:{n.port}" for n in self.client.get_primaries()]
+            nodes = sorted(memory)
         else:
             used = int(memory.get("used_memory", 0))
             nodes = [urlsplit(self.config.url).netloc.rpartition("@")[2]]

@@ -23,7 +23,7 @@ at least as new), and trimmed once no open view is older than it.
 
 from __future__ import annotations
 
-__all__ = ["COMMIT", "GET_AT", "INTENT", "OPEN_VIEW", "SCAN_AT"]
+__all__ = ["COMMIT", "GET_AT", "INTENT", "OPEN_VIEW", "RELEASE", "SCAN_AT"]
 
 HDR_DIGITS = 16
 
@@ -116,6 +116,13 @@ local P = ARGV[1]
 if redis.call('GET', P .. ':lock') ~= ARGV[2] then return redis.error_reply('DSLOCK write lock lost') end
 for i = 3, #ARGV do redis.call('HSET', P .. ':pend', ARGV[i], ARGV[2]) end
 return #ARGV - 2
+"""
+
+RELEASE = """
+-- ARGV: P, token. Releases the write lock only if this token still holds it.
+local P = ARGV[1]
+if redis.call('GET', P .. ':lock') == ARGV[2] then return redis.call('DEL', P .. ':lock') end
+return 0
 """
 
 COMMIT = (

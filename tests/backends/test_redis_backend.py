@@ -146,6 +146,9 @@ def test_metadata_shares_one_slot_and_payloads_spread_over_every_node(cluster_ba
     }
     assert len(per_node) == 3 and all(n > 0 for n in per_node.values()), per_node
     assert sum(per_node.values()) == 60
+    info = b.info()
+    assert (info["mode"], len(info["nodes"]), info["blocks"]) == ("cluster", 3, 60)
+    assert info["used_memory_bytes"] > 60 * 100
 
 
 def test_concurrent_writers_on_two_handles_serialize(cluster_url: str) -> None:
