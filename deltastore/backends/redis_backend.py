@@ -83,6 +83,7 @@ _TRIM_BUDGET = 4096  # history entries one commit trims at most (bounds a commit
 _FREE_PAGE = 512  # freed data keys one client deletes after a commit, at most
 T = TypeVar("T")
 Value = bytes | None  # None in a write buffer: deleted
+Client = redis.Redis | RedisCluster
 
 _UNAVAILABLE = (
     rex.ConnectionError,
@@ -260,7 +261,7 @@ class _PayloadCache:
 class _Script:
     """A Lua script called by SHA, (re)loaded on NOSCRIPT (e.g. after a node restarted)."""
 
-    def __init__(self, client: Any, source: str) -> None:
+    def __init__(self, client: Client, source: str) -> None:
         self._client = client
         self._source = source
         self._sha = hashlib.sha1(source.encode()).hexdigest()
@@ -476,7 +477,7 @@ class RedisBackend(Backend):
 
     # ------------------------------------------------------------------ connection
 
-    def _connect(self) -> Any:
+    def _connect(self) -> Client:
         cfg = self.config
         timeouts = {"socket_timeout": cfg.timeout_s, "socket_connect_timeout": min(cfg.timeout_s, 2.0)}
         if not cfg.cluster:

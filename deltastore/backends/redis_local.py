@@ -65,7 +65,9 @@ class LocalRedis:
         port: client port (0: pick a free one).
     """
 
-    def __init__(self, directory: Path, *, cluster: bool = False, appendfsync: str = "always", port: int = 0):
+    def __init__(
+        self, directory: Path, *, cluster: bool = False, appendfsync: str = "always", port: int = 0
+    ) -> None:
         self.directory = Path(directory)
         self.cluster = cluster
         self.appendfsync = appendfsync

@@ -35,7 +35,11 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from deltastore.backend import Backend
+    from deltastore.store import Plan, SegmentPayload, Store
 
 __all__ = ["Workload", "add_arguments", "run", "run_benchmark"]
 
@@ -97,7 +101,7 @@ def _tokens(session: int, n: int, system: int) -> list[int]:
     return list(range(system)) + [rng.randrange(49152) for _ in range(n - system)]
 
 
-def _payloads(plan: Any, w: Workload) -> dict[str | bytes, Any]:
+def _payloads(plan: Plan, w: Workload) -> dict[str | bytes, SegmentPayload]:
     import blake3
 
     from deltastore.store import SegmentPayload
@@ -158,7 +162,7 @@ def _parallel(
     }
 
 
-def _drive(open_store: Callable[[], Any], w: Workload, tick: Callable[[], None]) -> dict[str, Any]:
+def _drive(open_store: Callable[[], Store], w: Workload, tick: Callable[[], None]) -> dict[str, Any]:
     """Put every turn of every session (as a client: plan, payloads, put), then get each back.
 
     The gets go through a freshly opened store, as through another server of a deployment: no
@@ -192,7 +196,7 @@ def _drive(open_store: Callable[[], Any], w: Workload, tick: Callable[[], None])
 
 
 @contextmanager
-def _engines(args: argparse.Namespace, root: Path) -> Iterator[dict[str, Callable[[], Any]]]:
+def _engines(args: argparse.Namespace, root: Path) -> Iterator[dict[str, Callable[[], Backend]]]:
     """Openers of a fresh backend per engine (local servers started as needed, stopped after)."""
     from deltastore.backends.lmdb_backend import LmdbBackend, LmdbConfig
     from deltastore.backends.redis_backend import RedisBackend
@@ -206,7 +210,7 @@ def _engines(args: argparse.Namespace, root: Path) -> Iterator[dict[str, Callabl
             args.cluster or stack.enter_context(LocalRedisCluster(root / "cluster", appendfsync=fsync)).url
         )
 
-        def redis_opener(url: str) -> Callable[[], Any]:
+        def redis_opener(url: str) -> Callable[[], Backend]:
             full = f"{url}{'&' if '?' in url else '?'}prefix={prefix}"
             opened: list[str] = []
 
@@ -214,7 +218,7 @@ def _engines(args: argparse.Namespace, root: Path) -> Iterator[dict[str, Callabl
                 with RedisBackend.from_url(full) as backend:
                     backend.destroy()
 
-            def open_() -> Any:
+            def open_() -> Backend:
                 if not opened:
                     stack.callback(destroy)  # runs before the local servers stop
                     opened.append(full)
