@@ -46,8 +46,9 @@ def iter_chunks(
 class ChunkAssembler:
     """Reassemble consecutive chunks into whole payloads, enforcing the framing and size limits.
 
-    A payload's declared size is checked against the limits before any buffer is allocated, so
-    a lying or hostile sender cannot make the receiver reserve memory it will not fill.
+    A payload's declared size is checked against the limits first, and the buffer grows with the
+    bytes that actually arrive: a sender that declares a large payload and stalls or lies holds no
+    more memory than it sent.
     """
 
     def __init__(self, *, max_payload_bytes: int, max_total_bytes: int) -> None:
@@ -56,7 +57,7 @@ class ChunkAssembler:
         self._total = 0
         self._key: bytes | None = None
         self._buf: bytearray | None = None
-        self._filled = 0
+        self._size = 0
 
     @property
     def total_bytes(self) -> int:
@@ -71,10 +72,11 @@ class ChunkAssembler:
             raise InvalidArgument(
                 f"chunk for block {chunk.key.hex()} arrived before block {self._key.hex()} was complete"
             )
-        if chunk.total_bytes != len(self._buf or b"") or chunk.offset != self._filled:
+        filled = len(self._buf or b"")
+        if chunk.total_bytes != self._size or chunk.offset != filled:
             raise InvalidArgument(
                 f"block {self._key.hex()}: chunk at offset {chunk.offset} (size {chunk.total_bytes}) "
-                f"does not continue at offset {self._filled} of {len(self._buf or b'')} bytes"
+                f"does not continue at offset {filled} of {self._size} bytes"
             )
         return self._append(chunk.data)
 
@@ -82,7 +84,7 @@ class ChunkAssembler:
         """Raise if a payload was left incomplete when the stream ended."""
         if self._key is not None:
             raise InvalidArgument(
-                f"stream ended inside block {self._key.hex()}: {self._filled} of {len(self._buf or b'')} bytes"
+                f"stream ended inside block {self._key.hex()}: {len(self._buf or b'')} of {self._size} bytes"
             )
 
     def _start(self, chunk: pb.BlockChunk) -> tuple[bytes, bytes] | None:
@@ -107,20 +109,18 @@ class ChunkAssembler:
         if len(chunk.data) == size:  # the common case: a whole payload in one message, no copy
             return chunk.key, chunk.data
         self._key = chunk.key
-        self._buf = bytearray(size)
-        self._filled = 0
+        self._buf = bytearray()
+        self._size = size
         return self._append(chunk.data)
 
     def _append(self, data: bytes) -> tuple[bytes, bytes] | None:
         buf = self._buf
         if buf is None or self._key is None:
             raise InvalidArgument("chunk arrived with no block in progress")
-        end = self._filled + len(data)
-        if end > len(buf):
-            raise InvalidArgument(f"block {self._key.hex()}: chunks overrun the declared {len(buf)} bytes")
-        buf[self._filled : end] = data
-        self._filled = end
-        if end < len(buf):
+        if len(buf) + len(data) > self._size:
+            raise InvalidArgument(f"block {self._key.hex()}: chunks overrun the declared {self._size} bytes")
+        buf += data
+        if len(buf) < self._size:
             return None
         key, self._key, self._buf = self._key, None, None
         return key, bytes(buf)
