@@ -77,6 +77,19 @@ def test_a_view_reads_one_version_while_commits_replace_and_free_payloads(
     assert len(_payload_keys(b)) == 5
 
 
+def test_a_view_past_its_lease_fails_as_unavailable(cluster_url: str) -> None:
+    b = RedisBackend.from_url(cluster_url.replace("view_lease_ms=30000", "view_lease_ms=100"))
+    b.transact(lambda t: t.put("blocks", b"k", b"v1"))
+    with b.read() as view:
+        time.sleep(0.2)  # past the lease; the next commit drops the view and trims its history
+        b.transact(lambda t: t.put("blocks", b"k", b"v2"))
+        with pytest.raises(BackendUnavailable, match="expired"):
+            view.get("blocks", b"k")
+    with b.read() as view:
+        assert view.get("blocks", b"k") == b"v2"
+    b.close()
+
+
 def test_scans_page_through_many_keys_at_one_version(cluster_backend: RedisBackend) -> None:
     b = cluster_backend
     keys = [b"k%04d" % i for i in range(700)]  # several pages of the scan script
