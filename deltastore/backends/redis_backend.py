@@ -528,13 +528,13 @@ class RedisBackend(Backend):
         with _errors("open"):
             # CONFIG may be disabled on managed services; then the operator's word is taken.
             try:
-                policies = self.client.config_get("maxmemory-policy")
+                if self.config.cluster:  # every primary: one evicting node drops records too
+                    per_node = self.client.config_get("maxmemory-policy", target_nodes=RedisCluster.PRIMARIES)
+                    values = {v.get("maxmemory-policy") for v in per_node.values()}
+                else:
+                    values = {self.client.config_get("maxmemory-policy").get("maxmemory-policy")}
             except rex.ResponseError:
-                policies = {}
-            if self.config.cluster and policies and all(isinstance(v, dict) for v in policies.values()):
-                values = {v.get("maxmemory-policy") for v in policies.values()}
-            else:
-                values = {policies.get("maxmemory-policy")} if policies else set()
+                values = set()
             evicting = sorted(v for v in values if v and v != "noeviction")
             if evicting:
                 raise InvalidArgument(

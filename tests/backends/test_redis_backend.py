@@ -12,7 +12,7 @@ from redis_harness import OPTIONS
 
 from deltastore.backend import WriteBatch
 from deltastore.backends.redis_backend import RedisBackend, RedisConfig
-from deltastore.backends.redis_local import LocalRedis
+from deltastore.backends.redis_local import LocalRedis, LocalRedisCluster
 from deltastore.errors import BackendUnavailable, IncompatibleFormat, InvalidArgument, StoreFull
 
 
@@ -202,6 +202,13 @@ def test_an_evicting_redis_is_refused_and_out_of_memory_is_store_full(own_redis:
     with backend.read() as view:
         assert [k for k, _ in view.scan("blocks")] == [b"small"]
     backend.close()
+
+
+def test_a_cluster_with_one_evicting_node_is_refused(own_cluster: LocalRedisCluster) -> None:
+    with own_cluster.nodes[1].client() as admin:
+        admin.config_set("maxmemory-policy", "volatile-lru")
+    with pytest.raises(InvalidArgument, match="volatile-lru"):
+        RedisBackend.from_url(own_cluster.url)
 
 
 def test_another_layout_under_the_prefix_is_refused(own_redis: LocalRedis) -> None:
