@@ -36,7 +36,7 @@ CLEAR = {
     grpc.StatusCode.OUT_OF_RANGE,
 }
 FUZZ = settings(
-    max_examples=120,
+    max_examples=80,
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture],
     database=None,
