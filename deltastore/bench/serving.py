@@ -39,6 +39,7 @@ REPORT_CODEC_RATIO = 6.2
 REPORT_THREE_LAYER = (28.0, 113.0)
 TIERS = ("fp16", "lossless", "k4v4", "k4v2", "k4v2-pe50")
 FLAGSHIP_CODEC = "k4v2-pe50"
+REPORT_TIER = "k4v2"
 SYNTHETIC_MODEL = "synthetic-mistral-7b-kv"
 MISTRAL_7B = KVShape(32, 8, 128)
 CHUNK_BYTES = 1 << 20
@@ -51,11 +52,13 @@ class Config:
     users: int
     context: int
     prefixes: tuple[int, ...]
+    tier_prefix: int
     codecs: tuple[str, ...]
     turns: int
     turn_tokens: int
     layers: int
     flagship_layers: int
+    flagship_get_users: int
     growth_users: tuple[int, ...]
     growth_contexts: tuple[int, ...]
     growth_codec: str
@@ -70,14 +73,16 @@ FULL = Config(
     users=100,
     context=4096,
     prefixes=(500, 2048, 3072, 3584),
+    tier_prefix=3584,
     codecs=TIERS,
     turns=4,
     turn_tokens=50,
     layers=1,
     flagship_layers=32,
+    flagship_get_users=2,
     growth_users=(10, 100, 1000),
     growth_contexts=(1024, 4096, 16384),
-    growth_codec="k4v2",
+    growth_codec="fp16",
     reference_tokens=1024,
     restore_tokens=2048,
     real_users=4,
@@ -87,12 +92,14 @@ FULL = Config(
 QUICK = Config(
     users=4,
     context=256,
-    prefixes=(128,),
+    prefixes=(96, 128),
+    tier_prefix=128,
     codecs=("lossless", "k4v2"),
     turns=3,
     turn_tokens=20,
     layers=2,
     flagship_layers=0,
+    flagship_get_users=0,
     growth_users=(2, 4, 8),
     growth_contexts=(),
     growth_codec="k4v2",
@@ -104,18 +111,20 @@ QUICK = Config(
 )
 
 
-def build_scenarios(cfg: Config) -> tuple[list[Scenario], list[Scenario]]:
-    """The tier x prefix matrix (plus the full-shape flagship), and the growth series."""
+def build_scenarios(cfg: Config, *, full_shape: bool = False) -> tuple[list[Scenario], list[Scenario]]:
+    """Every prefix with the report's tier, every tier at ``tier_prefix``, the full-shape flagship
+    (when ``full_shape``), and the growth series."""
     shape = dataclasses.replace(MISTRAL_7B, layers=cfg.layers)
     common = {"turns": cfg.turns, "turn_tokens": cfg.turn_tokens}
+    pairs = [(p, REPORT_TIER) for p in cfg.prefixes if p != cfg.tier_prefix]
+    pairs += [(cfg.tier_prefix, codec) for codec in cfg.codecs]
     main = [
         Scenario(f"p{p}-{codec}", cfg.users, p, cfg.context, codec, shape=shape, **common)
-        for p in cfg.prefixes
-        for codec in cfg.codecs
+        for p, codec in pairs
     ]
-    if cfg.flagship_layers:
+    if full_shape and cfg.flagship_layers:
         full = dataclasses.replace(MISTRAL_7B, layers=cfg.flagship_layers)
-        p = max(cfg.prefixes)
+        p = cfg.tier_prefix
         main.append(
             Scenario(
                 f"p{p}-{FLAGSHIP_CODEC}-7b", cfg.users, p, cfg.context, FLAGSHIP_CODEC, shape=full, **common
@@ -160,7 +169,7 @@ def report_formula_ratio(s: Scenario, codec: float = REPORT_CODEC_RATIO) -> floa
 
 
 def _synthetic_run(
-    target: str, namespace: str, s: Scenario, args: argparse.Namespace, bar: Any
+    target: str, namespace: str, s: Scenario, args: argparse.Namespace, get_users: int, bar: Any
 ) -> dict[str, Any]:
     """One synthetic scenario through the service; the figures of its namespace."""
     import torch
@@ -190,7 +199,7 @@ def _synthetic_run(
             lambda u, n, ranges: synth.cache(chains[u], n, ranges),
             model=f"{SYNTHETIC_MODEL}/{s.shape.label()}",
             concurrency=args.concurrency,
-            get_users=min(args.get_users, s.users),
+            get_users=min(get_users, s.users),
             check=check if exact else None,
             progress=bar.update,
         )
@@ -314,7 +323,7 @@ def _reference(target: str, run_id: str, cfg: Config, bar: Any) -> dict[str, Any
     """memcpy, the raw gRPC stream and the store path (no codec) on the same payload bytes."""
     import grpc
 
-    from deltastore.bench.serving_refs import RawStream, memcpy_gbps
+    from deltastore.bench.serving_refs import RawStream, disk_sync_gbps, memcpy_gbps
     from deltastore.bench.serving_workload import SyntheticKV, TokenChain, conversation_tokens
     from deltastore.client import DeltaStoreClient
     from deltastore.client.sync import channel_options
@@ -365,6 +374,7 @@ def _reference(target: str, run_id: str, cfg: Config, bar: Any) -> dict[str, Any
         "segments": len(payloads),
         "chunk_bytes": CHUNK_BYTES,
         "memcpy_gbps": memcpy_gbps(total),
+        "disk_sync_gbps": disk_sync_gbps(payloads),
         "grpc_stream_gbps": total / send_s / 1e9,
         "grpc_stream_receive_gbps": total / recv_s / 1e9,
         "store_put_gbps": total / min(put_s) / 1e9,
@@ -453,7 +463,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     from deltastore.bench.serving_refs import ServerProcess
 
     cfg = QUICK if args.quick else FULL
-    main, growth = build_scenarios(cfg)
+    main, growth = build_scenarios(cfg, full_shape=args.full_shape)
     if args.scenario:
         main = [s for s in main if any(pat in s.name for pat in args.scenario)]
         growth = [s for s in growth if any(pat in s.name for pat in args.scenario)]
@@ -495,9 +505,13 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
 
         doc["reference"] = _reference(target, f"b{run_id}", cfg, bar)
         for s in main:
-            scenario(s, doc["scenarios"], lambda ns, s=s: _synthetic_run(target, ns, s, args, bar))
+            # Decoding a whole 7B-shaped 4K cache takes seconds on CPU: the full-shape run samples fewer.
+            gets = cfg.flagship_get_users if s.shape.layers != cfg.layers else args.get_users
+            scenario(s, doc["scenarios"], lambda ns, s=s, g=gets: _synthetic_run(target, ns, s, args, g, bar))
         for s in growth:
-            scenario(s, doc["growth"], lambda ns, s=s: _synthetic_run(target, ns, s, args, bar))
+            scenario(
+                s, doc["growth"], lambda ns, s=s: _synthetic_run(target, ns, s, args, args.get_users, bar)
+            )
         if use_model:
             from deltastore.client.models import load_model
 
@@ -569,7 +583,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--get-users",
         type=int,
         default=8,
-        help="users that restore their previous turn before each turn (default 8)",
+        help="users that restore their previous turn before each turn (default 4)",
+    )
+    parser.add_argument(
+        "--full-shape",
+        action="store_true",
+        help="also run the tier-prefix k4v2-pe50 scenario in the full 32-layer 7B shape (slow on CPU)",
     )
     parser.add_argument(
         "--device", default="cpu", help="torch device the synthetic KV is made on (cpu, cuda)"
@@ -597,6 +616,12 @@ def run(args: argparse.Namespace) -> int:
 
     if args.concurrency < 1 or args.get_users < 0:
         raise InvalidArgument("--concurrency must be >= 1 and --get-users >= 0")
+    import signal
+
+    def interrupted(*_: object) -> None:
+        raise KeyboardInterrupt  # unwinds the ExitStack: child servers stop, temp data goes
+
+    signal.signal(signal.SIGTERM, interrupted)
     t0 = time.perf_counter()
     doc = run_benchmark(args)
     doc["wall_s"] = time.perf_counter() - t0

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from deltastore.errors import InvalidArgument
 
-__all__ = ["RawStream", "ServerProcess", "memcpy_gbps", "process_rss_bytes"]
+__all__ = ["RawStream", "ServerProcess", "disk_sync_gbps", "memcpy_gbps", "process_rss_bytes"]
 
 _RAW_SERVICE = "deltastore.bench.RawStream"
 _READY = re.compile(rb"grpc=(\S+) http=(\S+)")
@@ -122,6 +122,25 @@ def memcpy_gbps(nbytes: int, *, repeats: int = 5) -> float:
         dst.copy_(src)
         best = min(best, time.perf_counter() - t0)
     return nbytes / best / 1e9
+
+
+def disk_sync_gbps(payloads: Sequence[bytes], *, repeats: int = 2) -> float:
+    """Best-of rate in GB/s of writing these bytes to a new file and fdatasync-ing it.
+
+    The file lives where the benchmark's server keeps its data (the temp directory): the ceiling
+    of a durable put, which commits with one fdatasync.
+    """
+    total = sum(len(p) for p in payloads)
+    best = float("inf")
+    for _ in range(repeats):
+        with tempfile.NamedTemporaryFile(prefix="deltastore-bench-disk-") as f:
+            t0 = time.perf_counter()
+            for p in payloads:
+                f.write(p)
+            f.flush()
+            os.fdatasync(f.fileno())
+            best = min(best, time.perf_counter() - t0)
+    return total / best / 1e9
 
 
 # -- raw gRPC byte stream ------------------------------------------------------------------------

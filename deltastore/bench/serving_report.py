@@ -19,6 +19,18 @@ def _num(v: float, digits: int = 2) -> str:
     return f"{v:.{digits}f}"
 
 
+def _per(row: dict[str, Any], part: str, count: int) -> str:
+    stored = row.get("stored")
+    return "-" if not stored else f"{stored[part] / count:.0f}"
+
+
+def _meta_per_snapshot(row: dict[str, Any]) -> str:
+    stored = row.get("stored")
+    if not stored:
+        return "-"
+    return f"{(stored['manifests'] + stored['index']) / (row['users'] * row['turns']):.0f}"
+
+
 def markdown(doc: dict[str, Any]) -> str:
     """The tables of one run, with the report's figures and the formula that holds beside them."""
     cfg, ref = doc["config"], doc["reference"]
@@ -72,6 +84,7 @@ def markdown(doc: dict[str, Any]) -> str:
     ]
     rows = [
         ("memcpy", ref["memcpy_gbps"]),
+        ("disk write + fdatasync (a durable commit's floor)", ref["disk_sync_gbps"]),
         ("raw gRPC stream, client -> server", ref["grpc_stream_gbps"]),
         ("raw gRPC stream, server -> client", ref["grpc_stream_receive_gbps"]),
         ("DeltaStore PutSnapshot (pre-encoded, stored durably)", ref["store_put_gbps"]),
@@ -101,15 +114,19 @@ def markdown(doc: dict[str, Any]) -> str:
             "",
             "## Growth: stored bytes follow unique tokens",
             "",
+            "Stored bytes split into block bytes, which must follow unique tokens, and metadata "
+            "(manifests, refcounts, session records), which follows snapshots.",
+            "",
             "| scenario | users | context | prefix | unique tokens | logical tokens | stored MiB "
-            "| stored bytes / unique token | ratio |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "| stored bytes / unique token | block bytes / unique token | metadata bytes / snapshot | ratio |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for g in doc["growth"]:
             lines.append(
                 f"| {g['name']} | {g['users']} | {g['context_tokens']} | {g['prefix_tokens']} "
                 f"| {g['unique_tokens']} | {g['logical_tokens']} | {g['stored_bytes'] / _MIB:.1f} "
-                f"| {g['stored_bytes_per_unique_token']:.0f} | {_x(g['effective_ratio'])} |"
+                f"| {g['stored_bytes_per_unique_token']:.0f} | {_per(g, 'blocks', g['unique_tokens'])} "
+                f"| {_meta_per_snapshot(g)} | {_x(g['effective_ratio'])} |"
             )
     recount = doc.get("store_recount")
     if recount:
@@ -153,6 +170,7 @@ def _plots(doc: dict[str, Any], ratio_png: Path, speed_png: Path) -> None:
     ref = doc["reference"]
     bars = [
         ("memcpy", ref["memcpy_gbps"]),
+        ("disk write+sync", ref["disk_sync_gbps"]),
         ("raw gRPC send", ref["grpc_stream_gbps"]),
         ("raw gRPC receive", ref["grpc_stream_receive_gbps"]),
         ("store put (no codec)", ref["store_put_gbps"]),
