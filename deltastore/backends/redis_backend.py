@@ -81,6 +81,7 @@ _PREFIX_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _SCAN_PAGE = 256
 _TRIM_BUDGET = 4096  # history entries one commit trims at most (bounds a commit's latency)
 _FREE_PAGE = 512  # freed data keys one client deletes after a commit, at most
+_CHUNK_BYTES = 32 << 20  # payload bytes written per lease renewal
 T = TypeVar("T")
 Value = bytes | None  # None in a write buffer: deleted
 Client = redis.Redis | RedisCluster
@@ -96,6 +97,20 @@ _UNAVAILABLE = (
     rex.SlotNotCoveredError,
     rex.RedisClusterException,
 )
+
+
+def _chunks(items: list[tuple[str, bytes]], limit: int) -> Iterator[list[tuple[str, bytes]]]:
+    """Consecutive runs of (name, value) of at most ``limit`` value bytes (at least one item each)."""
+    run: list[tuple[str, bytes]] = []
+    size = 0
+    for item in items:
+        if run and size + len(item[1]) > limit:
+            yield run
+            run, size = [], 0
+        run.append(item)
+        size += len(item[1])
+    if run:
+        yield run
 
 
 class _LockLost(Exception):
@@ -679,12 +694,15 @@ class RedisBackend(Backend):
         written: list[bytes | str] = []
         try:
             with _errors("a commit"):
-                if data:
-                    self.scripts["intent"](self.seq_key, self.tag, token, *(n for n, _ in data))
+                for chunk in _chunks(data, _CHUNK_BYTES):
+                    # Each chunk renews the lease, so a large snapshot commits however long it takes
+                    # to send, as long as each chunk fits in one lease.
+                    names = [n for n, _ in chunk]
+                    self.scripts["intent"](self.seq_key, self.tag, token, self.config.lock_lease_ms, *names)
                     pipe = self.client.pipeline(transaction=False)
-                    for name, value in data:
+                    for name, value in chunk:
                         pipe.set(name, value)
-                        written.append(name)
+                    written.extend(names)
                     pipe.execute()
                 ooc = sorted(OUT_OF_LINE)
                 reply = self.scripts["commit"](

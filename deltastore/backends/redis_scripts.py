@@ -111,11 +111,13 @@ return out
 )
 
 INTENT = """
--- ARGV: P, token, data keys... Records the data keys the lock holder is about to write.
+-- ARGV: P, token, lease ms, data keys... Records the data keys the lock holder is about to
+-- write and renews its lease.
 local P = ARGV[1]
 if redis.call('GET', P .. ':lock') ~= ARGV[2] then return redis.error_reply('DSLOCK write lock lost') end
-for i = 3, #ARGV do redis.call('HSET', P .. ':pend', ARGV[i], ARGV[2]) end
-return #ARGV - 2
+redis.call('PEXPIRE', P .. ':lock', ARGV[3])
+for i = 4, #ARGV do redis.call('HSET', P .. ':pend', ARGV[i], ARGV[2]) end
+return #ARGV - 3
 """
 
 RELEASE = """

@@ -11,7 +11,7 @@ import pytest
 from redis_harness import OPTIONS
 
 from deltastore.backend import WriteBatch
-from deltastore.backends.redis_backend import RedisBackend, RedisConfig
+from deltastore.backends.redis_backend import RedisBackend, RedisConfig, _chunks
 from deltastore.backends.redis_local import LocalRedis, LocalRedisCluster
 from deltastore.errors import BackendUnavailable, IncompatibleFormat, InvalidArgument, StoreFull
 
@@ -33,6 +33,11 @@ def test_url_options_are_split_off_and_checked() -> None:
     ):
         with pytest.raises(InvalidArgument):
             RedisConfig.from_url(bad)
+
+
+def test_payload_writes_renew_the_lease_per_bounded_chunk() -> None:
+    items = [("a", b"x" * 10), ("b", b"x" * 10), ("c", b"x" * 25), ("d", b"x" * 1)]
+    assert [[n for n, _ in c] for c in _chunks(items, 20)] == [["a", "b"], ["c"], ["d"]]
 
 
 def test_a_view_reads_one_version_while_commits_replace_and_free_payloads(
@@ -134,7 +139,7 @@ def test_payloads_of_a_writer_that_died_before_committing_are_freed(cluster_url:
     # The dying writer's steps up to its commit: lock, intent, payload written; then it is gone.
     token = dead._acquire()
     name = dead._data_key()
-    dead.scripts["intent"](dead.seq_key, dead.tag, token, name)
+    dead.scripts["intent"](dead.seq_key, dead.tag, token, 200, name)
     dead.client.set(name, b"orphan")
     live = RedisBackend.from_url(cluster_url)
     live.transact(lambda t: t.put("blocks", b"k", b"v"))  # waits out the lease, then commits
