@@ -12,10 +12,12 @@ nodes or snapshot reads:
   one node and one core, its payloads are not. Run one store per key prefix to spread metadata.
 - Writes. A transaction takes the store's write lock (``SET NX PX``, a lease), runs ``fn``
   reading the current state and buffering its writes, then commits: it records each new
-  payload's data key as an *intent* (only while holding the lock), writes the payloads with
-  pipelines to their nodes, and runs one Lua script that checks the lock token (fencing: a
-  writer whose lease expired commits nothing), applies every write as a new version and
-  releases the lock. A crash before the script leaves data keys nothing references; the next
+  payload's data key as an *intent* (only while holding the lock; each 32 MiB of payloads
+  renews the lease), writes the payloads with pipelines to their nodes, and runs one Lua
+  script that checks the lock token (fencing: a writer whose lease expired commits nothing and
+  runs ``fn`` again), applies every write as a new version and releases the lock. Writers
+  serialize per store, like LMDB's single writer; reads under the lock cost one round trip
+  per key. A crash before the script leaves data keys nothing references; the next
   commit moves such stale intents to the free set, and clients delete freed data keys after
   their commits. A crash after it leaves a complete commit. So a snapshot is visible whole or
   not at all, refcounts and counters change only with the data, and a retried put is an
@@ -25,13 +27,17 @@ nodes or snapshot reads:
   History is trimmed once no open view is older, and never kept while no view is open.
   Payloads replaced or freed are deleted only after that, so a view never sees a dangling
   data key. A view open longer than its lease fails with BackendUnavailable (retry the call).
+  Data keys are never rewritten (each write makes a new name), so a client-side payload cache
+  by name is always coherent; it saves refetching payloads a later turn or session reuses.
 - Failures. Connection loss, a cluster slot without a live node, a loading or read-only
   replica raise :class:`~deltastore.errors.BackendUnavailable` (gRPC UNAVAILABLE); Redis
   out of memory raises StoreFull. A missing data key behind a committed pointer (a node that
   came back without its data) raises ChecksumMismatch: never wrong bytes.
 - Durability is Redis's: run it with ``appendonly yes`` and ``appendfsync always`` for every
   acknowledged put to survive a crash of Redis itself (``everysec`` may lose the last second),
-  and ``maxmemory-policy noeviction`` (checked at open: an evicting Redis would drop records).
+  and ``maxmemory-policy noeviction`` (checked at open on every primary: an evicting Redis
+  would drop records). Replicas give availability, not durability: replication is
+  asynchronous, so a failover may lose the last acknowledged commits (no WAIT is issued).
 
 URLs: ``redis://[user:pass@]host:port[/db]``, ``rediss://`` (TLS), and
 ``redis+cluster://host:port[,host:port...]`` (``rediss+cluster://`` with TLS). Query options:
