@@ -18,7 +18,7 @@ from deltastore.settings import StoreConfig
 from deltastore.store import Store
 from deltastore.verify import verify_backend
 
-KILLS = 10
+KILLS = 8
 WRITERS = 4
 MAX_TOKENS = 400
 

@@ -509,7 +509,7 @@ def test_reader_that_stops_reading_is_cancelled(tmp_path: Path, service: Service
     """A GetSnapshot whose client takes the first message and stops reading does not hold a thread."""
     with client(service.grpc_port, None) as c:
         c.put_snapshot(
-            "big", 0, tokens_for(9, 4096), make_cache(4096, layers=4), model=MODEL, codec="lossless"
+            "big", 0, tokens_for(9, 2048), make_cache(2048, layers=4), model=MODEL, codec="lossless"
         )
     cancelled_before = service.stall_guard.cancelled
     with grpc.insecure_channel(f"127.0.0.1:{service.grpc_port}", options=[("grpc.http2.bdp_probe", 0)]) as ch:
