@@ -36,13 +36,16 @@ nodes or snapshot reads:
 - Durability is Redis's: run it with ``appendonly yes`` and ``appendfsync always`` for every
   acknowledged put to survive a crash of Redis itself (``everysec`` may lose the last second),
   and ``maxmemory-policy noeviction`` (checked at open on every primary: an evicting Redis
-  would drop records). Replicas give availability, not durability: replication is
-  asynchronous, so a failover may lose the last acknowledged commits (no WAIT is issued).
+  would drop records). Replication is asynchronous: with ``wait_replicas=N`` a commit is
+  acknowledged only once N replicas of the metadata node have it (WAIT), so a failover keeps
+  it; payload keys on other nodes are not waited for (a payload lost in a failover reads as
+  ChecksumMismatch, never as wrong bytes).
 
 URLs: ``redis://[user:pass@]host:port[/db]``, ``rediss://`` (TLS), and
 ``redis+cluster://host:port[,host:port...]`` (``rediss+cluster://`` with TLS). Query options:
 ``prefix`` (default ``deltastore``), ``lock_lease_ms`` (15000), ``lock_wait_s`` (60),
-``view_lease_ms`` (60000), ``timeout_s`` (socket timeout, 10), ``payload_cache_mb`` (64).
+``view_lease_ms`` (60000), ``timeout_s`` (socket timeout, 10), ``payload_cache_mb`` (64),
+``wait_replicas`` (0) and ``wait_timeout_ms`` (1000).
 """
 
 from __future__ import annotations
@@ -138,6 +141,9 @@ class RedisConfig:
         timeout_s: socket connect and read timeout, seconds.
         payload_cache_mb: client-side cache of payloads, MiB (0: off). Always coherent: a data
             key's bytes never change (each write makes a new key), so entries never go stale.
+        wait_replicas: a commit is acknowledged only once this many replicas of the metadata
+            node have it (WAIT); 0: on the primary alone (asynchronous replication).
+        wait_timeout_ms: how long a commit waits for those replicas before failing UNAVAILABLE.
     """
 
     url: str = "redis://127.0.0.1:6379/0"
@@ -147,6 +153,8 @@ class RedisConfig:
     view_lease_ms: int = 60_000
     timeout_s: float = 10.0
     payload_cache_mb: int = 64
+    wait_replicas: int = 0
+    wait_timeout_ms: int = 1000
 
     def __post_init__(self) -> None:
         scheme = urlsplit(self.url).scheme
@@ -158,8 +166,10 @@ class RedisConfig:
             raise InvalidArgument(f"Redis key prefix {self.prefix!r} must match [A-Za-z0-9._-]{{1,64}}")
         if self.lock_lease_ms < 100 or self.view_lease_ms < 100:
             raise InvalidArgument("lock_lease_ms and view_lease_ms must be at least 100")
-        if self.lock_wait_s <= 0 or self.timeout_s <= 0 or self.payload_cache_mb < 0:
-            raise InvalidArgument("lock_wait_s and timeout_s must be positive, payload_cache_mb >= 0")
+        if self.lock_wait_s <= 0 or self.timeout_s <= 0 or self.wait_timeout_ms <= 0:
+            raise InvalidArgument("lock_wait_s, timeout_s and wait_timeout_ms must be positive")
+        if self.payload_cache_mb < 0 or self.wait_replicas < 0:
+            raise InvalidArgument("payload_cache_mb and wait_replicas must be >= 0")
 
     @property
     def cluster(self) -> bool:
@@ -178,6 +188,8 @@ class RedisConfig:
             "view_lease_ms": int,
             "timeout_s": float,
             "payload_cache_mb": int,
+            "wait_replicas": int,
+            "wait_timeout_ms": int,
         }
         for name, value in parse_qsl(parts.query, keep_blank_values=True):
             if name in casts:
@@ -297,6 +309,24 @@ class _Script:
         except rex.NoScriptError:
             self._client.script_load(self._source)
             return self._client.evalsha(self._sha, 1, key, *args)
+
+    def then_wait(
+        self, node: redis.Redis, replicas: int, timeout_ms: int, key: str, *args: bytes | str | int
+    ) -> tuple[Any, int]:
+        """Run on ``node``, then WAIT on the same connection: (reply, replicas that have the writes)."""
+
+        def attempt() -> tuple[Any, int]:
+            pipe = node.pipeline(transaction=False)
+            pipe.evalsha(self._sha, 1, key, *args)
+            pipe.wait(replicas, timeout_ms)
+            reply, acked = pipe.execute()
+            return reply, int(acked)
+
+        try:
+            return attempt()
+        except rex.NoScriptError:
+            node.script_load(self._source)
+            return attempt()
 
 
 class _Reader(ReadView):
@@ -711,8 +741,7 @@ class RedisBackend(Backend):
                     written.extend(names)
                     pipe.execute()
                 ooc = sorted(OUT_OF_LINE)
-                reply = self.scripts["commit"](
-                    self.seq_key,
+                commit_args = (
                     self.tag,
                     token,
                     len(ooc),
@@ -723,12 +752,33 @@ class RedisBackend(Backend):
                     *args,
                     _TRIM_BUDGET,
                 )
+                reply = self._run_commit(commit_args)
         except _LockLost:
             self._delete_data_quietly(written)
             raise
         for name, value in data:
             self._cache.put(name.encode(), value)
         return int(reply[1])
+
+    def _run_commit(self, commit_args: tuple[bytes | str | int, ...]) -> Any:
+        """The commit script, followed by WAIT for replicas when ``wait_replicas`` asks for it."""
+        cfg = self.config
+        if not cfg.wait_replicas:
+            return self.scripts["commit"](self.seq_key, *commit_args)
+        if cfg.cluster:
+            node = self.client.get_redis_connection(self.client.get_node_from_key(self.seq_key))
+        else:
+            node = self.client
+        reply, acked = self.scripts["commit"].then_wait(
+            node, cfg.wait_replicas, cfg.wait_timeout_ms, self.seq_key, *commit_args
+        )
+        if acked < cfg.wait_replicas:
+            raise BackendUnavailable(
+                f"commit reached {acked} of {cfg.wait_replicas} replicas within {cfg.wait_timeout_ms} ms",
+                hint="it is applied on the primary but a failover may lose it; retrying the put is safe "
+                "(an identical snapshot is a no-op); check the replicas",
+            )
+        return reply
 
     def _delete_data_quietly(self, names: list[bytes | str]) -> None:
         # Best effort: their intents are moved to the free set by the next commit.

@@ -63,13 +63,21 @@ class LocalRedis:
         appendfsync: ``always`` (every acknowledged write survives kill -9), ``everysec``, or
             ``no`` (then nothing is persisted at all: no append-only file).
         port: client port (0: pick a free one).
+        replica_of: port of a local primary to replicate (0: none).
     """
 
     def __init__(
-        self, directory: Path, *, cluster: bool = False, appendfsync: str = "always", port: int = 0
+        self,
+        directory: Path,
+        *,
+        cluster: bool = False,
+        appendfsync: str = "always",
+        port: int = 0,
+        replica_of: int = 0,
     ) -> None:
         self.directory = Path(directory)
         self.cluster = cluster
+        self.replica_of = replica_of
         self.appendfsync = appendfsync
         self.port = port or _free_port()
         self._proc: subprocess.Popen[bytes] | None = None
@@ -93,6 +101,8 @@ class LocalRedis:
             args += ["--appendonly", "no"]
         else:
             args += ["--appendonly", "yes", "--appendfsync", self.appendfsync]
+        if self.replica_of:
+            args += ["--replicaof", "127.0.0.1", str(self.replica_of)]
         if self.cluster:
             args += [
                 "--cluster-enabled", "yes",

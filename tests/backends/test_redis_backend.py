@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from redis_harness import OPTIONS
@@ -214,6 +215,31 @@ def test_a_cluster_with_one_evicting_node_is_refused(own_cluster: LocalRedisClus
         admin.config_set("maxmemory-policy", "volatile-lru")
     with pytest.raises(InvalidArgument, match="volatile-lru"):
         RedisBackend.from_url(own_cluster.url)
+
+
+def test_wait_replicas_acknowledges_only_replicated_commits(own_redis: LocalRedis, tmp_path: Path) -> None:
+    replica = LocalRedis(tmp_path / "replica", appendfsync="no", replica_of=own_redis.port).start()
+    try:
+        backend = RedisBackend.from_url(f"{own_redis.url}?wait_replicas=1&wait_timeout_ms=5000")
+        backend.transact(lambda t: t.put("manifests", b"m", b"replicated"))
+        with replica.client() as r:
+            assert r.hget("{deltastore}:v:manifests", b"m").endswith(b"replicated")
+    finally:
+        replica.stop()
+    backend = RedisBackend.from_url(f"{own_redis.url}?wait_replicas=1&wait_timeout_ms=200")
+    with pytest.raises(BackendUnavailable, match="0 of 1 replicas"):
+        backend.transact(lambda t: t.put("manifests", b"m2", b"primary only"))
+    with backend.read() as view:  # applied on the primary (a retry would be a no-op), lock released
+        assert view.get("manifests", b"m2") == b"primary only"
+    assert backend.client.get("{deltastore}:lock") is None
+    backend.close()
+
+
+def test_wait_replicas_on_a_cluster_without_replicas_is_unavailable(cluster_url: str) -> None:
+    backend = RedisBackend.from_url(f"{cluster_url}&wait_replicas=1&wait_timeout_ms=100")
+    with pytest.raises(BackendUnavailable, match="0 of 1 replicas"):
+        backend.transact(lambda t: t.put("blocks", b"k", b"v"))
+    backend.close()
 
 
 def test_another_layout_under_the_prefix_is_refused(own_redis: LocalRedis) -> None:
