@@ -43,6 +43,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--tiers", default=",".join(DEFAULT_TIERS), help="comma-separated codec specs (default: main tiers)"
     )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch intra-op threads (default: torch's choice). On an oversubscribed host 1 can be 10x+ "
+        "faster: every parallel op waits for a second thread to be scheduled",
+    )
 
 
 def _synthetic_cache(tokens: int, device: str) -> list[tuple[Any, Any]]:
@@ -90,16 +97,14 @@ def run_benchmark(tokens: int, device: str, tiers: list[str], repeat: int) -> di
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     layers = _synthetic_cache(tokens, device)
     fp16_bytes = sum(k.numel() * 2 + v.numel() * 2 for k, v in layers)
-    memcpy_s, _ = _timed(lambda: [(k.clone(), v.clone()) for k, v in layers], repeat, sync)
-    memcpy_gbps = fp16_bytes / memcpy_s / 1e9
-    copy_s = _copy_seconds(layers, repeat, sync)
-    copy_gbps = fp16_bytes / copy_s / 1e9
     rows = []
     for spec in tqdm(tiers, desc="codecs", unit="tier"):
+        # References re-measured next to each tier: on a shared host the load drifts over minutes.
+        memcpy_s, _ = _timed(lambda: [(k.clone(), v.clone()) for k, v in layers], repeat, sync)
+        copy_s = _copy_seconds(layers, repeat, sync)
         enc_s, payload = _timed(lambda s=spec: encode_block(layers, s), repeat, sync)
         dec_s, _ = _timed(lambda p=payload: decode_block(p, device=device), repeat, sync)
         hdr = read_header(payload)
-        enc_gbps, dec_gbps = fp16_bytes / enc_s / 1e9, fp16_bytes / dec_s / 1e9
         rows.append(
             {
                 "spec": hdr.spec.canonical(),
@@ -107,14 +112,20 @@ def run_benchmark(tokens: int, device: str, tiers: list[str], repeat: int) -> di
                 "payload_bytes": len(payload),
                 "encode_s": enc_s,
                 "decode_s": dec_s,
-                "encode_gbps": enc_gbps,
-                "decode_gbps": dec_gbps,
-                "encode_vs_memcpy": enc_gbps / memcpy_gbps,
-                "decode_vs_memcpy": dec_gbps / memcpy_gbps,
-                "encode_vs_copy": enc_gbps / copy_gbps,
-                "decode_vs_copy": dec_gbps / copy_gbps,
+                "memcpy_s": memcpy_s,
+                "copy_s": copy_s,
+                "encode_gbps": fp16_bytes / enc_s / 1e9,
+                "decode_gbps": fp16_bytes / dec_s / 1e9,
+                "memcpy_gbps": fp16_bytes / memcpy_s / 1e9,
+                "copy_gbps": fp16_bytes / copy_s / 1e9,
+                "encode_vs_memcpy": memcpy_s / enc_s,
+                "decode_vs_memcpy": memcpy_s / dec_s,
+                "encode_vs_copy": copy_s / enc_s,
+                "decode_vs_copy": copy_s / dec_s,
             }
         )
+    memcpy_gbps = statistics.median(r["memcpy_gbps"] for r in rows)
+    copy_gbps = statistics.median(r["copy_gbps"] for r in rows)
     return {
         "benchmark": "codecs",
         "shape": {**SHAPE_7B, "tokens": tokens},
@@ -123,9 +134,7 @@ def run_benchmark(tokens: int, device: str, tiers: list[str], repeat: int) -> di
         "torch_threads": torch.get_num_threads(),
         "machine": platform.machine(),
         "repeat": repeat,
-        "memcpy_s": memcpy_s,
         "memcpy_gbps": memcpy_gbps,
-        "copy_s": copy_s,
         "copy_gbps": copy_gbps,
         "goal": "encode and decode each >= 0.1 x memcpy",
         "rows": rows,
@@ -137,8 +146,9 @@ def markdown(doc: dict[str, Any]) -> str:
     lines = [
         f"Codec throughput, {s['n_layers']} layers x {s['kv_heads']} KV heads x {s['head_dim']} dims x "
         f"{s['tokens']} tokens ({doc['fp16_bytes'] / 2**20:.0f} MiB FP16) on {doc['device']}, "
-        f"{doc['torch_threads']} torch threads. GB/s of FP16 input. memcpy (clone) {doc['memcpy_gbps']:.2f} GB/s, "
-        f"copy_ into preallocated tensors {doc['copy_gbps']:.2f} GB/s.",
+        f"{doc['torch_threads']} torch threads. GB/s of FP16 input. References, re-measured next to each tier "
+        f"(medians): memcpy as clone {doc['memcpy_gbps']:.2f} GB/s, copy_ into preallocated tensors "
+        f"{doc['copy_gbps']:.2f} GB/s.",
         "",
         "| spec | ratio vs FP16 | encode GB/s | enc / memcpy | enc / copy_ | decode GB/s | dec / memcpy | dec / copy_ |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
@@ -165,7 +175,7 @@ def plot(doc: dict[str, Any], path: Path) -> None:
     ax.bar([i + 0.2 for i in x], [r["decode_vs_memcpy"] for r in rows], width=0.4, label="decode")
     ax.axhline(0.1, color="grey", linestyle="--", linewidth=1, label="goal: 1/10 of memcpy")
     ax.set_xticks(list(x), [r["spec"] for r in rows], rotation=30, ha="right", fontsize=8)
-    ax.set_ylabel(f"throughput / memcpy as clone ({doc['memcpy_gbps']:.2f} GB/s)")
+    ax.set_ylabel(f"throughput / memcpy as clone (median {doc['memcpy_gbps']:.2f} GB/s)")
     ax.set_yscale("log")
     ax.set_title(
         f"KV codec throughput vs memcpy ({doc['device']}, {doc['shape']['tokens']} tokens, 7B shape)"
@@ -187,6 +197,14 @@ def run(args: argparse.Namespace) -> int:
         if not torch.cuda.is_available():
             raise InvalidArgument("--device cuda: no CUDA device here")
     tiers = [t for t in args.tiers.split(",") if t]
+    if not tiers:
+        raise InvalidArgument("--tiers names no codec")
+    if args.threads is not None:
+        import torch
+
+        if args.threads < 1:
+            raise InvalidArgument("--threads must be positive")
+        torch.set_num_threads(args.threads)
     doc = run_benchmark(args.tokens, args.device, tiers, args.repeat)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(doc, indent=2) + "\n")
