@@ -50,11 +50,8 @@ class TensorCodec(ABC):
         """x: (kv_heads, tokens, head_dim), fp16/bf16/fp32 -> parts, each (n_bytes,) uint8."""
 
     @abstractmethod
-    def decode(self, parts: Sequence[torch.Tensor], shape: Shape) -> torch.Tensor:
-        """parts as from :meth:`encode` (on the target device) -> (kv_heads, tokens, head_dim).
-
-        Returns float32, or the stored dtype where the codec is exact (fp16, lossless).
-        """
+    def decode(self, parts: Sequence[torch.Tensor], shape: Shape, dtype: torch.dtype) -> torch.Tensor:
+        """parts as from :meth:`encode` (on the target device) -> (kv_heads, tokens, head_dim) of ``dtype``."""
 
 
 class Fp16Codec(TensorCodec):
@@ -63,5 +60,5 @@ class Fp16Codec(TensorCodec):
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return (as_bytes(to_fp16(x)),)
 
-    def decode(self, parts: Sequence[torch.Tensor], shape: Shape) -> torch.Tensor:
-        return parts[0].view(torch.float16).view(shape)
+    def decode(self, parts: Sequence[torch.Tensor], shape: Shape, dtype: torch.dtype) -> torch.Tensor:
+        return parts[0].view(torch.float16).view(shape).to(dtype)

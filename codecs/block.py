@@ -251,8 +251,8 @@ def decode_block(
     out_layers = []
     for i in range(n_layers):
         layer = [s[i] for s in sections[: n_key_parts + n_value_parts]]
-        k = key_codec.decode(layer[:n_key_parts], shape).to(out_dtype)
-        v = value_codec.decode(layer[n_key_parts:], shape).to(out_dtype)
+        k = key_codec.decode(layer[:n_key_parts], shape, out_dtype)
+        v = value_codec.decode(layer[n_key_parts:], shape, out_dtype)
         if sink:
             sk, sv = sections[n_key_parts + n_value_parts][i].view(torch.float16).view(2, h, sink, d)
             k = torch.cat([sk.to(out_dtype), k], dim=1)

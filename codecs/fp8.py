@@ -36,8 +36,8 @@ class Fp8Codec(TensorCodec):
         codes = (xg * inv).clamp_(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
         return as_bytes(merge_groups(codes, d)), as_bytes(scale)
 
-    def decode(self, parts: Sequence[torch.Tensor], shape: Shape) -> torch.Tensor:
+    def decode(self, parts: Sequence[torch.Tensor], shape: Shape, dtype: torch.dtype) -> torch.Tensor:
         h, t, d = shape
         codes = parts[0].view(torch.float8_e4m3fn).view(shape).float()
         scale = parts[1].view(torch.float16).view(h, t, -(-d // self.group), 1).float()
-        return merge_groups(split_groups(codes, self.group) * scale, d)
+        return merge_groups(split_groups(codes, self.group) * scale, d).to(dtype)

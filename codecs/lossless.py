@@ -40,9 +40,9 @@ class LosslessCodec(TensorCodec):
             planes[i].copy_(w >> (8 * i) if i else w)  # int -> uint8 keeps the low byte
         return (planes.view(-1),)
 
-    def decode(self, parts: Sequence[torch.Tensor], shape: Shape) -> torch.Tensor:
+    def decode(self, parts: Sequence[torch.Tensor], shape: Shape, dtype: torch.dtype) -> torch.Tensor:
         planes = parts[0].view(self.itemsize, -1)
         w = planes[0].to(self.word)
         for i in range(1, self.itemsize):
             w |= planes[i].to(self.word) << (8 * i)
-        return w.view(self.dtype).view(shape)
+        return w.view(self.dtype).view(shape).to(dtype)

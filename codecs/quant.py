@@ -142,20 +142,23 @@ class IntCodec(TensorCodec):
         codes, params = quantize_groups(x, self.bits, self.group, self.dim)
         return pack_bits(codes, self.bits), as_bytes(params)
 
-    def decode(self, parts: Sequence[torch.Tensor], shape: Shape) -> torch.Tensor:
+    def decode(self, parts: Sequence[torch.Tensor], shape: Shape, dtype: torch.dtype) -> torch.Tensor:
         h, t, d = shape
         if not self._head_chunks(shape, parts[0].device):
-            return self._decode(parts[0], parts[1], shape)
+            return self._decode(parts[0], parts[1], shape).to(dtype)
+        # Each head lands in its slice of the output, converted there: no layer-sized float32
+        # temporaries and no concatenation.
+        out = torch.empty(shape, dtype=dtype, device=parts[0].device)
         code_n, param_n = packed_nbytes(t * d, self.bits), parts[1].numel() // h
-        heads = [
-            self._decode(
+        for i in range(h):
+            head = self._decode(
                 parts[0].narrow(0, i * code_n, code_n), parts[1].narrow(0, i * param_n, param_n), (1, t, d)
             )
-            for i in range(h)
-        ]
-        return torch.cat(heads)
+            out[i].copy_(head[0])
+        return out
 
     def _decode(self, packed: torch.Tensor, param_bytes: torch.Tensor, shape: Shape) -> torch.Tensor:
+        """-> float32 of ``shape``."""
         codes = unpack_float(packed, self.bits, shape[0] * shape[1] * shape[2]).view(shape)
         grid = list(shape)
         grid[self.dim] = -(-grid[self.dim] // self.group)

@@ -27,7 +27,18 @@ from typing import Any
 
 __all__ = ["DEFAULT_TIERS", "add_arguments", "run", "run_benchmark"]
 
-DEFAULT_TIERS = ("fp16", "lossless", "fp8", "k8v8", "k4v4", "k4v2", "k4v2-z", "k4v2-pe30", "k4v2-sink4")
+DEFAULT_TIERS = (
+    "fp16",
+    "lossless",
+    "fp8",
+    "k8v8",
+    "k4v4",
+    "k4v2",
+    "k4v2-nr",
+    "k4v2-z",
+    "k4v2-pe30",
+    "k4v2-sink4",
+)
 SHAPE_7B = {"n_layers": 32, "kv_heads": 8, "head_dim": 128}
 
 
