@@ -1,4 +1,4 @@
-"""Check every invariant of a data directory: ``deltastore verify --data-dir DIR``.
+"""Check every invariant of a store: ``deltastore verify --data-dir DIR`` (or ``--backend URL``).
 
 In one consistent read view it checks: the format markers; every block's payload digest; every
 manifest's own digest, its segments covering ``[0, n)`` and pointing at existing blocks whose
@@ -238,20 +238,34 @@ def verify_backend(backend: Backend) -> VerifyReport:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data-dir", required=True, help="the store's LMDB directory")
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--data-dir", help="the store's LMDB directory")
+    where.add_argument(
+        "--backend", help="a backend URL, as for `deltastore serve --backend` (e.g. redis://host:port)"
+    )
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from deltastore.backends.lmdb_backend import LmdbBackend, LmdbConfig
+    from deltastore.backends import open_backend
+    from deltastore.settings import load_settings
 
-    path = Path(args.data_dir)
-    if not (path / "data.mdb").is_file():
-        print(f"verify: {path} holds no store (no data.mdb)", file=sys.stderr)
+    if args.data_dir is not None:
+        path = Path(args.data_dir)
+        if not (path / "data.mdb").is_file():
+            print(f"verify: {path} holds no store (no data.mdb)", file=sys.stderr)
+            return 2
+        url = f"lmdb://{path.resolve()}"
+    else:
+        url = args.backend
+    try:
+        backend = open_backend(url, load_settings())
+    except DeltaStoreError as exc:
+        print(f"verify: {exc}", file=sys.stderr)
         return 2
-    with LmdbBackend(LmdbConfig(path=path)) as backend:
+    with backend:
         report = verify_backend(backend)
     if args.json:
         print(json.dumps(report.as_dict(), indent=2))

@@ -14,9 +14,8 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
-from urllib.parse import urlsplit
 
 from deltastore.errors import InvalidArgument
 from deltastore.server.settings import ServerSettings, add_setting_arguments
@@ -27,49 +26,19 @@ if TYPE_CHECKING:
 
     from deltastore.store import Store
 
-__all__ = ["BACKENDS", "Service", "add_arguments", "open_store", "run"]
+__all__ = ["Service", "add_arguments", "open_store", "run"]
 
 log = logging.getLogger("deltastore.server")
 
 
-def _open_lmdb(url: str) -> Store:
-    from deltastore.backends.lmdb_backend import LmdbBackend
-    from deltastore.settings import load_settings
-    from deltastore.store import Store
-
-    parts = urlsplit(url)
-    path = (parts.netloc + parts.path) if parts.scheme else url
-    if not path:
-        raise InvalidArgument(f"backend URL {url!r} names no directory", hint="use lmdb:///absolute/path")
-    settings = load_settings(path)
-    return Store(LmdbBackend(settings.lmdb), settings.store)
-
-
-def _open_redis(url: str) -> Store:
-    from deltastore.backends.redis_backend import RedisBackend
-    from deltastore.settings import load_settings
-    from deltastore.store import Store
-
-    return Store(RedisBackend.from_url(url), load_settings().store)
-
-
-BACKENDS: dict[str, Callable[[str], Store]] = {
-    "lmdb": _open_lmdb,
-    "": _open_lmdb,
-    **dict.fromkeys(("redis", "rediss", "redis+cluster", "rediss+cluster"), _open_redis),
-}
-"""Backend URL scheme -> opener. A distributed backend registers its scheme here."""
-
-
 def open_store(url: str) -> Store:
-    """Open the store a backend URL names: ``lmdb:///path`` (or a bare path), ``redis://host:port``,
-    ``redis+cluster://host:port,host:port`` (see :mod:`deltastore.backends.redis_backend`)."""
-    scheme = urlsplit(url).scheme
-    opener = BACKENDS.get(scheme)
-    if opener is None:
-        known = ", ".join(f"{s}://" for s in sorted(BACKENDS) if s)
-        raise InvalidArgument(f"unknown backend {scheme!r} in {url!r}", hint=f"supported: {known}")
-    return opener(url)
+    """Open the store a backend URL names (see :func:`deltastore.backends.open_backend`)."""
+    from deltastore.backends import open_backend
+    from deltastore.settings import load_settings
+    from deltastore.store import Store
+
+    settings = load_settings()
+    return Store(open_backend(url, settings), settings.store)
 
 
 def _bind(address: str) -> socket.socket:

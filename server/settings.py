@@ -37,7 +37,7 @@ class ServerSettings:
 
     Attributes:
         data_dir: folder of the embedded LMDB store.
-        backend: storage URL; "" means ``lmdb://<data_dir>`` (see ``deltastore.server.app.open_store``).
+        backend: storage URL; "" means ``lmdb://<data_dir>`` (see ``deltastore.backends.open_backend``).
         grpc_address: ``host:port`` or ``unix:/path/to.sock`` (sidecars sharing a volume).
         http_address: ``host:port`` of the ops HTTP API; "" disables it.
         max_snapshot_bytes: largest sum of payload bytes one PutSnapshot may carry.
@@ -127,7 +127,11 @@ def add_setting_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = ServerSettings()
     flags = {
         "data_dir": ("--data-dir", "folder of the embedded LMDB store"),
-        "backend": ("--backend", "storage URL (lmdb:///path); default lmdb://<data-dir>"),
+        "backend": (
+            "--backend",
+            "storage URL: lmdb:///path, redis://host:port, redis+cluster://h1:p1,h2:p2 (rediss for TLS); "
+            "default lmdb://<data-dir>",
+        ),
         "grpc_address": ("--grpc", "gRPC address: host:port or unix:/path/to.sock"),
         "http_address": ("--http", "ops HTTP address host:port ('' disables it)"),
         "max_snapshot_bytes": (

@@ -1,1 +1,55 @@
-"""Storage backends behind one interface (deltastore.backend.Backend)."""
+"""Storage backends behind one interface (:class:`deltastore.backend.Backend`), opened by URL.
+
+``lmdb:///path`` (or a bare path) is the embedded default; ``redis://host:port``,
+``rediss://...``, ``redis+cluster://host:port,host:port`` and ``rediss+cluster://...`` open the
+Redis backend (see :mod:`deltastore.backends.redis_backend`). Both ``deltastore serve`` and
+``deltastore verify`` open stores through :func:`open_backend`, so they accept the same URLs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from urllib.parse import urlsplit
+
+from deltastore.backend import Backend
+from deltastore.errors import InvalidArgument
+from deltastore.settings import Settings
+
+__all__ = ["OPENERS", "open_backend"]
+
+
+def _open_lmdb(url: str, settings: Settings) -> Backend:
+    from dataclasses import replace
+    from pathlib import Path
+
+    from deltastore.backends.lmdb_backend import LmdbBackend
+
+    parts = urlsplit(url)
+    path = (parts.netloc + parts.path) if parts.scheme else url
+    if not path:
+        raise InvalidArgument(f"backend URL {url!r} names no directory", hint="use lmdb:///absolute/path")
+    return LmdbBackend(replace(settings.lmdb, path=Path(path)))
+
+
+def _open_redis(url: str, settings: Settings) -> Backend:
+    from deltastore.backends.redis_backend import RedisBackend
+
+    return RedisBackend.from_url(url)
+
+
+OPENERS: dict[str, Callable[[str, Settings], Backend]] = {
+    "lmdb": _open_lmdb,
+    "": _open_lmdb,
+    **dict.fromkeys(("redis", "rediss", "redis+cluster", "rediss+cluster"), _open_redis),
+}
+"""Backend URL scheme -> opener. A new backend registers its scheme here."""
+
+
+def open_backend(url: str, settings: Settings) -> Backend:
+    """Open the backend a URL names, with the LMDB options of ``settings`` for ``lmdb://``."""
+    scheme = urlsplit(url).scheme
+    opener = OPENERS.get(scheme)
+    if opener is None:
+        known = ", ".join(f"{s}://" for s in sorted(OPENERS) if s)
+        raise InvalidArgument(f"unknown backend {scheme!r} in {url!r}", hint=f"supported: {known}")
+    return opener(url, settings)

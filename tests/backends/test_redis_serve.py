@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -83,6 +84,15 @@ def test_two_servers_on_one_cluster_share_snapshots(serve_process: str, cluster_
             assert second.new_bytes < first.new_bytes
             assert [s.turn for s in a.list_snapshots("chat")] == [0, 1]
             assert a.savings()["snapshots"] == b.savings()["snapshots"] == 2
+            # `deltastore verify` checks a Redis Cluster store through the same URL as serve.
+            check = subprocess.run(
+                [sys.executable, "-m", "deltastore", "verify", "--backend", cluster_url, "--json"],
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+            assert check.returncode == 0, check.stdout + check.stderr
+            assert json.loads(check.stdout)["problems"] == []
             b.delete_session("chat")
             with pytest.raises(grpc.RpcError) as err:
                 a.get_snapshot("chat", 0, model=MODEL, as_cache=False)
