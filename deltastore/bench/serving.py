@@ -583,7 +583,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--get-users",
         type=int,
         default=8,
-        help="users that restore their previous turn before each turn (default 4)",
+        help="users that restore their previous turn before each turn (default 8)",
     )
     parser.add_argument(
         "--full-shape",
