@@ -181,7 +181,7 @@ class AsyncDeltaStoreClient:
     async def get_snapshot(
         self,
         session: str,
-        turn: int,
+        turn: int | None = None,
         *,
         model: Any = "",
         codec: str = "",

@@ -213,7 +213,7 @@ class DeltaStoreClient:
     def get_snapshot(
         self,
         session: str,
-        turn: int,
+        turn: int | None = None,
         *,
         model: Any = "",
         codec: str = "",
@@ -227,6 +227,7 @@ class DeltaStoreClient:
         Args:
             model: expected model (fingerprint, HF model or config); "" accepts the stored one.
                 With an HF model or config, the cache is built with its layer types.
+            turn: the turn to read; None reads the session's latest.
             codec: expected codec; "" accepts the stored one.
             as_cache: also build an HF ``DynamicCache`` (``.cache``).
         """

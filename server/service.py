@@ -198,7 +198,7 @@ class DeltaStoreService(pb_grpc.DeltaStoreServicer):
             snap = self._store.get_snapshot(
                 _ns(request.namespace),
                 request.session,
-                request.turn,
+                request.turn if request.HasField("turn") else None,
                 model=request.model or None,
                 codec=self._codec(request.codec) if request.codec else None,
             )

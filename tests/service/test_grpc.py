@@ -95,6 +95,7 @@ def test_turns_and_sessions_send_only_missing_segments(
     second = client.put_snapshot("alice", 1, TOKENS, shared, model=MODEL, codec="k4v2", parent_turn=0)
     # Turn 1 sends its new tokens only: a delta completing block [192, 256), then the new tail.
     assert second.encoded_segments == 2 and second.reused_temporal_bytes > 0
+    assert client.get_snapshot("alice", as_cache=False).turn == 1  # no turn: the latest
     # Bob shares the 3 aligned blocks of Alice's first turn (192 tokens) and diverges after them.
     bob_tokens = TOKENS[:192] + [7] * 28
     bob_cache = [
