@@ -9,11 +9,14 @@ Redis backend (see :mod:`deltastore.backends.redis_backend`). Both ``deltastore 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
-from deltastore.backend import Backend
 from deltastore.errors import InvalidArgument
-from deltastore.settings import Settings
+
+if TYPE_CHECKING:  # deltastore.settings imports the LMDB backend's config: no import cycle at run time
+    from deltastore.backend import Backend
+    from deltastore.settings import Settings
 
 __all__ = ["OPENERS", "open_backend"]
 
