@@ -263,6 +263,10 @@ def read_header(payload: bytes | bytearray | memoryview) -> BlockHeader:
         raise FormatError(f"block names an unknown codec spec: {exc}") from None
     if spec.canonical() != spec_text:
         raise FormatError(f"block spec {spec_text!r} is not canonical ({spec.canonical()!r})")
+    if spec.kind == "quant" and spec.rotate and head_dim & (head_dim - 1):
+        raise FormatError(
+            f"spec {spec_text} rotates keys, which needs a power-of-two head_dim, not {head_dim}"
+        )
     expected = section_sizes(spec, n_layers, kv_heads, head_dim, n_tokens, start, dtype)
     if n_sect != len(expected):
         raise FormatError(f"spec {spec_text} has {len(expected)} sections, the table lists {n_sect}")

@@ -9,9 +9,19 @@ import sys
 import pytest
 import torch
 from codec_testlib import make_cache
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from deltastore.codecs import decode_block, encode_block, read_header
-from deltastore.codecs.format import _ENTRY, _FIXED, FORMAT_VERSION, MAX_TOKENS, Section
+from deltastore.codecs import CodecSpec, decode_block, encode_block, read_header
+from deltastore.codecs.format import (
+    _ENTRY,
+    _FIXED,
+    FORMAT_VERSION,
+    MAX_TOKENS,
+    Section,
+    pack_header,
+    section_sizes,
+)
 from deltastore.errors import FormatError
 
 
@@ -139,3 +149,39 @@ def test_decode_after_header_roundtrip_types(payloads: dict[str, bytes]) -> None
         for view in (bytearray(payload), memoryview(payload)):
             assert read_header(view) == read_header(payload)
             assert decode_block(view).layers[0][0].dtype == torch.float16
+
+
+_FUZZ_PAYLOADS = {
+    s: encode_block(make_cache(n_layers=2, tokens=20), s, start=3)
+    for s in ("k4v2-pe50-sink4", "lossless", "fp8-z")
+}
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    name=st.sampled_from(sorted(_FUZZ_PAYLOADS)),
+    edits=st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255)), min_size=1, max_size=4),
+    cut=st.one_of(st.none(), st.integers(0, 10**6)),
+)
+def test_fuzzed_payloads_fail_only_with_format_error(
+    name: str, edits: list[tuple[int, int]], cut: int | None
+) -> None:
+    """Any corruption is either decodable (it hit tensor data) or a FormatError: never a crash."""
+    buf = bytearray(_FUZZ_PAYLOADS[name])
+    for at, value in edits:
+        buf[at % min(len(buf), 160)] = value  # aim at the header, the table and the first bytes of data
+    data = bytes(buf if cut is None else buf[: cut % len(buf)])
+    try:
+        blk = decode_block(data)
+    except FormatError:
+        return
+    assert blk.layers[0][0].shape[-1] == read_header(data).head_dim
+
+
+def test_rotated_spec_with_odd_head_dim_rejected_by_header() -> None:
+    """A forged but self-consistent header must not reach the codecs with an impossible rotation."""
+    spec = CodecSpec.parse("k8v8")
+    sizes = section_sizes(spec, 1, 1, 96, 4, 0, "float16")
+    header = pack_header(spec, 1, 1, 96, 4, 0, "float16", [(kind, 0, size) for kind, size in sizes])
+    with pytest.raises(FormatError, match="power-of-two"):
+        decode_block(header + bytes(sum(size for _, size in sizes)))
