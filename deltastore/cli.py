@@ -32,12 +32,7 @@ BENCHES: tuple[tuple[str, str, str], ...] = (
 
 
 def _add(sub: argparse._SubParsersAction, name: str, module: str, help_: str) -> None:
-    try:
-        mod = importlib.import_module(module)
-    except ModuleNotFoundError as exc:  # TODO(bootstrap): remove once every command module exists
-        if exc.name != module:
-            raise
-        return
+    mod = importlib.import_module(module)
     parser = sub.add_parser(name, help=help_, description=(mod.__doc__ or help_).strip().splitlines()[0])
     mod.add_arguments(parser)
     parser.set_defaults(_run=mod.run)
