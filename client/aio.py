@@ -199,7 +199,7 @@ class AsyncDeltaStoreClient:
             codec=codec,
         )
 
-        async def fetch(seconds: float) -> tuple[pb.SnapshotInfo, list[bytes]]:
+        async def fetch(seconds: float) -> tuple[pb.SnapshotInfo, list[bytes | bytearray]]:
             reader = SnapshotReader(self.max_snapshot_bytes)
             async for msg in self._stub.GetSnapshot(req, timeout=seconds):
                 reader.feed(msg)

@@ -18,7 +18,7 @@ from deltastore.client.cache import KVLayers, as_layers, cache_tokens, slice_lay
 from deltastore.client.models import model_fingerprint
 from deltastore.errors import InvalidArgument
 from deltastore.v1 import deltastore_pb2 as pb
-from deltastore.v1.protocol import DEFAULT_CHUNK_BYTES, ERROR_TYPE_KEY, ChunkAssembler, iter_chunks
+from deltastore.v1.protocol import DEFAULT_CHUNK_BYTES, ERROR_TYPE_KEY, ChunkAssembler, chunk_messages
 
 if TYPE_CHECKING:
     import torch
@@ -248,8 +248,7 @@ def put_requests(
     """The PutSnapshot stream: the header, then every payload cut into chunks."""
     yield pb.PutSnapshotRequest(header=header)
     for key, payload in payloads.items():
-        for chunk in iter_chunks(key, payload, chunk_bytes):
-            yield pb.PutSnapshotRequest(chunk=chunk)
+        yield from chunk_messages(pb.PutSnapshotRequest, key, payload, chunk_bytes)
 
 
 def put_result(msg: pb.PutSnapshotResponse, payloads: Mapping[bytes, bytes]) -> PutResult:
@@ -271,7 +270,7 @@ class SnapshotReader:
 
     def __init__(self, max_bytes: int) -> None:
         self.info: pb.SnapshotInfo | None = None
-        self.payloads: dict[bytes, bytes] = {}
+        self.payloads: dict[bytes, bytes | bytearray] = {}
         self._max = max_bytes
         self._assembler: ChunkAssembler | None = None
 
@@ -286,9 +285,9 @@ class SnapshotReader:
             raise InvalidArgument("GetSnapshot stream sent a chunk before the snapshot info")
         done = self._assembler.add(msg.chunk)
         if done is not None:
-            self.payloads[done[0]] = done[1]
+            self.payloads[done.key] = done.data
 
-    def finish(self) -> tuple[pb.SnapshotInfo, list[bytes]]:
+    def finish(self) -> tuple[pb.SnapshotInfo, list[bytes | bytearray]]:
         """The info and the payloads in segment order."""
         if self.info is None or self._assembler is None:
             raise InvalidArgument("GetSnapshot stream ended without the snapshot info")
@@ -301,7 +300,7 @@ class SnapshotReader:
 
 def read_snapshot_stream(
     messages: Iterable[pb.GetSnapshotResponse], max_bytes: int
-) -> tuple[pb.SnapshotInfo, list[bytes]]:
+) -> tuple[pb.SnapshotInfo, list[bytes | bytearray]]:
     """Collect a whole GetSnapshot stream."""
     reader = SnapshotReader(max_bytes)
     for msg in messages:
@@ -311,7 +310,7 @@ def read_snapshot_stream(
 
 def decode_snapshot(
     info: pb.SnapshotInfo,
-    payloads: Sequence[bytes],
+    payloads: Sequence[bytes | bytearray],
     *,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,

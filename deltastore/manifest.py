@@ -38,6 +38,7 @@ __all__ = [
     "decode_block",
     "encode_block",
     "manifest_key",
+    "payload_digest",
     "session_key",
 ]
 
@@ -161,11 +162,28 @@ class BlockMeta:
     record_nbytes: int
 
 
-def encode_block(tokens: bytes, payload: bytes, fp16_nbytes: int) -> bytes:
-    """A block record: header, the segment's token ids (u32 LE), the payload."""
+_MT_HASH_BYTES = 1 << 20  # below this, starting hash threads costs more than it saves
+
+
+def payload_digest(payload: bytes | bytearray | memoryview) -> bytes:
+    """BLAKE3 of a payload, on every core for large ones (the same digest as one thread)."""
+    threads = blake3.blake3.AUTO if len(payload) > _MT_HASH_BYTES else 1
+    return blake3.blake3(payload, max_threads=threads).digest()
+
+
+def encode_block(
+    tokens: bytes, payload: bytes | bytearray | memoryview, fp16_nbytes: int, digest: bytes | None = None
+) -> bytes:
+    """A block record: header, the segment's token ids (u32 LE), the payload (copied once).
+
+    ``digest`` is the payload's BLAKE3 when the caller hashed these very bytes already (the
+    server's chunk assembler does, as they arrive); None hashes them here.
+    """
     n_tokens = len(tokens) // 4
-    head = _BLOCK.pack(_BLOCK_VERSION, 0, n_tokens, fp16_nbytes, blake3.blake3(payload).digest())
-    return head + tokens + payload
+    if digest is None:
+        digest = payload_digest(payload)
+    head = _BLOCK.pack(_BLOCK_VERSION, 0, n_tokens, fp16_nbytes, digest)
+    return b"".join((head, tokens, payload))
 
 
 def decode_block(
@@ -189,7 +207,7 @@ def decode_block(
     if len(tokens) != 4 * n_tokens:
         raise ChecksumMismatch(name, f"{n_tokens} token ids", "a truncated record")
     if check:
-        got = blake3.blake3(payload).digest()
+        got = payload_digest(payload)
         if got != digest:
             raise ChecksumMismatch(name, digest.hex(), got.hex())
     meta = BlockMeta(n_tokens, fp16, bytes(digest), len(payload), len(view))

@@ -35,7 +35,16 @@ from typing import Any
 
 from deltastore import accounting
 from deltastore.accounting import Ledger, read_counters, savings_of
-from deltastore.addressing import Chain, Key, Segment, key_from_hex, seed, token_bytes, tokens_from_bytes
+from deltastore.addressing import (
+    KEY_BYTES,
+    Chain,
+    Key,
+    Segment,
+    key_from_hex,
+    seed,
+    token_bytes,
+    tokens_from_bytes,
+)
 from deltastore.backend import COUNTER_NBYTES, Backend, ReadView, WriteBatch
 from deltastore.backends.lmdb_backend import LmdbBackend, LmdbConfig
 from deltastore.errors import (
@@ -132,14 +141,19 @@ class SegmentPayload:
     """An encoded segment as the client sends it.
 
     Attributes:
-        data: the codec's self-describing block (opaque to the store).
+        data: the codec's self-describing block (opaque to the store; not copied before the write).
         n_tokens: tokens it encodes (must equal the segment's end - start).
         fp16_nbytes: FP16 size of the KV it encodes, in bytes (from the codec's header).
+        digest: BLAKE3 of ``data`` when the caller computed it over these very bytes (the
+            server's chunk assembler does, as they arrive); None: the store hashes ``data``. A
+            wrong digest is stored as given and makes every read of the block fail with
+            ChecksumMismatch: never served, but lost.
     """
 
-    data: bytes
+    data: bytes | bytearray | memoryview
     n_tokens: int
     fp16_nbytes: int
+    digest: bytes | None = None
 
 
 @dataclass(frozen=True)
@@ -408,6 +422,8 @@ class Store:
                 raise InvalidArgument(f"segment {key.hex()}: payload must be a SegmentPayload of bytes")
             if p.n_tokens <= 0 or p.fp16_nbytes <= 0 or not p.data:
                 raise InvalidArgument(f"segment {key.hex()}: empty payload or non-positive sizes")
+            if p.digest is not None and len(p.digest) != KEY_BYTES:
+                raise InvalidArgument(f"segment {key.hex()}: a digest is {KEY_BYTES} bytes")
             supplied[key] = p
         return self.backend.transact(
             lambda b: self._put_tx(b, namespace, session, turn, model, codec, tokens, supplied, parent_turn)
@@ -472,7 +488,7 @@ class Store:
                     f"segment {seg.hex} covers tokens [{seg.start}, {seg.end}) "
                     f"but its payload encodes {p.n_tokens} tokens"
                 )
-            record = encode_block(tokens[4 * seg.start : 4 * seg.end], bytes(p.data), p.fp16_nbytes)
+            record = encode_block(tokens[4 * seg.start : 4 * seg.end], p.data, p.fp16_nbytes, p.digest)
             parts.append((seg, decode_block(record, seg.hex, check=False)[0], record))
         if missing:
             raise MissingSegments(missing)

@@ -29,7 +29,7 @@ from deltastore.store import PlannedSegment, SegmentPayload, Snapshot, Store
 from deltastore.store import SnapshotInfo as StoreSnapshotInfo
 from deltastore.v1 import deltastore_pb2 as pb
 from deltastore.v1 import deltastore_pb2_grpc as pb_grpc
-from deltastore.v1.protocol import ERROR_TYPE_KEY, ChunkAssembler, iter_chunks
+from deltastore.v1.protocol import ERROR_TYPE_KEY, ChunkAssembler, chunk_messages
 
 __all__ = ["SERVICE_NAME", "DeltaStoreService", "create_server"]
 
@@ -145,29 +145,33 @@ class DeltaStoreService(pb_grpc.DeltaStoreServicer):
             )
             segments = {bytes.fromhex(s.key): s for s in plan.segments}
             limit = self._settings.max_snapshot_bytes
-            assembler = ChunkAssembler(max_payload_bytes=limit, max_total_bytes=limit)
-            payloads: dict[bytes, tuple[bytes, BlockHeader]] = {}
-            received = self._metrics.bytes_received.labels("PutSnapshot")
+            # The assembler hashes each payload as its chunks arrive: the store keeps that digest.
+            assembler = ChunkAssembler(max_payload_bytes=limit, max_total_bytes=limit, digest=True)
+            payloads: dict[bytes, SegmentPayload] = {}
             shape: tuple[int, int, int] | None = None
-            for msg in request_iterator:
-                _check_deadline(context)
-                if msg.WhichOneof("part") != "chunk":
-                    raise InvalidArgument("PutSnapshot carries one header, then only chunks")
-                received.inc(len(msg.chunk.data))
-                done = assembler.add(msg.chunk)
-                if done is None:
-                    continue
-                key, payload = done
-                if key in payloads:
-                    raise InvalidArgument(f"segment {key.hex()} was sent twice")
-                header = _check_payload(key, payload, segments, codec)
-                dims = (header.n_layers, header.kv_heads, header.head_dim)
-                if shape is not None and dims != shape:
-                    raise InvalidArgument(
-                        f"segment {key.hex()} has (layers, kv_heads, head_dim) {dims}, other segments {shape}"
+            try:
+                for msg in request_iterator:
+                    _check_deadline(context)
+                    if msg.WhichOneof("part") != "chunk":
+                        raise InvalidArgument("PutSnapshot carries one header, then only chunks")
+                    done = assembler.add(msg.chunk)
+                    if done is None:
+                        continue
+                    key = done.key
+                    if key in payloads:
+                        raise InvalidArgument(f"segment {key.hex()} was sent twice")
+                    header = _check_payload(key, done.data, segments, codec)
+                    dims = (header.n_layers, header.kv_heads, header.head_dim)
+                    if shape is not None and dims != shape:
+                        raise InvalidArgument(
+                            f"segment {key.hex()} has (layers, kv_heads, head_dim) {dims}, other segments {shape}"
+                        )
+                    shape = dims
+                    payloads[key] = SegmentPayload(
+                        done.data, header.n_tokens, header.fp16_nbytes, done.digest
                     )
-                shape = dims
-                payloads[key] = (payload, header)
+            finally:
+                self._metrics.bytes_received.labels("PutSnapshot").inc(assembler.received_bytes)
             assembler.finish()
             # Never commit work the caller has given up on: it would be acknowledged to no one.
             _check_deadline(context)
@@ -178,7 +182,7 @@ class DeltaStoreService(pb_grpc.DeltaStoreServicer):
                 model=model,
                 codec=codec,
                 token_ids=tokens,
-                payloads={key: _store_payload(p, h) for key, (p, h) in payloads.items()},
+                payloads=payloads,
                 parent_turn=parent,
             )
             return pb.PutSnapshotResponse(
@@ -205,11 +209,14 @@ class DeltaStoreService(pb_grpc.DeltaStoreServicer):
             yield pb.GetSnapshotResponse(info=_snapshot_info(snap))
             sent = self._metrics.bytes_sent.labels("GetSnapshot")
             for seg in snap.segments:
-                for chunk in iter_chunks(bytes.fromhex(seg.key), seg.payload, self._settings.chunk_bytes):
+                messages = chunk_messages(
+                    pb.GetSnapshotResponse, bytes.fromhex(seg.key), seg.payload, self._settings.chunk_bytes
+                )
+                for msg in messages:
                     if not context.is_active():
                         raise _DeadlineExceeded("GetSnapshot: the caller went away or its deadline passed")
-                    sent.inc(len(chunk.data))
-                    yield pb.GetSnapshotResponse(chunk=chunk)
+                    yield msg
+                sent.inc(len(seg.payload))
 
     def LookupPrefix(
         self, request: pb.LookupPrefixRequest, context: grpc.ServicerContext
@@ -291,7 +298,7 @@ def _check_deadline(context: grpc.ServicerContext) -> None:
 
 
 def _check_payload(
-    key: bytes, payload: bytes, segments: dict[bytes, PlannedSegment], codec: str
+    key: bytes, payload: bytes | bytearray, segments: dict[bytes, PlannedSegment], codec: str
 ) -> BlockHeader:
     """The payload's header, after checking it is the segment it claims to be."""
     seg = segments.get(key)
@@ -311,10 +318,6 @@ def _check_payload(
             f"[{header.start}, {header.start + header.n_tokens})"
         )
     return header
-
-
-def _store_payload(payload: bytes, header: BlockHeader) -> SegmentPayload:
-    return SegmentPayload(data=payload, n_tokens=header.n_tokens, fp16_nbytes=header.fp16_nbytes)
 
 
 def _segment(seg: PlannedSegment) -> pb.Segment:

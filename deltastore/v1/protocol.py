@@ -4,16 +4,32 @@ Framing of payload streams: the chunks of one payload are consecutive, in offset
 order, each carries the payload's full size, and none is larger than the chunk limit. gRPC in
 Python moves ~1.3 GB/s with ~1 MiB messages and an order of magnitude less with one huge
 message, hence the default.
+
+Every byte of a payload is copied as few times as Python's protobuf allows: messages are built in
+place (a submessage passed to a constructor is copied whole), a chunk's ``data`` is read once (each
+read of a bytes field is a fresh copy), and a payload is assembled in one growing buffer that is
+handed on as is, hashed chunk by chunk while the chunk is still in cache.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import NamedTuple, Protocol, TypeVar
+
+import blake3
 
 from deltastore.errors import InvalidArgument, ResourceExhausted
 from deltastore.v1 import deltastore_pb2 as pb
 
-__all__ = ["DEFAULT_CHUNK_BYTES", "ERROR_TYPE_KEY", "KEY_BYTES", "ChunkAssembler", "iter_chunks"]
+__all__ = [
+    "DEFAULT_CHUNK_BYTES",
+    "ERROR_TYPE_KEY",
+    "KEY_BYTES",
+    "Assembled",
+    "ChunkAssembler",
+    "chunk_messages",
+    "iter_chunks",
+]
 
 DEFAULT_CHUNK_BYTES = 1 << 20  # 1 MiB of payload per message
 KEY_BYTES = 32  # BLAKE3 digest
@@ -22,12 +38,23 @@ ERROR_TYPE_KEY = "deltastore-error-type"
 client can tell e.g. MissingSegments (plan again) from another FAILED_PRECONDITION."""
 
 
-def iter_chunks(
-    key: bytes, payload: bytes, chunk_bytes: int = DEFAULT_CHUNK_BYTES
-) -> Iterator[pb.BlockChunk]:
-    """Yield the chunks of one payload (at least one, even for an empty payload).
+class _HasChunk(Protocol):
+    @property
+    def chunk(self) -> pb.BlockChunk: ...
+
+
+M = TypeVar("M", bound=_HasChunk)
+
+
+def chunk_messages(
+    make: Callable[[], M], key: bytes, payload: bytes | bytearray | memoryview, chunk_bytes: int
+) -> Iterator[M]:
+    """Yield ``make()`` messages whose ``chunk`` carries one payload (at least one message).
+
+    The chunk is filled in place: the payload bytes are copied once into each message.
 
     Args:
+        make: the message type (``pb.PutSnapshotRequest`` or ``pb.GetSnapshotResponse``).
         key: the 32-byte segment key.
         payload: the encoded block.
         chunk_bytes: largest ``data`` per chunk, in bytes.
@@ -37,10 +64,46 @@ def iter_chunks(
     offset = 0
     while True:
         end = min(offset + chunk_bytes, total)
-        yield pb.BlockChunk(key=key, offset=offset, total_bytes=total, data=bytes(view[offset:end]))
+        msg = make()
+        chunk = msg.chunk
+        chunk.key = key
+        chunk.offset = offset
+        chunk.total_bytes = total
+        chunk.data = (
+            payload if end - offset == total and isinstance(payload, bytes) else bytes(view[offset:end])
+        )
+        yield msg
         offset = end
         if offset >= total:
             return
+
+
+class _Bare:
+    """A message wrapper that hands out a bare BlockChunk as its ``chunk``."""
+
+    __slots__ = ("chunk",)
+
+    def __init__(self) -> None:
+        self.chunk = pb.BlockChunk()
+
+
+def iter_chunks(
+    key: bytes, payload: bytes | bytearray | memoryview, chunk_bytes: int = DEFAULT_CHUNK_BYTES
+) -> Iterator[pb.BlockChunk]:
+    """Yield the bare chunks of one payload (at least one, even for an empty payload)."""
+    return (m.chunk for m in chunk_messages(_Bare, key, payload, chunk_bytes))
+
+
+class Assembled(NamedTuple):
+    """One whole payload out of a stream.
+
+    ``data`` is the buffer the chunks were gathered in (no further copy); ``digest`` its BLAKE3
+    digest, computed over exactly these bytes as they arrived (None when hashing was not asked).
+    """
+
+    key: bytes
+    data: bytes | bytearray
+    digest: bytes | None
 
 
 class ChunkAssembler:
@@ -49,14 +112,22 @@ class ChunkAssembler:
     A payload's declared size is checked against the limits first, and the buffer grows with the
     bytes that actually arrive: a sender that declares a large payload and stalls or lies holds no
     more memory than it sent.
+
+    Args:
+        max_payload_bytes: largest declared size of one payload.
+        max_total_bytes: largest sum of declared sizes over the stream.
+        digest: hash each payload with BLAKE3 as its chunks arrive (the store's block digest).
     """
 
-    def __init__(self, *, max_payload_bytes: int, max_total_bytes: int) -> None:
+    def __init__(self, *, max_payload_bytes: int, max_total_bytes: int, digest: bool = False) -> None:
         self._max_payload = max_payload_bytes
         self._max_total = max_total_bytes
+        self._digest = digest
         self._total = 0
+        self._received = 0
         self._key: bytes | None = None
-        self._buf: bytearray | None = None
+        self._buf = bytearray()
+        self._hasher: blake3.blake3 | None = None
         self._size = 0
 
     @property
@@ -64,40 +135,46 @@ class ChunkAssembler:
         """Payload bytes declared so far (complete and in-progress payloads)."""
         return self._total
 
-    def add(self, chunk: pb.BlockChunk) -> tuple[bytes, bytes] | None:
-        """Take one chunk; return ``(key, payload)`` when it completes a payload, else None."""
+    @property
+    def received_bytes(self) -> int:
+        """Payload bytes taken so far (chunk data, framing excluded)."""
+        return self._received
+
+    def add(self, chunk: pb.BlockChunk) -> Assembled | None:
+        """Take one chunk; return the payload when it completes one, else None."""
+        data = chunk.data  # every read of a bytes field copies it: read it once
+        self._received += len(data)
         if self._key is None:
-            return self._start(chunk)
+            return self._start(chunk, data)
         if chunk.key != self._key:
             raise InvalidArgument(
                 f"chunk for block {chunk.key.hex()} arrived before block {self._key.hex()} was complete"
             )
-        filled = len(self._buf or b"")
+        filled = len(self._buf)
         if chunk.total_bytes != self._size or chunk.offset != filled:
             raise InvalidArgument(
                 f"block {self._key.hex()}: chunk at offset {chunk.offset} (size {chunk.total_bytes}) "
                 f"does not continue at offset {filled} of {self._size} bytes"
             )
-        return self._append(chunk.data)
+        return self._append(data)
 
     def finish(self) -> None:
         """Raise if a payload was left incomplete when the stream ended."""
         if self._key is not None:
             raise InvalidArgument(
-                f"stream ended inside block {self._key.hex()}: {len(self._buf or b'')} of {self._size} bytes"
+                f"stream ended inside block {self._key.hex()}: {len(self._buf)} of {self._size} bytes"
             )
 
-    def _start(self, chunk: pb.BlockChunk) -> tuple[bytes, bytes] | None:
-        if len(chunk.key) != KEY_BYTES:
-            raise InvalidArgument(f"block key must be {KEY_BYTES} bytes, got {len(chunk.key)}")
+    def _start(self, chunk: pb.BlockChunk, data: bytes) -> Assembled | None:
+        key = chunk.key
+        if len(key) != KEY_BYTES:
+            raise InvalidArgument(f"block key must be {KEY_BYTES} bytes, got {len(key)}")
         if chunk.offset != 0:
-            raise InvalidArgument(
-                f"block {chunk.key.hex()}: first chunk starts at offset {chunk.offset}, not 0"
-            )
+            raise InvalidArgument(f"block {key.hex()}: first chunk starts at offset {chunk.offset}, not 0")
         size = chunk.total_bytes
         if size > self._max_payload:
             raise ResourceExhausted(
-                f"block {chunk.key.hex()} is {size} bytes, over the limit of {self._max_payload}",
+                f"block {key.hex()} is {size} bytes, over the limit of {self._max_payload}",
                 hint="raise --max-snapshot-bytes (DELTASTORE_MAX_SNAPSHOT_BYTES) or use a stronger codec",
             )
         if self._total + size > self._max_total:
@@ -106,21 +183,25 @@ class ChunkAssembler:
                 hint="raise --max-snapshot-bytes (DELTASTORE_MAX_SNAPSHOT_BYTES) or use a stronger codec",
             )
         self._total += size
-        if len(chunk.data) == size:  # the common case: a whole payload in one message, no copy
-            return chunk.key, chunk.data
-        self._key = chunk.key
+        if len(data) == size:  # the common case: a whole payload in one message, no copy
+            return Assembled(key, data, blake3.blake3(data).digest() if self._digest else None)
+        self._key = key
         self._buf = bytearray()
+        self._hasher = blake3.blake3() if self._digest else None
         self._size = size
-        return self._append(chunk.data)
+        return self._append(data)
 
-    def _append(self, data: bytes) -> tuple[bytes, bytes] | None:
-        buf = self._buf
-        if buf is None or self._key is None:
+    def _append(self, data: bytes) -> Assembled | None:
+        if self._key is None:
             raise InvalidArgument("chunk arrived with no block in progress")
+        buf = self._buf
         if len(buf) + len(data) > self._size:
             raise InvalidArgument(f"block {self._key.hex()}: chunks overrun the declared {self._size} bytes")
         buf += data
+        if self._hasher is not None:
+            self._hasher.update(data)
         if len(buf) < self._size:
             return None
-        key, self._key, self._buf = self._key, None, None
-        return key, bytes(buf)
+        done = Assembled(self._key, buf, None if self._hasher is None else self._hasher.digest())
+        self._key, self._buf, self._hasher = None, bytearray(), None
+        return done
