@@ -86,6 +86,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--block", type=int, default=64, help="store block size in tokens (default 64)")
     parser.add_argument("--seed", type=int, default=0, help="window placement seed")
     parser.add_argument("--no-peers", action="store_true", help="skip the quanto and kvpress rows")
+    parser.add_argument(
+        "--groups",
+        default="tier,sweep,frontier,peer",
+        help="comma-separated row groups to run (tier, sweep, frontier, peer); fp16 always runs",
+    )
     parser.add_argument("--device", default="cpu", help="torch device for the model and the codecs")
     parser.add_argument(
         "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
@@ -125,35 +130,44 @@ def build_configs(quick: bool, block: int, peers: bool) -> list[Any]:
         if t.report_ratio is not None:
             rows.append(tier(t.name, t.spec.canonical(), "sweep"))
 
-    def frontier(spec: str, keep: float, scores: str = "block", **kw: Any) -> EvictQuantConfig:
-        label = f"{spec} keep{round(keep * 100)}% ({scores})"
+    def frontier(
+        spec: str, keep: float, scores: str = "block", seg: int | None = block, **kw: Any
+    ) -> EvictQuantConfig:
+        """An evict-then-quantize row; seg=None: one budget over the whole cache (one segment)."""
+        label = f"{spec} keep{round(keep * 100)}% {scores}-scored"
+        label += " one segment" if seg is None else f" per {seg}-token block"
+        if kw.get("recent"):
+            label += f", last {kw['recent']} whole"
         if kw.get("whole"):
-            label += f" prefix {kw['whole']} whole"
-        return EvictQuantConfig(
-            label, f"{spec}-keep{round(keep * 100)}", "frontier", spec, keep, scores=scores, block=block, **kw
-        )
+            label += f", prefix {kw['whole']} whole"
+        name = f"{spec}-keep{round(keep * 100)}-r{kw.get('recent', 16)}"
+        return EvictQuantConfig(label, name, "frontier", spec, keep, scores=scores, block=seg or 0, **kw)
 
-    # Levers one at a time: key layout, sink, entropy stage, bits, eviction (budget, scores, dedup).
+    # Levers one at a time: key layout, rotation, fp16 sink, entropy stage, bits ...
     for spec in (
         "k4v4-kt",
         "k4v4-nr",
         "k4v4-sink4",
         "k4v4-sink4-z",
-        "k8v4-sink4",
-        "k4v2-sink4",
+        "k8v4-sink4-z",
+        "k4v2-sink4-z",
         "k2v2-sink4",
     ):
         rows.append(tier(spec, spec, "frontier"))
-    for keep in (0.8, 0.6, 0.5, 0.4, 0.3, 0.25, 0.2):
-        rows.append(frontier("k4v4-sink4-z", keep))
-    for keep in (0.8, 0.6, 0.4):
-        rows.append(frontier("k8v4-sink4-z", keep))
-    for keep in (0.7, 0.5):
-        rows.append(frontier("k4v2-sink4-z", keep))
-    for scores in ("window", "knorm"):
-        for keep in (0.5, 0.3):
-            rows.append(frontier("k4v4-sink4-z", keep, scores))
-    rows.append(frontier("k4v4-sink4-z", 0.3, "block", whole=256))
+    # ... eviction that stays dedup-safe: per store block, scored from within the block's prefix ...
+    for keep in (0.9, 0.6, 0.5, 0.4, 0.3, 0.2):
+        rows.append(frontier("k4v4-sink4-z", keep, recent=64))
+    rows.append(frontier("k4v4-sink4-z", 0.3, recent=16))  # the recent window's worth
+    for keep in (0.3, 0.2):
+        rows.append(frontier("k4v4-sink4-z", keep, seg=256, recent=64))  # coarser blocks: fewer scale bytes
+    for keep in (0.5, 0.3):
+        rows.append(frontier("k4v4-sink4-z", keep, "knorm", recent=64))  # no queries: key-norm proxy
+    rows.append(frontier("k4v4-sink4-z", 0.3, recent=64, whole=256))  # shared prefix left whole
+    # ... and, not dedup-safe, one SnapKV budget over the whole cache from the prompt's last queries.
+    for keep in (0.9, 0.6, 0.4, 0.3, 0.2, 0.15):
+        rows.append(frontier("k4v4-sink4-z", keep, "window", seg=None))
+    rows.append(frontier("k8v4-sink4-z", 0.6, "window", seg=None))
+    rows.append(frontier("k4v2-sink4-z", 0.4, "window", seg=None))
     if peers:
         from deltastore.bench.quality_peers import peer_configs
 
@@ -200,7 +214,11 @@ def run_benchmark(
     ids = tok(text, add_special_tokens=False)["input_ids"]
     windows = [Window(w, ctx) for w in make_windows(ids, n_windows, ctx, eval_len, args.seed)]
     skipped = {} if args.no_peers or args.quick else peers_unavailable()
+    groups = {g.strip() for g in args.groups.split(",") if g.strip()}
+    if not groups <= {"tier", "sweep", "frontier", "peer"}:
+        raise InvalidArgument(f"unknown row group in --groups {args.groups!r}")
     configs = build_configs(args.quick, args.block, peers=not (args.no_peers or args.quick))
+    configs = [c for c in configs if c.group in groups or c.spec == "fp16"]
     configs = [c for c in configs if c.group != "peer" or c.__class__.__name__ not in _peer_classes(skipped)]
     acc = {c.name: _Acc() for c in configs}
     sources = sorted({c.scores for c in configs} & {"block", "window"})
@@ -297,6 +315,8 @@ def _summary(cfg: Any, a: _Acc) -> dict[str, Any]:
         "group": cfg.group,
         "scores": getattr(cfg, "scores", None),
         "dedup_safe": getattr(cfg, "scores", None) != "window",
+        "segment_tokens": getattr(cfg, "block", 0),
+        "whole_prefix": getattr(cfg, "whole", 0),
         "ratio": a.fp16 / a.stored,
         "kl_mean": kl_mean,
         "kl_p95": float(torch.quantile(kl.double(), 0.95)),

@@ -142,6 +142,7 @@ class EvictQuantConfig(Config):
         recent: the last tokens of the cache are always kept.
         whole: the first ``whole`` tokens (a shared prefix) are left whole, never evicted: the
             other dedup-safe choice, measured against scoring blocks from within the prefix.
+        block: segment size in tokens; 0 = the whole cache is one segment with one budget.
     """
 
     name: str
@@ -164,7 +165,7 @@ class EvictQuantConfig(Config):
         n_total = window.n_cached
         payloads, mask_bytes, kept_tokens = [], 0, 0
         t0 = time.perf_counter()
-        for s, e in segments(n_total, self.block):
+        for s, e in segments(n_total, self.block or n_total):
             n = e - s
             pos = torch.arange(s, e)
             forced = (pos < max(self.sink, self.whole)) | (pos >= n_total - self.recent)
