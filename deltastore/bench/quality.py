@@ -398,14 +398,7 @@ def plot(doc: dict[str, Any], path: Path) -> None:
             ax.annotate(
                 f"{label} {size}", (x, y), fontsize=6, color=color, xytext=(3, 3), textcoords="offset points"
             )
-    ax.step(
-        [t[0] for t in TARGETS],
-        [t[1] for t in TARGETS],
-        where="post",
-        color="k",
-        ls=":",
-        label="target (issue #8)",
-    )
+    ax.scatter(*zip(*TARGETS, strict=True), marker="*", s=120, color="k", label="target (issue #8)", zorder=4)
     ax.set_yscale("log")
     ax.set_xlabel("compression ratio vs FP16 (every byte counted)")
     ax.set_ylabel("mean KL(p_fp16 || p_compressed), nats")
