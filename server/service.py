@@ -29,7 +29,14 @@ from deltastore.store import PlannedSegment, SegmentPayload, Snapshot, Store
 from deltastore.store import SnapshotInfo as StoreSnapshotInfo
 from deltastore.v1 import deltastore_pb2 as pb
 from deltastore.v1 import deltastore_pb2_grpc as pb_grpc
-from deltastore.v1.protocol import ERROR_TYPE_KEY, ChunkAssembler, chunk_messages
+from deltastore.v1.protocol import (
+    ERROR_TYPE_KEY,
+    ChunkAssembler,
+    WireChunk,
+    encode_chunk_message,
+    wire_deserializer,
+    wire_serializer,
+)
 
 __all__ = ["SERVICE_NAME", "DeltaStoreService", "create_server"]
 
@@ -129,11 +136,11 @@ class DeltaStoreService(pb_grpc.DeltaStoreServicer):
             )
 
     def PutSnapshot(
-        self, request_iterator: Iterator[pb.PutSnapshotRequest], context: grpc.ServicerContext
+        self, request_iterator: Iterator[pb.PutSnapshotRequest | WireChunk], context: grpc.ServicerContext
     ) -> pb.PutSnapshotResponse:
         with self._rpc("PutSnapshot", context):
             first = next(request_iterator, None)
-            if first is None or first.WhichOneof("part") != "header":
+            if first is None or isinstance(first, WireChunk) or first.WhichOneof("part") != "header":
                 raise InvalidArgument("PutSnapshot must start with a header message")
             hdr = first.header
             namespace, codec = _ns(hdr.namespace), self._codec(hdr.codec)
@@ -152,9 +159,12 @@ class DeltaStoreService(pb_grpc.DeltaStoreServicer):
             try:
                 for msg in request_iterator:
                     _check_deadline(context)
-                    if msg.WhichOneof("part") != "chunk":
+                    if isinstance(msg, WireChunk):
+                        done = assembler.add(msg)
+                    elif msg.WhichOneof("part") == "chunk":
+                        done = assembler.add(msg.chunk)
+                    else:
                         raise InvalidArgument("PutSnapshot carries one header, then only chunks")
-                    done = assembler.add(msg.chunk)
                     if done is None:
                         continue
                     key = done.key
@@ -197,7 +207,8 @@ class DeltaStoreService(pb_grpc.DeltaStoreServicer):
 
     def GetSnapshot(
         self, request: pb.GetSnapshotRequest, context: grpc.ServicerContext
-    ) -> Iterator[pb.GetSnapshotResponse]:
+    ) -> Iterator[pb.GetSnapshotResponse | bytes]:
+        """The info, then every payload as pre-serialized chunk messages (see ``_add_service``)."""
         with self._rpc("GetSnapshot", context):
             snap = self._store.get_snapshot(
                 _ns(request.namespace),
@@ -209,10 +220,9 @@ class DeltaStoreService(pb_grpc.DeltaStoreServicer):
             yield pb.GetSnapshotResponse(info=_snapshot_info(snap))
             sent = self._metrics.bytes_sent.labels("GetSnapshot")
             for seg in snap.segments:
-                messages = chunk_messages(
-                    pb.GetSnapshotResponse, bytes.fromhex(seg.key), seg.payload, self._settings.chunk_bytes
-                )
-                for msg in messages:
+                for msg in encode_chunk_message(
+                    bytes.fromhex(seg.key), seg.payload, self._settings.chunk_bytes
+                ):
                     if not context.is_active():
                         raise _DeadlineExceeded("GetSnapshot: the caller went away or its deadline passed")
                     yield msg
@@ -298,7 +308,7 @@ def _check_deadline(context: grpc.ServicerContext) -> None:
 
 
 def _check_payload(
-    key: bytes, payload: bytes | bytearray, segments: dict[bytes, PlannedSegment], codec: str
+    key: bytes, payload: bytes | bytearray | memoryview, segments: dict[bytes, PlannedSegment], codec: str
 ) -> BlockHeader:
     """The payload's header, after checking it is the segment it claims to be."""
     seg = segments.get(key)
@@ -385,6 +395,44 @@ def _savings(report: dict[str, Any]) -> pb.Savings:
 # -- server ------------------------------------------------------------------------------------
 
 
+class _HandlerCapture:
+    """Stands in for a server to catch the generated code's handler table."""
+
+    def __init__(self) -> None:
+        self.handlers: dict[str, grpc.RpcMethodHandler] = {}
+
+    def add_generic_rpc_handlers(self, _handlers: Any) -> None:
+        pass
+
+    def add_registered_method_handlers(
+        self, _service: str, handlers: dict[str, grpc.RpcMethodHandler]
+    ) -> None:
+        self.handlers = dict(handlers)
+
+
+def _add_service(servicer: DeltaStoreService, server: grpc.Server) -> None:
+    """The generated registration, with the payload streams' chunk messages (de)serialized by hand.
+
+    The wire format is unchanged (any protobuf client interoperates); chunks skip Python protobuf's
+    copies: incoming ones are views into the received message, outgoing ones are serialized once.
+    """
+    capture = _HandlerCapture()
+    pb_grpc.add_DeltaStoreServicer_to_server(servicer, capture)
+    handlers = capture.handlers
+    handlers["PutSnapshot"] = grpc.stream_unary_rpc_method_handler(
+        servicer.PutSnapshot,
+        request_deserializer=wire_deserializer(pb.PutSnapshotRequest.FromString),
+        response_serializer=pb.PutSnapshotResponse.SerializeToString,
+    )
+    handlers["GetSnapshot"] = grpc.unary_stream_rpc_method_handler(
+        servicer.GetSnapshot,
+        request_deserializer=pb.GetSnapshotRequest.FromString,
+        response_serializer=wire_serializer,
+    )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)
+
+
 def create_server(
     store: Store,
     address: str,
@@ -422,7 +470,7 @@ def create_server(
         ],
         maximum_concurrent_rpcs=settings.workers * 4,
     )
-    pb_grpc.add_DeltaStoreServicer_to_server(DeltaStoreService(store, settings, metrics), server)
+    _add_service(DeltaStoreService(store, settings, metrics), server)
     health_servicer = health_servicer or health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)

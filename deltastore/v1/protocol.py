@@ -14,7 +14,7 @@ handed on as is, hashed chunk by chunk while the chunk is still in cache.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import NamedTuple, Protocol, TypeVar
+from typing import Any, NamedTuple, Protocol, TypeVar
 
 import blake3
 
@@ -27,8 +27,13 @@ __all__ = [
     "KEY_BYTES",
     "Assembled",
     "ChunkAssembler",
+    "WireChunk",
     "chunk_messages",
+    "encode_chunk_message",
     "iter_chunks",
+    "parse_chunk_message",
+    "wire_deserializer",
+    "wire_serializer",
 ]
 
 DEFAULT_CHUNK_BYTES = 1 << 20  # 1 MiB of payload per message
@@ -78,6 +83,135 @@ def chunk_messages(
             return
 
 
+# -- chunk messages on the wire, by hand -------------------------------------------------------
+#
+# PutSnapshotRequest and GetSnapshotResponse both carry a chunk as field 2 of their oneof. Python's
+# protobuf copies a chunk's data when it is set, when the message is serialized, when it is parsed
+# and on every read of the field; these functions write and read exactly the same wire format
+# with one copy on the way out and none on the way in. Anything but one plain chunk (a header, an
+# info, unknown or repeated fields) is left to protobuf.
+
+_CHUNK_TAG = 0x12  # field 2, length-delimited
+_KEY_TAG, _OFFSET_TAG, _TOTAL_TAG, _DATA_TAG = 0x0A, 0x10, 0x18, 0x22  # BlockChunk fields 1-4
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _read_varint(raw: bytes, pos: int, end: int) -> tuple[int, int] | None:
+    """(value, next position) of the varint at ``pos``; None when malformed or past ``end``."""
+    value = shift = 0
+    while pos < end and shift < 64:
+        byte = raw[pos]
+        value |= (byte & 0x7F) << shift
+        pos += 1
+        if not byte & 0x80:
+            return (value, pos) if value < 1 << 64 else None
+        shift += 7
+    return None
+
+
+def encode_chunk_message(
+    key: bytes, payload: bytes | bytearray | memoryview, chunk_bytes: int
+) -> Iterator[bytes]:
+    """One payload as serialized chunk messages (field 2 of PutSnapshotRequest/GetSnapshotResponse).
+
+    Byte-identical in meaning to :func:`chunk_messages` (offset 0 is written, which protobuf
+    reads the same as absent); each message costs one copy of its data.
+    """
+    view = memoryview(payload).cast("B")
+    total = len(view)
+    offset = 0
+    while True:
+        end = min(offset + chunk_bytes, total)
+        head = b"".join(
+            (
+                bytes((_KEY_TAG,)),
+                _varint(len(key)),
+                key,
+                bytes((_OFFSET_TAG,)),
+                _varint(offset),
+                bytes((_TOTAL_TAG,)),
+                _varint(total),
+                bytes((_DATA_TAG,)),
+                _varint(end - offset),
+            )
+        )
+        yield b"".join((bytes((_CHUNK_TAG,)), _varint(len(head) + end - offset), head, view[offset:end]))
+        offset = end
+        if offset >= total:
+            return
+
+
+class WireChunk(NamedTuple):
+    """A chunk read straight off the wire: ``data`` is a view into the received message (no copy)."""
+
+    key: bytes
+    offset: int
+    total_bytes: int
+    data: memoryview
+
+
+def parse_chunk_message(raw: bytes) -> WireChunk | None:
+    """The chunk of a serialized PutSnapshotRequest/GetSnapshotResponse, or None if it is not one.
+
+    None means "let protobuf parse it": the message holds something else (a header, an info),
+    repeats or adds fields, or is malformed (protobuf then raises as it always did).
+    """
+    n = len(raw)
+    if n < 2 or raw[0] != _CHUNK_TAG:
+        return None
+    got = _read_varint(raw, 1, n)
+    if got is None or got[1] + got[0] != n:
+        return None
+    pos = got[1]
+    fields: dict[int, int | tuple[int, int]] = {}
+    while pos < n:
+        tag = raw[pos]
+        if tag in fields:
+            return None
+        got = _read_varint(raw, pos + 1, n)
+        if got is None:
+            return None
+        value, pos = got
+        if tag in (_OFFSET_TAG, _TOTAL_TAG):
+            fields[tag] = value
+        elif tag in (_KEY_TAG, _DATA_TAG) and pos + value <= n:
+            fields[tag] = (pos, pos + value)
+            pos += value
+        else:
+            return None
+    key_span, data_span = fields.get(_KEY_TAG, (0, 0)), fields.get(_DATA_TAG, (0, 0))
+    offset, total = fields.get(_OFFSET_TAG, 0), fields.get(_TOTAL_TAG, 0)
+    if not (isinstance(key_span, tuple) and isinstance(data_span, tuple)):
+        return None
+    if not (isinstance(offset, int) and isinstance(total, int)):
+        return None
+    view = memoryview(raw)
+    return WireChunk(raw[key_span[0] : key_span[1]], offset, total, view[data_span[0] : data_span[1]])
+
+
+def wire_serializer(msg: bytes | Any) -> bytes:
+    """gRPC serializer for streams that mix pre-serialized chunks (bytes) and protobuf messages."""
+    return msg if isinstance(msg, bytes) else msg.SerializeToString()
+
+
+def wire_deserializer(parse: Callable[[bytes], M]) -> Callable[[bytes], M | WireChunk]:
+    """gRPC deserializer: chunks as :class:`WireChunk` (no copy), everything else by ``parse``."""
+
+    def deserialize(raw: bytes) -> M | WireChunk:
+        chunk = parse_chunk_message(raw)
+        return parse(raw) if chunk is None else chunk
+
+    return deserialize
+
+
 class _Bare:
     """A message wrapper that hands out a bare BlockChunk as its ``chunk``."""
 
@@ -102,7 +236,7 @@ class Assembled(NamedTuple):
     """
 
     key: bytes
-    data: bytes | bytearray
+    data: bytes | bytearray | memoryview
     digest: bytes | None
 
 
@@ -140,7 +274,7 @@ class ChunkAssembler:
         """Payload bytes taken so far (chunk data, framing excluded)."""
         return self._received
 
-    def add(self, chunk: pb.BlockChunk) -> Assembled | None:
+    def add(self, chunk: pb.BlockChunk | WireChunk) -> Assembled | None:
         """Take one chunk; return the payload when it completes one, else None."""
         data = chunk.data  # every read of a bytes field copies it: read it once
         self._received += len(data)
@@ -165,7 +299,7 @@ class ChunkAssembler:
                 f"stream ended inside block {self._key.hex()}: {len(self._buf)} of {self._size} bytes"
             )
 
-    def _start(self, chunk: pb.BlockChunk, data: bytes) -> Assembled | None:
+    def _start(self, chunk: pb.BlockChunk | WireChunk, data: bytes | memoryview) -> Assembled | None:
         key = chunk.key
         if len(key) != KEY_BYTES:
             raise InvalidArgument(f"block key must be {KEY_BYTES} bytes, got {len(key)}")
@@ -191,7 +325,7 @@ class ChunkAssembler:
         self._size = size
         return self._append(data)
 
-    def _append(self, data: bytes) -> Assembled | None:
+    def _append(self, data: bytes | memoryview) -> Assembled | None:
         if self._key is None:
             raise InvalidArgument("chunk arrived with no block in progress")
         buf = self._buf
