@@ -157,7 +157,10 @@ def build_configs(quick: bool, block: int, peers: bool) -> list[Any]:
     # ... eviction that stays dedup-safe: per store block, scored from within the block's prefix ...
     for keep in (0.9, 0.6, 0.5, 0.4, 0.3, 0.2):
         rows.append(frontier("k4v4-sink4-z", keep, recent=64))
-    rows.append(frontier("k4v4-sink4-z", 0.3, recent=16))  # the recent window's worth
+    rows.append(frontier("k4v4-sink4-z", 0.3, recent=16))  # the recent window's worth ...
+    rows.append(frontier("k4v4-sink4-z", 0.3, recent=128))  # ... and a wider one
+    for keep in (0.5, 0.3, 0.2):  # keys per token: no per-channel scales for a few kept tokens
+        rows.append(frontier("k4v4-kt-sink4-z", keep, recent=64))
     for keep in (0.3, 0.2):
         rows.append(frontier("k4v4-sink4-z", keep, seg=256, recent=64))  # coarser blocks: fewer scale bytes
     for keep in (0.5, 0.3):
