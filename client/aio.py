@@ -18,6 +18,7 @@ from grpc import aio
 from deltastore.client.sync import MAX_REPLANS, channel_options
 from deltastore.client.wire import (
     DEFAULT_NAMESPACE,
+    PayloadCalls,
     Plan,
     PutResult,
     RestoredSnapshot,
@@ -71,6 +72,7 @@ class AsyncDeltaStoreClient:
         else:
             self._channel = aio.secure_channel(target, credentials, options, interceptors=interceptors)
         self._stub = pb_grpc.DeltaStoreStub(self._channel)
+        self._payload_calls = PayloadCalls(self._channel)
         self.namespace = namespace
         self.timeout = timeout
         self.retry = retry or Retry()
@@ -165,8 +167,8 @@ class AsyncDeltaStoreClient:
                 )
                 payloads = {s.key: encoded[s.key] for s in plan.missing}
                 try:
-                    reply = await self._stub.PutSnapshot(
-                        put_requests(header, payloads, self.chunk_bytes),
+                    reply = await self._payload_calls.put(
+                        put_requests(header, payloads, self.chunk_bytes, serialized=True),
                         timeout=remaining(end),
                     )
                 except grpc.RpcError as exc:
@@ -199,9 +201,9 @@ class AsyncDeltaStoreClient:
             codec=codec,
         )
 
-        async def fetch(seconds: float) -> tuple[pb.SnapshotInfo, list[bytes | bytearray]]:
+        async def fetch(seconds: float) -> tuple[pb.SnapshotInfo, list[bytes | bytearray | memoryview]]:
             reader = SnapshotReader(self.max_snapshot_bytes)
-            async for msg in self._stub.GetSnapshot(req, timeout=seconds):
+            async for msg in self._payload_calls.get(req, timeout=seconds):
                 reader.feed(msg)
             return reader.finish()
 

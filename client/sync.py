@@ -16,6 +16,7 @@ import grpc
 
 from deltastore.client.wire import (
     DEFAULT_NAMESPACE,
+    PayloadCalls,
     Plan,
     PutResult,
     RestoredSnapshot,
@@ -90,6 +91,7 @@ class DeltaStoreClient:
         self._channel = grpc.intercept_channel(channel, *interceptors) if interceptors else channel
         self._raw_channel = channel
         self._stub = pb_grpc.DeltaStoreStub(self._channel)
+        self._payload_calls = PayloadCalls(self._channel)
         self.namespace = namespace
         self.timeout = timeout
         self.retry = retry or Retry()
@@ -196,8 +198,8 @@ class DeltaStoreClient:
                 encoded.update(encode_missing(todo, cache, len(tokens), scores=scores))
                 payloads = {s.key: encoded[s.key] for s in plan.missing}
                 try:
-                    reply = self._stub.PutSnapshot(
-                        put_requests(header, payloads, self.chunk_bytes),
+                    reply = self._payload_calls.put(
+                        put_requests(header, payloads, self.chunk_bytes, serialized=True),
                         timeout=remaining(end),
                     )
                 except grpc.RpcError as exc:
@@ -239,7 +241,7 @@ class DeltaStoreClient:
             codec=codec,
         )
         info, payloads = self._call(
-            lambda t: read_snapshot_stream(self._stub.GetSnapshot(req, timeout=t), self.max_snapshot_bytes),
+            lambda t: read_snapshot_stream(self._payload_calls.get(req, timeout=t), self.max_snapshot_bytes),
             timeout,
         )
         config = None if isinstance(model, str) else getattr(model, "config", model)

@@ -18,13 +18,23 @@ from deltastore.client.cache import KVLayers, as_layers, cache_tokens, slice_lay
 from deltastore.client.models import model_fingerprint
 from deltastore.errors import InvalidArgument
 from deltastore.v1 import deltastore_pb2 as pb
-from deltastore.v1.protocol import DEFAULT_CHUNK_BYTES, ERROR_TYPE_KEY, ChunkAssembler, chunk_messages
+from deltastore.v1.protocol import (
+    DEFAULT_CHUNK_BYTES,
+    ERROR_TYPE_KEY,
+    ChunkAssembler,
+    WireChunk,
+    chunk_messages,
+    encode_chunk_message,
+    wire_deserializer,
+    wire_serializer,
+)
 
 if TYPE_CHECKING:
     import torch
 
 __all__ = [
     "DEFAULT_NAMESPACE",
+    "PayloadCalls",
     "Plan",
     "PlanSegment",
     "PutResult",
@@ -243,12 +253,45 @@ def encode_missing(
 
 
 def put_requests(
-    header: pb.SnapshotHeader, payloads: Mapping[bytes, bytes], chunk_bytes: int = DEFAULT_CHUNK_BYTES
-) -> Iterator[pb.PutSnapshotRequest]:
-    """The PutSnapshot stream: the header, then every payload cut into chunks."""
+    header: pb.SnapshotHeader,
+    payloads: Mapping[bytes, bytes],
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    *,
+    serialized: bool = False,
+) -> Iterator[pb.PutSnapshotRequest | bytes]:
+    """The PutSnapshot stream: the header, then every payload cut into chunks.
+
+    ``serialized``: chunks come as ready wire bytes (one copy of the payload instead of protobuf's
+    three), for a call made by :class:`PayloadCalls`; otherwise all are protobuf messages.
+    """
     yield pb.PutSnapshotRequest(header=header)
     for key, payload in payloads.items():
-        yield from chunk_messages(pb.PutSnapshotRequest, key, payload, chunk_bytes)
+        if serialized:
+            yield from encode_chunk_message(key, payload, chunk_bytes)
+        else:
+            yield from chunk_messages(pb.PutSnapshotRequest, key, payload, chunk_bytes)
+
+
+class PayloadCalls:
+    """PutSnapshot and GetSnapshot on a channel, with chunk messages (de)serialized by hand.
+
+    The wire format is protobuf's; what changes is that outgoing chunks are serialized once and
+    incoming ones are read as views of the received message (see :mod:`deltastore.v1.protocol`).
+    Works on ``grpc`` and ``grpc.aio`` channels alike.
+    """
+
+    def __init__(self, channel: Any) -> None:
+        service = pb.DESCRIPTOR.services_by_name["DeltaStore"].full_name
+        self.put = channel.stream_unary(
+            f"/{service}/PutSnapshot",
+            request_serializer=wire_serializer,
+            response_deserializer=pb.PutSnapshotResponse.FromString,
+        )
+        self.get = channel.unary_stream(
+            f"/{service}/GetSnapshot",
+            request_serializer=pb.GetSnapshotRequest.SerializeToString,
+            response_deserializer=wire_deserializer(pb.GetSnapshotResponse.FromString),
+        )
 
 
 def put_result(msg: pb.PutSnapshotResponse, payloads: Mapping[bytes, bytes]) -> PutResult:
@@ -270,12 +313,12 @@ class SnapshotReader:
 
     def __init__(self, max_bytes: int) -> None:
         self.info: pb.SnapshotInfo | None = None
-        self.payloads: dict[bytes, bytes | bytearray] = {}
+        self.payloads: dict[bytes, bytes | bytearray | memoryview] = {}
         self._max = max_bytes
         self._assembler: ChunkAssembler | None = None
 
-    def feed(self, msg: pb.GetSnapshotResponse) -> None:
-        if msg.WhichOneof("part") == "info":
+    def feed(self, msg: pb.GetSnapshotResponse | WireChunk) -> None:
+        if not isinstance(msg, WireChunk) and msg.WhichOneof("part") == "info":
             if self.info is not None:
                 raise InvalidArgument("GetSnapshot stream carried two info messages")
             self.info = msg.info
@@ -283,11 +326,11 @@ class SnapshotReader:
             return
         if self._assembler is None:
             raise InvalidArgument("GetSnapshot stream sent a chunk before the snapshot info")
-        done = self._assembler.add(msg.chunk)
+        done = self._assembler.add(msg if isinstance(msg, WireChunk) else msg.chunk)
         if done is not None:
             self.payloads[done.key] = done.data
 
-    def finish(self) -> tuple[pb.SnapshotInfo, list[bytes | bytearray]]:
+    def finish(self) -> tuple[pb.SnapshotInfo, list[bytes | bytearray | memoryview]]:
         """The info and the payloads in segment order."""
         if self.info is None or self._assembler is None:
             raise InvalidArgument("GetSnapshot stream ended without the snapshot info")
@@ -299,8 +342,8 @@ class SnapshotReader:
 
 
 def read_snapshot_stream(
-    messages: Iterable[pb.GetSnapshotResponse], max_bytes: int
-) -> tuple[pb.SnapshotInfo, list[bytes | bytearray]]:
+    messages: Iterable[pb.GetSnapshotResponse | WireChunk], max_bytes: int
+) -> tuple[pb.SnapshotInfo, list[bytes | bytearray | memoryview]]:
     """Collect a whole GetSnapshot stream."""
     reader = SnapshotReader(max_bytes)
     for msg in messages:
@@ -310,7 +353,7 @@ def read_snapshot_stream(
 
 def decode_snapshot(
     info: pb.SnapshotInfo,
-    payloads: Sequence[bytes | bytearray],
+    payloads: Sequence[bytes | bytearray | memoryview],
     *,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
