@@ -228,11 +228,15 @@ def iter_chunks(
     return (m.chunk for m in chunk_messages(_Bare, key, payload, chunk_bytes))
 
 
+_MIN_PART = 64 << 10  # chunks at least this large are kept as received until the join
+
+
 class Assembled(NamedTuple):
     """One whole payload out of a stream.
 
-    ``data`` is the buffer the chunks were gathered in (no further copy); ``digest`` its BLAKE3
-    digest, computed over exactly these bytes as they arrived (None when hashing was not asked).
+    ``data`` is the chunks joined with one copy (a lone chunk is passed on as is); ``digest`` its
+    BLAKE3 digest, computed over exactly these bytes as they arrived (None when hashing was not
+    asked).
     """
 
     key: bytes
@@ -243,9 +247,10 @@ class Assembled(NamedTuple):
 class ChunkAssembler:
     """Reassemble consecutive chunks into whole payloads, enforcing the framing and size limits.
 
-    A payload's declared size is checked against the limits first, and the buffer grows with the
-    bytes that actually arrive: a sender that declares a large payload and stalls or lies holds no
-    more memory than it sent.
+    A payload's declared size is checked against the limits first, and its chunks are kept as
+    they arrive and joined once when the last one does (growing one buffer chunk by chunk would
+    copy it again on every reallocation): a sender that declares a large payload and stalls or
+    lies holds no more memory than it sent.
 
     Args:
         max_payload_bytes: largest declared size of one payload.
@@ -260,7 +265,8 @@ class ChunkAssembler:
         self._total = 0
         self._received = 0
         self._key: bytes | None = None
-        self._buf = bytearray()
+        self._parts: list[bytes | bytearray | memoryview] = []
+        self._filled = 0
         self._hasher: blake3.blake3 | None = None
         self._size = 0
 
@@ -284,7 +290,7 @@ class ChunkAssembler:
             raise InvalidArgument(
                 f"chunk for block {chunk.key.hex()} arrived before block {self._key.hex()} was complete"
             )
-        filled = len(self._buf)
+        filled = self._filled
         if chunk.total_bytes != self._size or chunk.offset != filled:
             raise InvalidArgument(
                 f"block {self._key.hex()}: chunk at offset {chunk.offset} (size {chunk.total_bytes}) "
@@ -296,7 +302,7 @@ class ChunkAssembler:
         """Raise if a payload was left incomplete when the stream ended."""
         if self._key is not None:
             raise InvalidArgument(
-                f"stream ended inside block {self._key.hex()}: {len(self._buf)} of {self._size} bytes"
+                f"stream ended inside block {self._key.hex()}: {self._filled} of {self._size} bytes"
             )
 
     def _start(self, chunk: pb.BlockChunk | WireChunk, data: bytes | memoryview) -> Assembled | None:
@@ -320,7 +326,7 @@ class ChunkAssembler:
         if len(data) == size:  # the common case: a whole payload in one message, no copy
             return Assembled(key, data, blake3.blake3(data).digest() if self._digest else None)
         self._key = key
-        self._buf = bytearray()
+        self._parts, self._filled = [], 0
         self._hasher = blake3.blake3() if self._digest else None
         self._size = size
         return self._append(data)
@@ -328,14 +334,21 @@ class ChunkAssembler:
     def _append(self, data: bytes | memoryview) -> Assembled | None:
         if self._key is None:
             raise InvalidArgument("chunk arrived with no block in progress")
-        buf = self._buf
-        if len(buf) + len(data) > self._size:
+        if self._filled + len(data) > self._size:
             raise InvalidArgument(f"block {self._key.hex()}: chunks overrun the declared {self._size} bytes")
-        buf += data
+        if len(data) >= _MIN_PART:
+            self._parts.append(data)
+        elif self._parts and isinstance(self._parts[-1], bytearray):
+            self._parts[-1] += data
+        else:  # small chunks are gathered in one buffer: no per-chunk object overhead to exploit
+            self._parts.append(bytearray(data))
+        self._filled += len(data)
         if self._hasher is not None:
             self._hasher.update(data)
-        if len(buf) < self._size:
+        if self._filled < self._size:
             return None
-        done = Assembled(self._key, buf, None if self._hasher is None else self._hasher.digest())
-        self._key, self._buf, self._hasher = None, bytearray(), None
+        done = Assembled(
+            self._key, b"".join(self._parts), None if self._hasher is None else self._hasher.digest()
+        )
+        self._key, self._parts, self._filled, self._hasher = None, [], 0, None
         return done

@@ -80,3 +80,23 @@ def test_every_protobuf_chunk_parses_by_hand(key: bytes, offset: int, total: int
     msg = pb.GetSnapshotResponse(chunk=pb.BlockChunk(key=key, offset=offset, total_bytes=total, data=data))
     parsed = parse_chunk_message(msg.SerializeToString())
     assert parsed is not None and _fields(parsed) == (key, offset, total, data)
+
+
+def test_assembly_of_large_and_small_chunks_in_any_mix() -> None:
+    payload = bytes(i * 13 % 256 for i in range(300_000))
+    sizes = [70_000, 10, 10, 100_000, 5, 65_536, 64_439]
+    assert sum(sizes) == len(payload)
+    asm = ChunkAssembler(max_payload_bytes=len(payload), max_total_bytes=len(payload), digest=True)
+    offset, done = 0, None
+    for n in sizes:
+        raw = pb.PutSnapshotRequest(
+            chunk=pb.BlockChunk(
+                key=KEY, offset=offset, total_bytes=len(payload), data=payload[offset : offset + n]
+            )
+        ).SerializeToString()
+        assert done is None
+        done = asm.add(parse_chunk_message(raw))  # type: ignore[arg-type]
+        offset += n
+    assert done is not None and done.data == payload and done.digest == blake3.blake3(payload).digest()
+    assert asm.received_bytes == len(payload)
+    asm.finish()
