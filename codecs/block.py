@@ -131,7 +131,12 @@ def _check_scores(scores: Sequence[torch.Tensor] | None, n_layers: int) -> list[
 
 
 def encode_block(
-    layers: Layers, spec: CodecSpec | str, *, start: int = 0, scores: Sequence[torch.Tensor] | None = None
+    layers: Layers,
+    spec: CodecSpec | str,
+    *,
+    start: int = 0,
+    scores: Sequence[torch.Tensor] | None = None,
+    seq_end: int | None = None,
 ) -> bytes:
     """Encode the KV of one block of tokens.
 
@@ -142,6 +147,9 @@ def encode_block(
         start: absolute position of the block's first token (sink tokens are positions < sink).
         scores: optional per layer (kv_heads, tokens) importance for eviction (higher = keep);
             None: the key-norm proxy. Ignored without eviction.
+        seq_end: absolute end of the sequence when this segment is sealed: keep<P> always keeps
+            positions >= ``seq_end - r<N>`` (None: ``start + tokens``, the block ends the sequence).
+            Ignored by the other codecs (pe/adapt keep the block's own last tokens).
     Returns:
         The payload (format.py); ``len()`` counts every byte.
     Raises:
@@ -153,16 +161,19 @@ def encode_block(
     n_layers = len(pairs)
     dtype = _dtype_name(pairs[0][0].dtype)
     check_dims(n_layers, h, d, n, start, CodecError)
+    if seq_end is not None and seq_end < start + n:
+        raise CodecError(f"seq_end {seq_end} is before the block's end {start + n}")
+    kept = spec.kept_tokens(n, start, seq_end)
     per_layer_scores = _check_scores(scores if spec.evicts else None, n_layers)
     key_codec, value_codec = _codecs(spec, pairs[0][0].dtype)
     sink = spec.fp16_sink_tokens(n, start)
-    expected = section_sizes(spec, n_layers, h, d, n, start, dtype)
+    expected = section_sizes(spec, n_layers, h, d, n, start, dtype, kept)
 
     parts: list[list[torch.Tensor]] = [[] for _ in expected]
     masks = []
     for (k, v), score in zip(pairs, per_layer_scores, strict=True):
         if spec.evicts:
-            idx = keep_indices(k, spec, start, score)
+            idx = keep_indices(k, spec, start, score, seq_end)
             k, v = gather_tokens(k, idx), gather_tokens(v, idx)
             masks.append(mask_from_indices(idx, n))
         layer_parts = [*key_codec.encode(k[:, sink:]), *value_codec.encode(v[:, sink:])]
@@ -182,7 +193,8 @@ def encode_block(
     for (kind, _), size in zip(expected, sizes, strict=True):
         raw = body[offset : offset + size]
         offset += size
-        packed = compress(raw) if spec.entropy or spec.kind == "lossless" else None
+        raw_mask = kind == Section.MASK and spec.eviction == "keep"  # read_header counts its bits
+        packed = compress(raw) if (spec.entropy or spec.kind == "lossless") and not raw_mask else None
         table.append(
             (kind, FLAG_ZSTD if packed is not None else 0, len(packed if packed is not None else raw))
         )
@@ -219,7 +231,8 @@ def decode_block(
     target = torch.device(device) if device is not None else torch.device("cpu")
     orig_dtype = getattr(torch, hdr.dtype)
     out_dtype = dtype or orig_dtype
-    expected = section_sizes(spec, n_layers, h, d, n, hdr.start, hdr.dtype)
+    kept = hdr.kept_tokens
+    expected = section_sizes(spec, n_layers, h, d, n, hdr.start, hdr.dtype, kept)
     view = memoryview(payload).cast("B")
     sections = []
     for (kind, flags, offset, length), (_, raw_size) in zip(hdr.sections, expected, strict=True):
@@ -232,7 +245,6 @@ def decode_block(
             flat, per = _section_tensor(data, target), raw_size // n_layers
             sections.append([flat.narrow(0, i * per, per) for i in range(n_layers)])
 
-    kept = hdr.kept_tokens
     sink = spec.fp16_sink_tokens(n, hdr.start)
     key_codec, value_codec = _codecs(spec, orig_dtype)
     n_key_parts = sum(1 for kind, _ in expected if kind in (Section.K_DATA, Section.K_PARAMS))

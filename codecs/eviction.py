@@ -1,9 +1,11 @@
 """Token eviction: which tokens of a block each KV head keeps.
 
-Per layer and KV head, a block of ``n`` tokens keeps exactly ``spec.kept_tokens(n, start)``
-tokens (see ``spec.py`` for the budget): always the sink (absolute positions below
-``spec.eviction_sink``) and the last ``spec.recent`` tokens of the block; for ``pe<X>`` also the
-first ``ceil(n * X / 100)`` tokens; the rest of the budget goes to the highest scores.
+Per layer and KV head, a block of ``n`` tokens keeps exactly ``spec.kept_tokens(n, start,
+seq_end)`` tokens (see ``spec.py`` for the budget): always the sink (absolute positions below
+``spec.eviction_sink``) and the recent window (pe/adapt: the last ``spec.recent`` tokens of the
+block; keep<P>: absolute positions >= ``seq_end - spec.recent``, the sequence's last tokens as
+known when the segment is sealed); for ``pe<X>`` also the first ``ceil(n * X / 100)`` tokens; the
+rest of the budget goes to the highest scores.
 
 Scores are importance, higher = keep: the engine's attention mass from an observation window
 (SnapKV, Li et al. 2024; H2O) when given, else the key-norm proxy ``-||k||_2`` (tokens with small
@@ -26,7 +28,11 @@ __all__ = ["gather_tokens", "keep_indices", "mask_from_indices"]
 
 
 def keep_indices(
-    keys: torch.Tensor, spec: CodecSpec, start: int, scores: torch.Tensor | None = None
+    keys: torch.Tensor,
+    spec: CodecSpec,
+    start: int,
+    scores: torch.Tensor | None = None,
+    seq_end: int | None = None,
 ) -> torch.Tensor:
     """Kept token indices per head, ascending.
 
@@ -35,11 +41,12 @@ def keep_indices(
         spec: a spec with eviction.
         start: absolute position of the block's first token.
         scores: optional (kv_heads, n_tokens) importance; NaN counts as least important.
+        seq_end: absolute end of the sequence (keep<P>'s recent window; None: the block's end).
     Returns:
-        (kv_heads, kept) int64, kept = spec.kept_tokens(n_tokens, start).
+        (kv_heads, kept) int64, kept = spec.kept_tokens(n_tokens, start, seq_end).
     """
     h, n, _ = keys.shape
-    kept = spec.kept_tokens(n, start)
+    kept = spec.kept_tokens(n, start, seq_end)
     if kept == n:
         return torch.arange(n, device=keys.device).expand(h, n)
     if scores is None:
@@ -51,10 +58,9 @@ def keep_indices(
             )
         score = torch.nan_to_num(scores.to(device=keys.device, dtype=torch.float32), nan=-torch.inf)
         score = score.clone()
-    prefix = spec.forced_prefix(n, start)
-    recent = min(spec.recent, n)
+    prefix, tail = spec.forced_range(n, start, seq_end)
     score[:, :prefix] = torch.inf
-    score[:, n - recent :] = torch.inf
+    score[:, tail:] = torch.inf
     return torch.topk(score, kept, dim=-1, sorted=False).indices.sort(dim=-1).values
 
 

@@ -21,6 +21,10 @@ Layout, little-endian::
 Every size is derived from the header and checked before use: section kinds and order, and the
 length of each raw section, must equal what the spec and dimensions imply; a compressed section
 must be no longer than its raw size; the payload must end exactly after the last section.
+For keep<P> specs the kept count depends on where the sequence ended when the block was sealed, so
+it is read from the keep mask (the last section, never compressed for keep<P>): its set bits over
+the (n_layers, kv_heads, n_tokens) mask, divided by n_layers * kv_heads, checked against the spec's
+budget; everything else is derived as above.
 Each section holds one part (codes, scales, ...) of every layer, layer after layer.
 """
 
@@ -87,6 +91,7 @@ class BlockHeader:
         dtype: original dtype name ("float16", "bfloat16", "float32").
         sections: (kind, flags, offset, length) of each section, offsets into the payload.
         header_nbytes: bytes before the first section.
+        kept_tokens: tokens per head after eviction.
     """
 
     spec: CodecSpec
@@ -98,14 +103,11 @@ class BlockHeader:
     dtype: str
     sections: tuple[tuple[Section, int, int, int], ...]
     header_nbytes: int
+    kept_tokens: int
 
     @property
     def fp16_nbytes(self) -> int:
         return self.n_layers * 2 * self.kv_heads * self.n_tokens * self.head_dim * 2
-
-    @property
-    def kept_tokens(self) -> int:
-        return self.spec.kept_tokens(self.n_tokens, self.start)
 
     @property
     def version(self) -> int:
@@ -136,11 +138,21 @@ def _groups(n: int, group: int) -> int:
 
 
 def section_sizes(
-    spec: CodecSpec, n_layers: int, kv_heads: int, head_dim: int, n_tokens: int, start: int, dtype: str
+    spec: CodecSpec,
+    n_layers: int,
+    kv_heads: int,
+    head_dim: int,
+    n_tokens: int,
+    start: int,
+    dtype: str,
+    kept: int | None = None,
 ) -> list[tuple[Section, int]]:
-    """Raw (pre-zstd) byte size of every section, by exact arithmetic. Pure, no torch."""
+    """Raw (pre-zstd) byte size of every section, by exact arithmetic. Pure, no torch.
+
+    ``kept`` (tokens per head after eviction) defaults to ``spec.kept_tokens(n_tokens, start)``.
+    """
     h, d, g = kv_heads, head_dim, spec.group_size
-    kept = spec.kept_tokens(n_tokens, start)
+    kept = spec.kept_tokens(n_tokens, start) if kept is None else kept
     sink = spec.fp16_sink_tokens(n_tokens, start)
     q = kept - sink
     if spec.kind == "fp16":
@@ -185,16 +197,19 @@ def encoded_nbytes(
     n_tokens: int,
     start: int = 0,
     dtype: str = "float16",
+    seq_end: int | None = None,
 ) -> int:
     """Exact payload size in bytes for specs without an entropy stage; an upper bound with one.
 
-    (The zstd stage keeps a section raw when compressing does not make it smaller.)
+    (The zstd stage keeps a section raw when compressing does not make it smaller.) ``seq_end``:
+    as in ``encode_block`` (keep<P> only).
     """
     spec = CodecSpec.parse(spec) if isinstance(spec, str) else spec
     if dtype not in DTYPE_CODES:
         raise InvalidArgument(f"unsupported dtype {dtype!r}; expected one of {sorted(DTYPE_CODES)}")
     check_dims(n_layers, kv_heads, head_dim, n_tokens, start, InvalidArgument)
-    sizes = section_sizes(spec, n_layers, kv_heads, head_dim, n_tokens, start, dtype)
+    kept = spec.kept_tokens(n_tokens, start, seq_end)
+    sizes = section_sizes(spec, n_layers, kv_heads, head_dim, n_tokens, start, dtype, kept)
     return _header_nbytes(spec.canonical(), len(sizes)) + sum(size for _, size in sizes)
 
 
@@ -224,6 +239,42 @@ def pack_header(
         len(table),
     )
     return fixed + spec_text + b"".join(_ENTRY.pack(int(k), f, n) for k, f, n in table)
+
+
+def _kept_from_mask(
+    view: memoryview,
+    spec: CodecSpec,
+    n_layers: int,
+    kv_heads: int,
+    n_tokens: int,
+    start: int,
+    header_nbytes: int,
+    n_sect: int,
+) -> int:
+    """Tokens per head after eviction: for keep<P> counted in the raw keep mask (the last section)."""
+    if spec.eviction != "keep":
+        return spec.kept_tokens(n_tokens, start)
+    if n_sect < 1:
+        raise FormatError(f"spec {spec.canonical()} needs a keep mask section; the table lists none")
+    entry_at = _FIXED.size + len(spec.canonical())
+    entries = [_ENTRY.unpack_from(view, entry_at + i * _ENTRY.size) for i in range(n_sect)]
+    code, flags, length = entries[-1]
+    n_bits = n_layers * kv_heads * n_tokens
+    if code != Section.MASK or flags or length != _groups(n_bits, 8):
+        raise FormatError(f"spec {spec.canonical()} needs a raw keep mask of {_groups(n_bits, 8)} bytes last")
+    offset = header_nbytes + sum(e[2] for e in entries[:-1])
+    if offset + length > len(view):
+        raise FormatError(f"payload of {len(view)} bytes is truncated inside its keep mask")
+    bits = int.from_bytes(view[offset : offset + length], "little") & ((1 << n_bits) - 1)
+    kept, rest = divmod(bits.bit_count(), n_layers * kv_heads)
+    low = spec.kept_tokens(n_tokens, start, start + n_tokens + spec.recent)  # recent window past the block
+    if rest or not low <= kept <= n_tokens:
+        raise FormatError(
+            f"keep mask sets {bits.bit_count()} bits; a block of {n_tokens} tokens with spec "
+            f"{spec.canonical()} keeps between {low} and {n_tokens} tokens per head on each of "
+            f"{n_layers * kv_heads} heads"
+        )
+    return kept
 
 
 def read_header(payload: bytes | bytearray | memoryview) -> BlockHeader:
@@ -267,7 +318,8 @@ def read_header(payload: bytes | bytearray | memoryview) -> BlockHeader:
         raise FormatError(
             f"spec {spec_text} rotates keys, which needs a power-of-two head_dim, not {head_dim}"
         )
-    expected = section_sizes(spec, n_layers, kv_heads, head_dim, n_tokens, start, dtype)
+    kept = _kept_from_mask(view, spec, n_layers, kv_heads, n_tokens, start, header_nbytes, n_sect)
+    expected = section_sizes(spec, n_layers, kv_heads, head_dim, n_tokens, start, dtype, kept)
     if n_sect != len(expected):
         raise FormatError(f"spec {spec_text} has {len(expected)} sections, the table lists {n_sect}")
     sections = []
@@ -293,5 +345,5 @@ def read_header(payload: bytes | bytearray | memoryview) -> BlockHeader:
     if offset != total:
         raise FormatError(f"{total - offset} trailing bytes after the last section (ends at byte {offset})")
     return BlockHeader(
-        spec, n_layers, kv_heads, head_dim, n_tokens, start, dtype, tuple(sections), header_nbytes
+        spec, n_layers, kv_heads, head_dim, n_tokens, start, dtype, tuple(sections), header_nbytes, kept
     )

@@ -10,7 +10,9 @@ Grammar (``-``-separated, options in any order, each at most once)::
     sink<N>   fp8/kXvY: the first N absolute positions are stored in fp16 instead
     pe<X>     eviction, preserve-early: the first X% of the block's tokens are always kept
     adapt<X>  eviction, adaptive: same budget as pe<X>, every token eligible by score
-    r<N>      eviction: the last N tokens of the block are always kept (default 16)
+    keep<P>   eviction, exact budget: keep P% (1..100) of each block's tokens, chosen by score
+    r<N>      eviction: the recent window of N tokens is always kept (default 16); for pe/adapt the
+              last N tokens of the block, for keep<P> the last N tokens of the sequence
 
 Eviction budget (both policies): a block of n tokens keeps ``ceil(n * (100 + X) / 200)`` tokens,
 i.e. X% of the tokens plus half of the rest, never fewer than the tokens it must keep (the sink:
@@ -21,6 +23,15 @@ size). Evicted tokens are absent from the decoded block; positions say which wer
 "The block" is what one ``encode_block`` call gets (a store segment): eviction is decided when a
 block is sealed, from that block alone, so blocks stay immutable and dedup keeps working; pe<X>
 preserves the early part of each block (of the whole sequence when it is encoded as one block).
+
+keep<P> budget: a block of n tokens keeps ``ceil(n * P / 100)`` tokens, raised only to the tokens
+it must keep: the sink (absolute positions < max(4, sink N)) and the tokens at absolute positions
+>= ``seq_end - N`` (r<N>), where ``seq_end`` is the end of the sequence when the segment is sealed
+(``encode_block(..., seq_end=)``; default: the block's own end). So only the blocks holding the
+sequence's last N tokens keep more than P%; every other block keeps exactly P%, whatever the
+sequence that follows it. The kept count is read back from the block's keep mask (format.py).
+This is the benchmark's dedup-safe frontier (docs/results/quality_levers.md): at equal ratio it
+beats pe<X>/adapt<X>, whose half-of-the-rest budget cannot go below 50%.
 
 Key axis: kc is the default because on real SmolLM2 KV (rotated keys) it measured a relative
 key error of 0.049 vs 0.085 for kt at 4 bits and 0.25 vs 0.43 at 2 bits, and k4v4 next-token
@@ -42,7 +53,7 @@ __all__ = ["EVICTION_SINK", "TIERS", "CodecSpec", "Tier"]
 
 Kind = Literal["fp16", "lossless", "fp8", "quant"]
 KeyAxis = Literal["channel", "token"]
-Eviction = Literal["none", "pe", "adapt"]
+Eviction = Literal["none", "pe", "adapt", "keep"]
 
 EVICTION_SINK = 4
 """Absolute positions below this are never evicted (attention sinks, Xiao et al. 2023)."""
@@ -54,7 +65,7 @@ _BITS = (2, 4, 8)
 _MAX_SINK = 1024
 _MAX_RECENT = 1 << 20
 
-_OPTION = re.compile(r"^(g|sink|pe|adapt|r)(\d{1,7})$")
+_OPTION = re.compile(r"^(g|sink|pe|adapt|keep|r)(\d{1,7})$")
 
 
 @dataclass(frozen=True)
@@ -102,9 +113,11 @@ class CodecSpec:
             raise InvalidArgument(f"sink<N> has no meaning for {self.kind}: every token is stored exactly")
         if self.entropy and self.kind == "lossless":
             raise InvalidArgument("lossless always uses zstd: drop the 'z' option")
-        if self.eviction not in ("none", "pe", "adapt"):
+        if self.eviction not in ("none", "pe", "adapt", "keep"):
             raise InvalidArgument(f"unknown eviction policy {self.eviction!r}")
-        if self.eviction != "none" and not 0 <= self.evict_pct < 100:
+        if self.eviction == "keep" and not 1 <= self.evict_pct <= 100:
+            raise InvalidArgument(f"keep percentage {self.evict_pct} must be in [1, 100]")
+        if self.eviction in ("pe", "adapt") and not 0 <= self.evict_pct < 100:
             raise InvalidArgument(f"eviction percentage {self.evict_pct} must be in [0, 100)")
         if not 0 <= self.recent <= _MAX_RECENT:
             raise InvalidArgument(f"recent window {self.recent} must be in [0, {_MAX_RECENT}]")
@@ -127,7 +140,7 @@ class CodecSpec:
         for opt in options:
             m = _OPTION.fullmatch(opt)
             key = m.group(1) if m else opt
-            if key in ("pe", "adapt"):
+            if key in ("pe", "adapt", "keep"):
                 key = "eviction"
             if key in ("kc", "kt"):
                 key = "axis"
@@ -156,7 +169,7 @@ class CodecSpec:
                 fields["eviction"] = m.group(1)
                 fields["evict_pct"] = int(m.group(2))
         if "r" in seen and "eviction" not in seen:
-            raise InvalidArgument(f"r<N> needs an eviction policy (pe<X> or adapt<X>) in {text!r}")
+            raise InvalidArgument(f"r<N> needs an eviction policy (pe<X>, adapt<X> or keep<P>) in {text!r}")
         if "g" in seen and fields["kind"] in ("fp16", "lossless"):
             raise InvalidArgument(f"g<N> has no meaning for {fields['kind']}")
         return cls(**fields)  # type: ignore[arg-type]
@@ -199,21 +212,47 @@ class CodecSpec:
         """Absolute positions below this are never evicted."""
         return max(EVICTION_SINK, self.sink)
 
-    def kept_tokens(self, n_tokens: int, start: int = 0) -> int:
+    def kept_tokens(self, n_tokens: int, start: int = 0, seq_end: int | None = None) -> int:
         """Tokens a block of ``n_tokens`` starting at absolute ``start`` keeps (same for every head).
 
-        The budget ``ceil(n * (100 + X) / 200)``, raised to the tokens that must stay: the sink,
-        the recent window and, for pe<X>, the first ``ceil(n * X / 100)`` tokens.
+        pe<X>/adapt<X>: the budget ``ceil(n * (100 + X) / 200)``, raised to the sink, the block's
+        last ``recent`` tokens and, for pe<X>, the first ``ceil(n * X / 100)`` tokens.
+        keep<P>: ``ceil(n * P / 100)``, raised to the sink and the tokens at positions >=
+        ``seq_end - recent`` (``seq_end`` None: the block's end). ``seq_end`` is ignored by pe/adapt.
         """
         if not self.evicts:
             return n_tokens
-        budget = -(-n_tokens * (100 + self.evict_pct) // 200)
-        return max(budget, self.forced_prefix(n_tokens, start) + min(self.recent, n_tokens))
+        prefix, tail = self.forced_range(n_tokens, start, seq_end)
+        if self.eviction == "keep":
+            budget = -(-n_tokens * self.evict_pct // 100)
+        else:
+            budget = -(-n_tokens * (100 + self.evict_pct) // 200)
+        return max(budget, prefix + n_tokens - tail)
+
+    def forced_range(self, n_tokens: int, start: int = 0, seq_end: int | None = None) -> tuple[int, int]:
+        """(prefix, tail): block indices ``[0, prefix)`` and ``[tail, n_tokens)`` are always kept.
+
+        Raises:
+            InvalidArgument: ``seq_end`` is before the block's end.
+        """
+        end = start + n_tokens
+        if seq_end is not None and self.eviction == "keep" and seq_end < end:
+            raise InvalidArgument(f"seq_end {seq_end} is before the block's end {end}")
+        if self.eviction == "keep":
+            tail = min(max((end if seq_end is None else seq_end) - self.recent - start, 0), n_tokens)
+        else:
+            tail = n_tokens - min(self.recent, n_tokens)
+        return min(self.forced_prefix(n_tokens, start), tail), tail
 
     def forced_prefix(self, n_tokens: int, start: int = 0) -> int:
-        """Length of the block prefix that eviction always keeps (sink, plus pe<X>'s early part)."""
+        """Length of the block prefix that eviction always keeps (sink, plus pe<X>'s early part).
+
+        For pe/adapt it never reaches into the block's recent window.
+        """
         sink = min(max(self.eviction_sink - start, 0), n_tokens)
         early = -(-n_tokens * self.evict_pct // 100) if self.eviction == "pe" else 0
+        if self.eviction == "keep":
+            return sink
         return min(max(sink, early), n_tokens - min(self.recent, n_tokens))
 
     def fp16_sink_tokens(self, n_tokens: int, start: int = 0) -> int:

@@ -1,5 +1,8 @@
 """List the codec tiers: bits per element with every byte counted, ratio vs FP16, bit-exactness.
 
+``--max-kl X`` instead prints the spec with the highest ratio measured under mean KL X on real
+text (``deltastore.bench.quality_tiers.pick_tier``, from the shipped quality run).
+
 Figures are exact byte arithmetic (``encoded_nbytes``, which the tests prove equal to real
 payload sizes) for a reference block: the Mistral-7B KV shape (32 layers x 8 KV heads x 128
 head_dim), 4096 tokens at position 0. Codecs with a zstd stage (lossless) depend on the data;
@@ -15,6 +18,7 @@ from typing import Any
 
 from deltastore.codecs.format import encoded_nbytes
 from deltastore.codecs.spec import TIERS, Tier
+from deltastore.errors import InvalidArgument, NotFound
 
 __all__ = ["REFERENCE_BLOCK", "add_arguments", "run", "tier_row", "tier_rows"]
 
@@ -61,9 +65,43 @@ def _fmt(value: Any, spec: str = "") -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the table as JSON")
+    parser.add_argument(
+        "--max-kl",
+        type=float,
+        default=None,
+        metavar="X",
+        help="print the measured spec with the highest ratio at mean KL <= X (nats/token) and exit",
+    )
+
+
+def _pick(max_kl: float, as_json: bool) -> int:
+    """Print pick_tier(max_kl) with its measured figures; 2 when nothing measured fits."""
+    from deltastore.bench.quality_tiers import load_table, pick_tier
+
+    table = load_table()
+    try:
+        spec = pick_tier(max_kl, table=table)
+    except (InvalidArgument, NotFound) as exc:
+        print(f"deltastore codecs: {exc.message}" + (f" ({exc.hint})" if exc.hint else ""), file=sys.stderr)
+        return 2
+    point = next(p for p in table["points"] if p["spec"] == spec)
+    src = table["source"]
+    if as_json:
+        json.dump({"max_kl": max_kl, **point, "source": src}, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return 0
+    print(spec)
+    print(
+        f"measured: {point['ratio']:.2f}x vs FP16, mean KL {point['kl_mean']:.4g} nats, top-1 "
+        f"{point['top1']:.3f} (scores: {point['scores']}; {src['model']}, {src['windows']} windows, "
+        f"{src['block']}-token blocks)"
+    )
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.max_kl is not None:
+        return _pick(args.max_kl, args.json)
     rows = tier_rows()
     if args.json:
         json.dump({"reference_block": REFERENCE_BLOCK, "tiers": rows}, sys.stdout, indent=2)
@@ -76,9 +114,11 @@ def run(args: argparse.Namespace) -> int:
     )
     print("Eviction pe<X>/adapt<X>: keep ceil(n*(100+X)/200) tokens per head (X% + half the rest);")
     print("pe<X> always keeps the first X%, adapt<X> picks every kept token by score; both keep the")
-    print(
-        "first 4 positions (sink) and the last 16 tokens of the block. Evicted tokens are absent at decode."
-    )
+    print("first 4 positions (sink) and the last r<N> (default 16) tokens of the block.")
+    print("keep<P>: keep exactly ceil(n*P/100) tokens per head by score, plus the sink and the last r<N>")
+    print("tokens of the sequence (blocks holding them keep more). Eviction is decided when a segment is")
+    print("sealed, with the sequence end known then. Evicted tokens are absent at decode.")
+    print("`deltastore codecs --max-kl X` picks the best measured spec for a quality budget.")
     print("'-' = not applicable, or data-dependent (zstd).\n")
     header = ("tier", "spec", "K", "V", "group", "bits/elem", "ratio", "report", "bit-exact", "kept")
     table = [
