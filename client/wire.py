@@ -214,7 +214,8 @@ def encode_missing(
 
     The cache may hold fewer tokens than the snapshot when it was restored with an evicting codec:
     its last tokens are then still the sequence's last tokens, and a turn only ever encodes its
-    new tokens (the parent's segments are reused), so those are what is sliced.
+    new tokens (the parent's segments are reused), so those are what is sliced. Every segment is
+    sealed knowing the sequence ends at ``token_count``: keep<P> codecs keep its last r<N> tokens.
 
     Args:
         plan: from PlanSnapshot for these tokens.
@@ -247,7 +248,7 @@ def encode_missing(
         lo, hi = seg.start - shift, seg.end - shift
         seg_scores = [s[..., lo:hi] for s in scores] if scores is not None else None
         payloads[seg.key] = encode_block(
-            slice_layers(layers, lo, hi), spec, start=seg.start, scores=seg_scores
+            slice_layers(layers, lo, hi), spec, start=seg.start, scores=seg_scores, seq_end=token_count
         )
     return payloads
 
