@@ -1,16 +1,17 @@
 """What the quality benchmark compares: codec tiers, frontier experiments and peers.
 
 Every config turns a window's stored cache into a restored cache of kept tokens and says how many
-bytes it stored. Product rows (``CodecConfig``) go through ``encode_block``/``decode_block`` one
-store segment at a time, exactly as the service stores them. Frontier rows (``EvictQuantConfig``)
-try eviction budgets the codec's spec grammar cannot express yet: they choose the kept tokens
-here, then store them with ``encode_block`` (no eviction in the spec) and add the keep mask's
-bits, the same bytes the codec's MASK section would take.
+bytes it stored. Every row goes through ``encode_block``/``decode_block`` one store segment at a
+time, each segment sealed with the sequence's end known (``seq_end``), exactly as the service
+stores them. Eviction rows (``EvictQuantConfig``) are ``<quant>-keep<P>-r<N>`` codec specs: the
+codec picks the kept tokens (its keep mask is counted in the payload). Two frontier variants are
+labelled as measurements, not product specs: a shared prefix left whole (its segments stored with
+the spec's quantization and no eviction), and, NOT dedup-safe, one SnapKV budget over the whole
+cache (the cache as one segment, scored by the prompt's last queries).
 """
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 
@@ -109,39 +110,42 @@ class CodecConfig(Config):
 
     def run(self, model: object, window: Window) -> Trial:
         spec = CodecSpec.parse(self.spec)
-        scores = None if self.scores in (None, "knorm") or not spec.evicts else window.scores[self.scores]
-        payloads, t0 = [], time.perf_counter()
-        for s, e in segments(window.n_cached, self.block):
-            seg_scores = None if scores is None else [sc[:, s:e] for sc in scores]
-            payloads.append(encode_block(_slice(window.layers, s, e), spec, start=s, scores=seg_scores))
-        t1 = time.perf_counter()
-        decoded = [decode_block(p, dtype=torch.float16).layers for p in payloads]
-        t2 = time.perf_counter()
-        layers = _concat(decoded)
-        return Trial(
-            layers, sum(map(len, payloads)), layers[0][0].shape[1] / window.n_cached, t1 - t0, t2 - t1
-        )
+        return _store(window, [(s, e, spec) for s, e in segments(window.n_cached, self.block)], self.scores)
 
 
-def keep_topk(scores: torch.Tensor, keep: int, forced: torch.Tensor) -> torch.Tensor:
-    """(kv_heads, n) scores, forced (n,) bool -> (kv_heads, keep) kept indices, ascending."""
-    s = torch.nan_to_num(scores.float(), nan=-torch.inf).masked_fill(forced[None, :], torch.inf)
-    return torch.topk(s, keep, dim=-1, sorted=False).indices.sort(dim=-1).values
+def _store(window: Window, plan: list[tuple[int, int, CodecSpec]], scores: str | None) -> Trial:
+    """Encode each planned segment ``[s, e)`` with its spec (sealed at the window's end), decode all.
+
+    ``scores``: the window's score source sliced per segment ("block", "window"), or None/"knorm"
+    for the codec's key-norm proxy.
+    """
+    source = None if scores in (None, "knorm") else window.scores[scores]
+    n_total, payloads, t0 = window.n_cached, [], time.perf_counter()
+    for s, e, spec in plan:
+        seg_scores = None if source is None or not spec.evicts else [sc[:, s:e] for sc in source]
+        layers = _slice(window.layers, s, e)
+        payloads.append(encode_block(layers, spec, start=s, scores=seg_scores, seq_end=n_total))
+    t1 = time.perf_counter()
+    decoded = [decode_block(p, dtype=torch.float16).layers for p in payloads]
+    t2 = time.perf_counter()
+    restored = _concat(decoded)
+    return Trial(restored, sum(map(len, payloads)), restored[0][0].shape[1] / n_total, t1 - t0, t2 - t1)
 
 
 @dataclass(frozen=True)
 class EvictQuantConfig(Config):
-    """Frontier: keep a fraction of each segment by score, then quantize the kept tokens.
+    """Eviction rows: the codec spec ``<quant>-keep<P>-r<recent>`` per store segment.
 
     Attributes:
-        spec: the row's spec in the proposed grammar (``<quant>-keep<P>``).
-        quant: the codec spec (no eviction) the kept tokens are stored with.
-        keep: fraction of each segment's tokens kept, (0, 1].
+        spec: the row's spec, ``<quant>-keep<P>-r<recent>`` (what the product stores).
+        quant: the spec without eviction (the shared prefix's segments use it).
+        keep: fraction of each segment's tokens kept, a whole percentage in (0, 1].
         scores: "block", "window" or "knorm".
-        sink: absolute positions below this are always kept.
-        recent: the last tokens of the cache are always kept.
-        whole: the first ``whole`` tokens (a shared prefix) are left whole, never evicted: the
-            other dedup-safe choice, measured against scoring blocks from within the prefix.
+        recent: the last tokens of the cache are always kept (the codec's r<N>, relative to the
+            sequence's end).
+        whole: the first ``whole`` tokens (a shared prefix, a multiple of ``block``) are left whole,
+            never evicted: the other dedup-safe choice, measured against scoring blocks from
+            within the prefix (not a single codec spec: two specs in one snapshot).
         block: segment size in tokens; 0 = the whole cache is one segment with one budget.
     """
 
@@ -151,39 +155,25 @@ class EvictQuantConfig(Config):
     quant: str
     keep: float
     scores: str | None = "block"
-    sink: int = 4
     recent: int = 16
     whole: int = 0
     block: int = 64
 
     def __post_init__(self) -> None:
-        if CodecSpec.parse(self.quant).evicts or not 0 < self.keep <= 1:
-            raise InvalidArgument(f"{self.name}: needs a spec without eviction and 0 < keep <= 1")
+        pct = round(self.keep * 100)
+        if CodecSpec.parse(self.quant).evicts or not 1 <= pct <= 100 or abs(pct - self.keep * 100) > 1e-9:
+            raise InvalidArgument(f"{self.name}: needs a spec without eviction and keep in whole % of (0, 1]")
+        if CodecSpec.parse(self.spec) != CodecSpec.parse(f"{self.quant}-keep{pct}-r{self.recent}"):
+            raise InvalidArgument(
+                f"{self.name}: spec {self.spec!r} is not {self.quant}-keep{pct}-r{self.recent}"
+            )
+        if self.whole and (not self.block or self.whole % self.block):
+            raise InvalidArgument(f"{self.name}: the whole prefix must be a multiple of the block size")
 
     def run(self, model: object, window: Window) -> Trial:
-        spec = CodecSpec.parse(self.quant)
-        n_total = window.n_cached
-        payloads, mask_bytes, kept_tokens = [], 0, 0
-        t0 = time.perf_counter()
-        for s, e in segments(n_total, self.block or n_total):
-            n = e - s
-            pos = torch.arange(s, e)
-            forced = (pos < max(self.sink, self.whole)) | (pos >= n_total - self.recent)
-            keep = min(n, max(int(forced.sum()), math.ceil(n * self.keep)))
-            kept_layers = []
-            for i, (k, v) in enumerate(_slice(window.layers, s, e)):
-                if self.scores == "knorm":
-                    score = -torch.linalg.vector_norm(k.float(), dim=-1)
-                else:
-                    score = window.scores[str(self.scores)][i][:, s:e]
-                idx = keep_topk(score, keep, forced.to(score.device))
-                gather = idx.unsqueeze(-1).expand(-1, -1, k.shape[-1])
-                kept_layers.append((k.gather(1, gather), v.gather(1, gather)))
-            payloads.append(encode_block(kept_layers, spec, start=s))
-            if keep < n:  # the keep mask: one bit per token, head and layer, as the codec's MASK section
-                mask_bytes += math.ceil(len(kept_layers) * kept_layers[0][0].shape[0] * n / 8)
-            kept_tokens += keep
-        t1 = time.perf_counter()
-        layers = _concat([decode_block(p, dtype=torch.float16).layers for p in payloads])
-        t2 = time.perf_counter()
-        return Trial(layers, sum(map(len, payloads)) + mask_bytes, kept_tokens / n_total, t1 - t0, t2 - t1)
+        evict, whole = CodecSpec.parse(self.spec), CodecSpec.parse(self.quant)
+        plan = [
+            (s, e, whole if e <= self.whole else evict)
+            for s, e in segments(window.n_cached, self.block or window.n_cached)
+        ]
+        return _store(window, plan, self.scores)
