@@ -28,7 +28,7 @@ expire: they read as absent at once and are deleted by later puts or :meth:`Stor
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -92,6 +92,7 @@ __all__ = [
     "SegmentPayload",
     "Snapshot",
     "SnapshotInfo",
+    "SnapshotStream",
     "Store",
     "StoredSegment",
 ]
@@ -227,6 +228,27 @@ class Snapshot:
     @property
     def payload_bytes(self) -> int:
         return sum(len(s.payload) for s in self.segments)
+
+
+@dataclass(frozen=True)
+class SnapshotStream:
+    """A snapshot opened for streaming (:meth:`Store.open_snapshot`).
+
+    ``segments`` lists every segment with its payload size (``size_bytes``); iterating reads the
+    payloads, verified, in token order.
+    """
+
+    info: SnapshotInfo
+    token_ids: list[int]
+    segments: tuple[PlannedSegment, ...]
+    _read: Callable[[PlannedSegment], StoredSegment]
+
+    @property
+    def payload_bytes(self) -> int:
+        return sum(s.size_bytes for s in self.segments)
+
+    def __iter__(self) -> Iterator[StoredSegment]:
+        return map(self._read, self.segments)
 
 
 @dataclass(frozen=True)
@@ -625,6 +647,25 @@ class Store:
         stored token ids, so corrupt payloads or tokens raise ChecksumMismatch, never return.
         A ``model`` or ``codec`` other than the stored one raises MismatchError.
         """
+        opened = self.open_snapshot(namespace, session, turn, model=model, codec=codec)
+        return Snapshot(opened.info, opened.token_ids, tuple(opened))
+
+    def open_snapshot(
+        self,
+        namespace: str,
+        session: str,
+        turn: int | None = None,
+        *,
+        model: str | None = None,
+        codec: str | None = None,
+    ) -> SnapshotStream:
+        """Open a snapshot for streaming: manifest, token ids and sizes now, payloads as iterated.
+
+        Checks as :meth:`get_snapshot` does. Each payload is read, verified and copied in a short
+        read transaction of its own, so a server can send one while it reads the next and no
+        read transaction lives as long as a slow client. A snapshot deleted meanwhile raises
+        NotFound from the iterator.
+        """
         check_name("namespace", namespace)
         check_session(session)
         if turn is not None:
@@ -647,15 +688,17 @@ class Store:
                 raise MismatchError(
                     f"snapshot {sid} is {m.model}/{m.codec}, requested {model or m.model}/{codec or m.codec}"
                 )
-            segments: list[StoredSegment] = []
+            sizes: list[PlannedSegment] = []
             token_parts: list[bytes] = []
             for seg in m.segments:
                 block = view.get("blocks", block_key(rec.domain, seg.key))
                 if block is None:
                     raise ChecksumMismatch(seg.hex, "a stored block", "no block (dangling reference)")
-                meta, toks, payload = decode_block(block, seg.hex)
+                meta, toks, _ = decode_block(block, seg.hex, check=False)
+                if meta.n_tokens != seg.end - seg.start:
+                    raise ChecksumMismatch(seg.hex, f"{seg.end - seg.start} token ids", f"{meta.n_tokens}")
                 token_parts.append(bytes(toks))
-                segments.append(StoredSegment(seg.start, seg.end, seg.hex, meta.fp16_nbytes, bytes(payload)))
+                sizes.append(PlannedSegment(seg.start, seg.end, seg.hex, True, meta.payload_nbytes))
             last_access = rec.last_access_ms
         tokens = b"".join(token_parts)
         chain = Chain(seed(rec.domain, m.model, m.codec, m.block_size), tokens, m.block_size)
@@ -667,7 +710,21 @@ class Store:
         now = self._now_ms()
         if now - last_access > self.config.touch_interval_s * 1000:
             self.backend.transact(lambda b: self._touch_tx(b, namespace, session, now))
-        return Snapshot(_info(namespace, session, turn, m), tokens_from_bytes(tokens), tuple(segments))
+        mkey = manifest_key(namespace, session, turn)
+
+        def read(seg: PlannedSegment) -> StoredSegment:
+            with self.backend.read() as view:
+                block = view.get("blocks", block_key(rec.domain, key_from_hex(seg.key)))
+                if block is None:
+                    if view.get("manifests", mkey) is None:
+                        raise NotFound(f"snapshot {sid} was deleted while it was read")
+                    raise ChecksumMismatch(seg.key, "a stored block", "no block (dangling reference)")
+                meta, _, payload = decode_block(block, seg.key)
+                return StoredSegment(seg.start, seg.end, seg.key, meta.fp16_nbytes, bytes(payload))
+
+        return SnapshotStream(
+            _info(namespace, session, turn, m), tokens_from_bytes(tokens), tuple(sizes), read
+        )
 
     # ------------------------------------------------------------------ queries
 

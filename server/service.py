@@ -25,7 +25,7 @@ from deltastore.errors import DeltaStoreError, FormatError, InvalidArgument, Mis
 from deltastore.server.metrics import Metrics
 from deltastore.server.settings import ServerSettings
 from deltastore.server.status import grpc_code
-from deltastore.store import PlannedSegment, SegmentPayload, Snapshot, Store
+from deltastore.store import PlannedSegment, SegmentPayload, SnapshotStream, Store
 from deltastore.store import SnapshotInfo as StoreSnapshotInfo
 from deltastore.v1 import deltastore_pb2 as pb
 from deltastore.v1 import deltastore_pb2_grpc as pb_grpc
@@ -210,7 +210,7 @@ class DeltaStoreService(pb_grpc.DeltaStoreServicer):
     ) -> Iterator[pb.GetSnapshotResponse | bytes]:
         """The info, then every payload as pre-serialized chunk messages (see ``_add_service``)."""
         with self._rpc("GetSnapshot", context):
-            snap = self._store.get_snapshot(
+            snap = self._store.open_snapshot(
                 _ns(request.namespace),
                 request.session,
                 request.turn if request.HasField("turn") else None,
@@ -219,7 +219,7 @@ class DeltaStoreService(pb_grpc.DeltaStoreServicer):
             )
             yield pb.GetSnapshotResponse(info=_snapshot_info(snap))
             sent = self._metrics.bytes_sent.labels("GetSnapshot")
-            for seg in snap.segments:
+            for seg in snap:  # each payload is read as the previous one goes out
                 for msg in encode_chunk_message(
                     bytes.fromhex(seg.key), seg.payload, self._settings.chunk_bytes
                 ):
@@ -340,7 +340,7 @@ def _segment(seg: PlannedSegment) -> pb.Segment:
     )
 
 
-def _snapshot_info(snap: Snapshot) -> pb.SnapshotInfo:
+def _snapshot_info(snap: SnapshotStream) -> pb.SnapshotInfo:
     info = snap.info
     return pb.SnapshotInfo(
         snapshot_id=info.snapshot_id,
@@ -350,12 +350,7 @@ def _snapshot_info(snap: Snapshot) -> pb.SnapshotInfo:
         model=info.model,
         codec=info.codec,
         token_ids=snap.token_ids,
-        segments=[
-            pb.Segment(
-                start=s.start, end=s.end, key=bytes.fromhex(s.key), present=True, size_bytes=len(s.payload)
-            )
-            for s in snap.segments
-        ],
+        segments=[_segment(s) for s in snap.segments],
         logical_bytes=info.logical_bytes,
         payload_bytes=snap.payload_bytes,
         parent_turn=info.parent_turn,
