@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from deltastore import accounting
 from deltastore.accounting import Ledger, read_counters, savings_of
@@ -98,6 +98,7 @@ __all__ = [
 ]
 
 _FORMAT_KEY = b"store_format"
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -241,14 +242,25 @@ class SnapshotStream:
     info: SnapshotInfo
     token_ids: list[int]
     segments: tuple[PlannedSegment, ...]
-    _read: Callable[[PlannedSegment], StoredSegment]
+    _read: Callable[[PlannedSegment, Callable[[int, memoryview], Any]], Any]
 
     @property
     def payload_bytes(self) -> int:
         return sum(s.size_bytes for s in self.segments)
 
     def __iter__(self) -> Iterator[StoredSegment]:
-        return map(self._read, self.segments)
+        return self.map(
+            lambda seg, fp16, payload: StoredSegment(seg.start, seg.end, seg.key, fp16, bytes(payload))
+        )
+
+    def map(self, fn: Callable[[PlannedSegment, int, memoryview], T]) -> Iterator[T]:
+        """``fn(segment, fp16_nbytes, payload)`` per segment, in token order, without copying.
+
+        ``payload`` is verified and valid only during the call (a view of the stored record);
+        whatever ``fn`` keeps of it must be a copy.
+        """
+        for seg in self.segments:
+            yield self._read(seg, lambda fp16, payload, seg=seg: fn(seg, fp16, payload))
 
 
 @dataclass(frozen=True)
@@ -661,8 +673,9 @@ class Store:
     ) -> SnapshotStream:
         """Open a snapshot for streaming: manifest, token ids and sizes now, payloads as iterated.
 
-        Checks as :meth:`get_snapshot` does. Each payload is read, verified and copied in a short
-        read transaction of its own, so a server can send one while it reads the next and no
+        Checks as :meth:`get_snapshot` does. Each payload is read and verified in a short read
+        transaction of its own (:meth:`SnapshotStream.map` lets a server serialize it straight
+        from the stored record), so a client takes in one payload while the next is read and no
         read transaction lives as long as a slow client. A snapshot deleted meanwhile raises
         NotFound from the iterator.
         """
@@ -712,7 +725,7 @@ class Store:
             self.backend.transact(lambda b: self._touch_tx(b, namespace, session, now))
         mkey = manifest_key(namespace, session, turn)
 
-        def read(seg: PlannedSegment) -> StoredSegment:
+        def read(seg: PlannedSegment, use: Callable[[int, memoryview], T]) -> T:
             with self.backend.read() as view:
                 block = view.get("blocks", block_key(rec.domain, key_from_hex(seg.key)))
                 if block is None:
@@ -720,7 +733,7 @@ class Store:
                         raise NotFound(f"snapshot {sid} was deleted while it was read")
                     raise ChecksumMismatch(seg.key, "a stored block", "no block (dangling reference)")
                 meta, _, payload = decode_block(block, seg.key)
-                return StoredSegment(seg.start, seg.end, seg.key, meta.fp16_nbytes, bytes(payload))
+                return use(meta.fp16_nbytes, payload)
 
         return SnapshotStream(
             _info(namespace, session, turn, m), tokens_from_bytes(tokens), tuple(sizes), read

@@ -219,14 +219,19 @@ class DeltaStoreService(pb_grpc.DeltaStoreServicer):
             )
             yield pb.GetSnapshotResponse(info=_snapshot_info(snap))
             sent = self._metrics.bytes_sent.labels("GetSnapshot")
-            for seg in snap:  # each payload is read as the previous one goes out
-                for msg in encode_chunk_message(
-                    bytes.fromhex(seg.key), seg.payload, self._settings.chunk_bytes
-                ):
+            chunk_bytes = self._settings.chunk_bytes
+
+            def serialize(seg: PlannedSegment, _fp16: int, payload: memoryview) -> list[bytes]:
+                # Straight from the stored record into the messages: the payload's only copy.
+                return list(encode_chunk_message(bytes.fromhex(seg.key), payload, chunk_bytes))
+
+            for seg, messages in zip(snap.segments, snap.map(serialize), strict=True):
+                # The client takes in one payload while the next is read here.
+                for msg in messages:
                     if not context.is_active():
                         raise _DeadlineExceeded("GetSnapshot: the caller went away or its deadline passed")
                     yield msg
-                sent.inc(len(seg.payload))
+                sent.inc(seg.size_bytes)
 
     def LookupPrefix(
         self, request: pb.LookupPrefixRequest, context: grpc.ServicerContext
