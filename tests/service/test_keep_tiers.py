@@ -1,0 +1,42 @@
+"""The recommended evicting tiers (keep<P>, recent window at the sequence end) through a real server."""
+
+from __future__ import annotations
+
+import torch
+from service_helpers import MODEL, make_cache
+
+from deltastore.client.sync import DeltaStoreClient
+
+SPEC = "k4v4-sink4-z-keep50-r64"
+
+
+def test_keep_tier_round_trips_and_the_next_turn_stores_only_new_tokens(client: DeltaStoreClient) -> None:
+    n0, n1 = 200, 260
+    cache = make_cache(n1, seed=3)
+    turn0 = [(k[:, :n0], v[:, :n0]) for k, v in cache]
+    tokens = list(range(9000, 9000 + n1))
+    scores = [
+        torch.rand(k.shape[0], n0, generator=torch.Generator().manual_seed(i))
+        for i, (k, _) in enumerate(turn0)
+    ]
+    client.put_snapshot("keep", 0, tokens[:n0], turn0, model=MODEL, codec=SPEC, scores=scores)
+    got = client.get_snapshot("keep", 0, as_cache=False)
+    kept = got.kept_tokens
+    # Per 64-token block: half its tokens, raised to cover the last 64 of the sequence (>= 136):
+    # [0,64) 32, [64,128) 32, [128,192) 56 (136..191), [192,200) 8.
+    assert kept == 32 + 32 + 56 + 8
+    for pos in got.positions:
+        assert (pos[:, :4] == torch.arange(4)).all()  # sinks
+        assert (pos[:, -64:] == torch.arange(n0 - 64, n0)).all()  # recent window at the sequence end
+    # The worker continues from the restored (evicted) cache: new tokens appended, only they are encoded.
+    grown = [
+        (torch.cat([k, nk[:, n0:]], 1), torch.cat([v, nv[:, n0:]], 1))
+        for (k, v), (nk, nv) in zip(got.layers, cache, strict=True)
+    ]
+    put = client.put_snapshot("keep", 1, tokens, grown, model=MODEL, codec=SPEC, parent_turn=0)
+    assert put.reused_temporal_bytes > 0 and put.encoded_segments == 2  # [200, 256) and [256, 260)
+    again = client.get_snapshot("keep", as_cache=False)
+    assert again.turn == 1 and again.n_tokens == n1
+    # The last segment's tokens are the newest: all kept.
+    for (k, _), (ref, _) in zip(again.layers, cache, strict=True):
+        assert torch.allclose(k[:, -4:].float(), ref[:, -4:].float(), atol=0.5)
