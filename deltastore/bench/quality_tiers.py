@@ -5,8 +5,8 @@ eviction never depends on tokens after a stored block; stored in the run's block
 to ``deltastore/bench/data/recommended_tiers.json``. ``pick_tier(max_kl)`` reads that table and
 returns the spec of the highest ratio measured with mean KL at most ``max_kl``.
 
-Specs whose eviction budget the codec cannot express yet (``-keep<P>``: keep P% of each block by
-score) are listed with ``"available": false`` and are only returned on request.
+Specs the installed codec cannot parse (e.g. a table written by a newer version) are listed with
+``"available": false`` and are only returned on request.
 """
 
 from __future__ import annotations
