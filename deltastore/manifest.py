@@ -19,9 +19,11 @@ of their payload (checked on every read); manifests end with a BLAKE3 digest of 
 
 from __future__ import annotations
 
+import mmap
 import re
 import struct
 from dataclasses import dataclass
+from typing import TypeAlias
 
 import blake3
 
@@ -34,14 +36,17 @@ __all__ = [
     "Manifest",
     "SessionRecord",
     "block_key",
+    "block_payload_offset",
     "check_name",
     "decode_block",
     "encode_block",
     "manifest_key",
     "payload_digest",
+    "seal_block",
     "session_key",
 ]
 
+Buffer: TypeAlias = bytearray | memoryview | mmap.mmap
 STORE_FORMAT = b"deltastore-store/1"
 MAX_TURN = (1 << 32) - 1
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -169,6 +174,25 @@ def payload_digest(payload: bytes | bytearray | memoryview) -> bytes:
     """BLAKE3 of a payload, on every core for large ones (the same digest as one thread)."""
     threads = blake3.blake3.AUTO if len(payload) > _MT_HASH_BYTES else 1
     return blake3.blake3(payload, max_threads=threads).digest()
+
+
+def block_payload_offset(n_tokens: int) -> int:
+    """Bytes a block record holds before its payload: the header, then ``n_tokens`` token ids."""
+    return _BLOCK.size + 4 * n_tokens
+
+
+def seal_block(record: Buffer, tokens: bytes, fp16_nbytes: int, digest: bytes) -> None:
+    """Write header and token ids into a record whose payload already lies after them.
+
+    Lets a receiver gather a payload straight into its final record (see
+    :func:`block_payload_offset`) and store it without the copy :func:`encode_block` makes.
+    """
+    n_tokens = len(tokens) // 4
+    view = memoryview(record)
+    if len(view) < block_payload_offset(n_tokens) or view.readonly:
+        raise InvalidArgument(f"a record of {n_tokens} tokens needs a writable buffer with room for them")
+    _BLOCK.pack_into(view, 0, _BLOCK_VERSION, 0, n_tokens, fp16_nbytes, digest)
+    view[_BLOCK.size : block_payload_offset(n_tokens)] = tokens
 
 
 def encode_block(

@@ -60,9 +60,11 @@ from deltastore.errors import (
 from deltastore.manifest import (
     STORE_FORMAT,
     BlockMeta,
+    Buffer,
     Manifest,
     SessionRecord,
     block_key,
+    block_payload_offset,
     check_label,
     check_name,
     check_session,
@@ -74,6 +76,8 @@ from deltastore.manifest import (
     manifest_key,
     ns_prefix,
     ns_ref_key,
+    payload_digest,
+    seal_block,
     session_key,
     session_prefix,
     session_ref_key,
@@ -150,12 +154,16 @@ class SegmentPayload:
             server's chunk assembler does, as they arrive); None: the store hashes ``data``. A
             wrong digest is stored as given and makes every read of the block fail with
             ChecksumMismatch: never served, but lost.
+        record: a writable buffer laid out as the block record, ``data`` already in place after
+            ``block_payload_offset(n_tokens)`` bytes of room (``data`` is a view of it); the
+            store writes header and token ids into the room and stores it without a copy.
     """
 
     data: bytes | bytearray | memoryview
     n_tokens: int
     fp16_nbytes: int
     digest: bytes | None = None
+    record: Buffer | None = None
 
 
 @dataclass(frozen=True)
@@ -458,6 +466,8 @@ class Store:
                 raise InvalidArgument(f"segment {key.hex()}: empty payload or non-positive sizes")
             if p.digest is not None and len(p.digest) != KEY_BYTES:
                 raise InvalidArgument(f"segment {key.hex()}: a digest is {KEY_BYTES} bytes")
+            if p.record is not None and len(p.record) != block_payload_offset(p.n_tokens) + len(p.data):
+                raise InvalidArgument(f"segment {key.hex()}: the record buffer does not fit its payload")
             supplied[key] = p
         return self.backend.transact(
             lambda b: self._put_tx(b, namespace, session, turn, model, codec, tokens, supplied, parent_turn)
@@ -505,7 +515,7 @@ class Store:
             raise InvalidArgument(f"payloads for segments not in this snapshot: {', '.join(extra[:4])}")
 
         # Each segment: (segment, meta, new record or None when already stored).
-        parts: list[tuple[Segment, BlockMeta, bytes | None]] = []
+        parts: list[tuple[Segment, BlockMeta, bytes | Buffer | None]] = []
         missing: list[str] = []
         for seg in segments:
             bkey = block_key(domain, seg.key)
@@ -522,7 +532,12 @@ class Store:
                     f"segment {seg.hex} covers tokens [{seg.start}, {seg.end}) "
                     f"but its payload encodes {p.n_tokens} tokens"
                 )
-            record = encode_block(tokens[4 * seg.start : 4 * seg.end], p.data, p.fp16_nbytes, p.digest)
+            seg_tokens = tokens[4 * seg.start : 4 * seg.end]
+            if p.record is None:
+                record: bytes | Buffer = encode_block(seg_tokens, p.data, p.fp16_nbytes, p.digest)
+            else:
+                seal_block(p.record, seg_tokens, p.fp16_nbytes, p.digest or payload_digest(p.data))
+                record = p.record
             parts.append((seg, decode_block(record, seg.hex, check=False)[0], record))
         if missing:
             raise MissingSegments(missing)

@@ -22,6 +22,7 @@ from grpc_reflection.v1alpha import reflection
 
 from deltastore.codecs import BlockHeader, CodecSpec, read_header
 from deltastore.errors import DeltaStoreError, FormatError, InvalidArgument, MismatchError, ResourceExhausted
+from deltastore.manifest import block_payload_offset
 from deltastore.server.metrics import Metrics
 from deltastore.server.settings import ServerSettings
 from deltastore.server.status import grpc_code
@@ -152,8 +153,14 @@ class DeltaStoreService(pb_grpc.DeltaStoreServicer):
             )
             segments = {bytes.fromhex(s.key): s for s in plan.segments}
             limit = self._settings.max_snapshot_bytes
-            # The assembler hashes each payload as its chunks arrive: the store keeps that digest.
-            assembler = ChunkAssembler(max_payload_bytes=limit, max_total_bytes=limit, digest=True)
+            # The assembler hashes each payload as its chunks arrive and writes it straight into
+            # its block record: the store keeps both as they are.
+            assembler = ChunkAssembler(
+                max_payload_bytes=limit,
+                max_total_bytes=limit,
+                digest=True,
+                room=lambda key: block_payload_offset(segments[key].n_tokens) if key in segments else 0,
+            )
             payloads: dict[bytes, SegmentPayload] = {}
             shape: tuple[int, int, int] | None = None
             try:
@@ -178,7 +185,7 @@ class DeltaStoreService(pb_grpc.DeltaStoreServicer):
                         )
                     shape = dims
                     payloads[key] = SegmentPayload(
-                        done.data, header.n_tokens, header.fp16_nbytes, done.digest
+                        done.data, header.n_tokens, header.fp16_nbytes, done.digest, done.record
                     )
             finally:
                 self._metrics.bytes_received.labels("PutSnapshot").inc(assembler.received_bytes)

@@ -13,6 +13,7 @@ handed on as is, hashed chunk by chunk while the chunk is still in cache.
 
 from __future__ import annotations
 
+import mmap
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple, Protocol, TypeVar
 
@@ -236,12 +237,14 @@ class Assembled(NamedTuple):
 
     ``data`` is the chunks joined with one copy (a lone chunk is passed on as is); ``digest`` its
     BLAKE3 digest, computed over exactly these bytes as they arrived (None when hashing was not
-    asked).
+    asked). With room asked for, ``record`` is the buffer the chunks were written into: the room,
+    then ``data`` (a view of it).
     """
 
     key: bytes
     data: bytes | bytearray | memoryview
     digest: bytes | None
+    record: mmap.mmap | None = None
 
 
 class ChunkAssembler:
@@ -252,16 +255,32 @@ class ChunkAssembler:
     copy it again on every reallocation): a sender that declares a large payload and stalls or
     lies holds no more memory than it sent.
 
+    With ``room``, each payload is instead written straight into a record buffer that leaves
+    ``room(key)`` bytes before it (the store's record header), so the store can keep it without a
+    copy; the buffer is an anonymous map, whose pages cost memory only once written, so the same
+    holds.
+
     Args:
         max_payload_bytes: largest declared size of one payload.
         max_total_bytes: largest sum of declared sizes over the stream.
         digest: hash each payload with BLAKE3 as its chunks arrive (the store's block digest).
+        room: bytes to leave free before the payload of a key (0: no record buffer).
     """
 
-    def __init__(self, *, max_payload_bytes: int, max_total_bytes: int, digest: bool = False) -> None:
+    def __init__(
+        self,
+        *,
+        max_payload_bytes: int,
+        max_total_bytes: int,
+        digest: bool = False,
+        room: Callable[[bytes], int] | None = None,
+    ) -> None:
         self._max_payload = max_payload_bytes
         self._max_total = max_total_bytes
         self._digest = digest
+        self._room_of = room
+        self._room = 0
+        self._record: mmap.mmap | None = None
         self._total = 0
         self._received = 0
         self._key: bytes | None = None
@@ -323,10 +342,12 @@ class ChunkAssembler:
                 hint="raise --max-snapshot-bytes (DELTASTORE_MAX_SNAPSHOT_BYTES) or use a stronger codec",
             )
         self._total += size
-        if len(data) == size:  # the common case: a whole payload in one message, no copy
+        room = self._room_of(key) if self._room_of is not None else 0
+        if len(data) == size and not room:  # a whole payload in one message: no copy
             return Assembled(key, data, blake3.blake3(data).digest() if self._digest else None)
         self._key = key
         self._parts, self._filled = [], 0
+        self._room, self._record = room, (mmap.mmap(-1, room + size) if room else None)
         self._hasher = blake3.blake3() if self._digest else None
         self._size = size
         return self._append(data)
@@ -336,7 +357,10 @@ class ChunkAssembler:
             raise InvalidArgument("chunk arrived with no block in progress")
         if self._filled + len(data) > self._size:
             raise InvalidArgument(f"block {self._key.hex()}: chunks overrun the declared {self._size} bytes")
-        if len(data) >= _MIN_PART:
+        if self._record is not None:
+            start = self._room + self._filled
+            self._record[start : start + len(data)] = data
+        elif len(data) >= _MIN_PART:
             self._parts.append(data)
         elif self._parts and isinstance(self._parts[-1], bytearray):
             self._parts[-1] += data
@@ -347,8 +371,11 @@ class ChunkAssembler:
             self._hasher.update(data)
         if self._filled < self._size:
             return None
-        done = Assembled(
-            self._key, b"".join(self._parts), None if self._hasher is None else self._hasher.digest()
-        )
-        self._key, self._parts, self._filled, self._hasher = None, [], 0, None
+        digest = None if self._hasher is None else self._hasher.digest()
+        record = self._record
+        if record is None:
+            done = Assembled(self._key, b"".join(self._parts), digest)
+        else:
+            done = Assembled(self._key, memoryview(record)[self._room :], digest, record)
+        self._key, self._parts, self._filled, self._hasher, self._record = None, [], 0, None, None
         return done

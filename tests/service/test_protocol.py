@@ -47,7 +47,7 @@ def test_chunks_round_trip_and_limits() -> None:
     assert len(chunks) == 11 and all(len(c.data) <= 1000 for c in chunks)
     asm = ChunkAssembler(max_payload_bytes=len(payload), max_total_bytes=len(payload))
     done = [asm.add(c) for c in chunks]
-    assert done[:-1] == [None] * 10 and done[-1] == (key, payload, None)
+    assert done[:-1] == [None] * 10 and done[-1] == (key, payload, None, None)
     asm.finish()
     [empty] = iter_chunks(key, b"")
     assert empty.total_bytes == 0 and empty.data == b""

@@ -100,3 +100,19 @@ def test_assembly_of_large_and_small_chunks_in_any_mix() -> None:
     assert done is not None and done.data == payload and done.digest == blake3.blake3(payload).digest()
     assert asm.received_bytes == len(payload)
     asm.finish()
+
+
+def test_room_gathers_the_payload_straight_into_a_record_buffer() -> None:
+    payload = bytes(i * 29 % 256 for i in range(200_000))
+    asm = ChunkAssembler(
+        max_payload_bytes=len(payload), max_total_bytes=2 * len(payload), digest=True, room=lambda k: 48
+    )
+    done = [asm.add(parse_chunk_message(raw)) for raw in encode_chunk_message(KEY, payload, 70_000)]  # type: ignore[arg-type]
+    last = done[-1]
+    assert done[:-1] == [None, None] and last is not None and last.record is not None
+    assert len(last.record) == 48 + len(payload) and last.record[48:] == payload == bytes(last.data)
+    assert last.digest == blake3.blake3(payload).digest()
+    # A lone chunk is written into a record as well, so the store can always keep it as is.
+    [single] = encode_chunk_message(KEY, b"xyz", 10)
+    one = asm.add(parse_chunk_message(single))  # type: ignore[arg-type]
+    assert one is not None and one.record is not None and one.record[48:] == b"xyz"
