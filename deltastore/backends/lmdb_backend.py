@@ -10,6 +10,14 @@ Choices, and why:
   ~12 ms there), a 2.4 MB snapshot 29 ms vs 18 ms; a put's latency is dominated by the sync, not
   by its size. ``sync=False`` keeps kill -9 safety (the OS page cache survives a process crash)
   but may lose the last transactions on power loss; it is offered for scratch deployments.
+- Large puts are bound by the commit. Measured on the 2-core dev VM, one transaction of
+  16 x 8 MiB values (median of 5): 650 ms as configured here, 460-500 ms without ``metasync``
+  (the last commit may be undone by a power loss: not taken), 300-330 ms with ``writemap``
+  (same durability), 190 ms unsynced; a plain write + fdatasync of the bytes takes 250 ms.
+  ``writemap`` is not taken either: a page write into a hole of a full disk is SIGBUS (the
+  process dies instead of failing the put), and reserving the map with ``posix_fallocate``
+  does not cure it cheaply: on ext4 a failing fallocate keeps what it allocated, leaving the
+  disk full; on stores larger than RAM a reused page is also read before it is overwritten.
 - Map size: starts at ``map_size`` and doubles on ``MapFullError`` up to ``max_map_size``; then
   the transaction fails with :class:`~deltastore.errors.StoreFull` and an operator hint. Growth
   needs no transaction open in this process, so every transaction holds a shared gate and growth
