@@ -5,10 +5,12 @@ order, each carries the payload's full size, and none is larger than the chunk l
 Python moves ~1.3 GB/s with ~1 MiB messages and an order of magnitude less with one huge
 message, hence the default.
 
-Every byte of a payload is copied as few times as Python's protobuf allows: messages are built in
-place (a submessage passed to a constructor is copied whole), a chunk's ``data`` is read once (each
-read of a bytes field is a fresh copy), and a payload is assembled in one growing buffer that is
-handed on as is, hashed chunk by chunk while the chunk is still in cache.
+Every byte of a payload is copied as few times as Python allows: protobuf messages are built in
+place (a submessage passed to a constructor is copied whole) and a chunk's ``data`` is read once
+(each read of a bytes field is a fresh copy); the payload streams' own (de)serializers skip
+protobuf for chunks altogether (one copy out, none in); a payload is put together with one copy
+(joined, or written straight into the store's record buffer) and hashed chunk by chunk as it
+arrives.
 """
 
 from __future__ import annotations
