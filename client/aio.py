@@ -21,14 +21,15 @@ from deltastore.client.wire import (
     PayloadCalls,
     Plan,
     PutResult,
+    PutRound,
     RestoredSnapshot,
     Retry,
     SnapshotReader,
     SnapshotSummary,
     decode_snapshot,
-    encode_missing,
     error_type,
     fingerprint,
+    plan_request,
     put_requests,
     put_result,
     remaining,
@@ -110,13 +111,8 @@ class AsyncDeltaStoreClient:
         parent_turn: int | None = None,
         timeout: float | None = None,
     ) -> Plan:
-        req = pb.PlanSnapshotRequest(
-            namespace=self.namespace,
-            session=session,
-            model=fingerprint(model),
-            codec=codec,
-            token_ids=token_ids,
-            parent_turn=parent_turn,
+        req = plan_request(
+            self.namespace, session, token_ids, model=model, codec=codec, parent_turn=parent_turn
         )
         return Plan.from_proto(await self._call(lambda t: self._stub.PlanSnapshot(req, timeout=t), timeout))
 
@@ -134,41 +130,19 @@ class AsyncDeltaStoreClient:
         timeout: float | None = None,
     ) -> PutResult:
         """Encode and store only the missing segments (see ``DeltaStoreClient.put_snapshot``)."""
-        tokens = list(token_ids)
-        header = pb.SnapshotHeader(
-            namespace=self.namespace,
-            session=session,
-            turn=turn,
-            model=fingerprint(model),
-            token_ids=tokens,
-            parent_turn=parent_turn,
+        put = PutRound(
+            self.namespace, session, turn, token_ids, model=model, codec=codec, parent_turn=parent_turn
         )
-        encoded: dict[bytes, bytes] = {}
 
         async def attempt(seconds: float) -> PutResult:
             end = time.monotonic() + seconds
             replans = 0
             while True:
-                plan_req = pb.PlanSnapshotRequest(
-                    namespace=self.namespace,
-                    session=session,
-                    model=header.model,
-                    codec=codec,
-                    token_ids=tokens,
-                    parent_turn=parent_turn,
-                )
-                plan = Plan.from_proto(await self._stub.PlanSnapshot(plan_req, timeout=remaining(end)))
-                header.codec = plan.codec
-                todo = Plan(
-                    tuple(s for s in plan.missing if s.key not in encoded), plan.block_size, plan.codec
-                )
-                encoded.update(
-                    await asyncio.to_thread(encode_missing, todo, cache, len(tokens), scores=scores)
-                )
-                payloads = {s.key: encoded[s.key] for s in plan.missing}
+                plan = await self._stub.PlanSnapshot(put.plan_request, timeout=remaining(end))
+                payloads = await asyncio.to_thread(put.payloads, plan, cache, scores)
                 try:
                     reply = await self._payload_calls.put(
-                        put_requests(header, payloads, self.chunk_bytes, serialized=True),
+                        put_requests(put.header, payloads, self.chunk_bytes, serialized=True),
                         timeout=remaining(end),
                     )
                 except grpc.RpcError as exc:

@@ -19,13 +19,14 @@ from deltastore.client.wire import (
     PayloadCalls,
     Plan,
     PutResult,
+    PutRound,
     RestoredSnapshot,
     Retry,
     SnapshotSummary,
     decode_snapshot,
-    encode_missing,
     error_type,
     fingerprint,
+    plan_request,
     put_requests,
     put_result,
     read_snapshot_stream,
@@ -131,13 +132,8 @@ class DeltaStoreClient:
         timeout: float | None = None,
     ) -> Plan:
         """The segments a snapshot of these tokens consists of, and which the store has."""
-        req = pb.PlanSnapshotRequest(
-            namespace=self.namespace,
-            session=session,
-            model=fingerprint(model),
-            codec=codec,
-            token_ids=token_ids,
-            parent_turn=parent_turn,
+        req = plan_request(
+            self.namespace, session, token_ids, model=model, codec=codec, parent_turn=parent_turn
         )
         return Plan.from_proto(self._call(lambda t: self._stub.PlanSnapshot(req, timeout=t), timeout))
 
@@ -166,40 +162,19 @@ class DeltaStoreClient:
             parent_turn: the earlier turn of this session whose tokens are a prefix of these.
             scores: optional per layer ``(kv_heads, tokens)`` importance for evicting codecs.
         """
-        tokens = list(token_ids)
-        header = pb.SnapshotHeader(
-            namespace=self.namespace,
-            session=session,
-            turn=turn,
-            model=fingerprint(model),
-            token_ids=tokens,
-            parent_turn=parent_turn,
+        put = PutRound(
+            self.namespace, session, turn, token_ids, model=model, codec=codec, parent_turn=parent_turn
         )
-        encoded: dict[bytes, bytes] = {}
 
         def attempt(seconds: float) -> PutResult:
             end = time.monotonic() + seconds
             replans = 0
             while True:
-                plan_req = pb.PlanSnapshotRequest(
-                    namespace=self.namespace,
-                    session=session,
-                    model=header.model,
-                    codec=codec,
-                    token_ids=tokens,
-                    parent_turn=parent_turn,
-                )
-                plan = Plan.from_proto(self._stub.PlanSnapshot(plan_req, timeout=remaining(end)))
-                header.codec = plan.codec
-                # A later round may report other segments missing: encode only what is new.
-                todo = Plan(
-                    tuple(s for s in plan.missing if s.key not in encoded), plan.block_size, plan.codec
-                )
-                encoded.update(encode_missing(todo, cache, len(tokens), scores=scores))
-                payloads = {s.key: encoded[s.key] for s in plan.missing}
+                plan = self._stub.PlanSnapshot(put.plan_request, timeout=remaining(end))
+                payloads = put.payloads(plan, cache, scores)
                 try:
                     reply = self._payload_calls.put(
-                        put_requests(header, payloads, self.chunk_bytes, serialized=True),
+                        put_requests(put.header, payloads, self.chunk_bytes, serialized=True),
                         timeout=remaining(end),
                     )
                 except grpc.RpcError as exc:

@@ -38,12 +38,14 @@ __all__ = [
     "Plan",
     "PlanSegment",
     "PutResult",
+    "PutRound",
     "RestoredSnapshot",
     "Retry",
     "SnapshotSummary",
     "decode_snapshot",
     "encode_missing",
     "fingerprint",
+    "plan_request",
     "put_requests",
     "read_snapshot_stream",
     "remaining",
@@ -251,6 +253,69 @@ def encode_missing(
             slice_layers(layers, lo, hi), spec, start=seg.start, scores=seg_scores, seq_end=token_count
         )
     return payloads
+
+
+class PutRound:
+    """One put_snapshot's requests and the segments it has encoded so far, shared by both clients.
+
+    A put plans, encodes the missing segments and streams them; if a segment planned as present
+    is deleted before the put lands, it plans again and encodes only what it has not encoded yet.
+    """
+
+    def __init__(
+        self,
+        namespace: str,
+        session: str,
+        turn: int,
+        token_ids: Sequence[int],
+        *,
+        model: Any,
+        codec: str,
+        parent_turn: int | None,
+    ) -> None:
+        self.tokens = list(token_ids)
+        self.header = pb.SnapshotHeader(
+            namespace=namespace,
+            session=session,
+            turn=turn,
+            model=fingerprint(model),
+            token_ids=self.tokens,
+            parent_turn=parent_turn,
+        )
+        self.plan_request = plan_request(
+            namespace, session, self.tokens, model=self.header.model, codec=codec, parent_turn=parent_turn
+        )
+        self.encoded: dict[bytes, bytes] = {}
+
+    def payloads(
+        self, plan_msg: pb.PlanSnapshotResponse, cache: Any, scores: Sequence[torch.Tensor] | None
+    ) -> dict[bytes, bytes]:
+        """The missing segments' payloads by key, encoding those not encoded in an earlier round."""
+        plan = Plan.from_proto(plan_msg)
+        self.header.codec = plan.codec
+        todo = Plan(tuple(s for s in plan.missing if s.key not in self.encoded), plan.block_size, plan.codec)
+        self.encoded.update(encode_missing(todo, cache, len(self.tokens), scores=scores))
+        return {s.key: self.encoded[s.key] for s in plan.missing}
+
+
+def plan_request(
+    namespace: str,
+    session: str,
+    token_ids: Sequence[int],
+    *,
+    model: Any,
+    codec: str,
+    parent_turn: int | None,
+) -> pb.PlanSnapshotRequest:
+    """The PlanSnapshot request of a prospective snapshot."""
+    return pb.PlanSnapshotRequest(
+        namespace=namespace,
+        session=session,
+        model=fingerprint(model),
+        codec=codec,
+        token_ids=token_ids,
+        parent_turn=parent_turn,
+    )
 
 
 def put_requests(
