@@ -56,6 +56,20 @@ def _read_ready_line(proc: subprocess.Popen[bytes], what: str) -> bytes:
     return line
 
 
+def terminate(proc: subprocess.Popen[bytes], *, grace_s: float) -> None:
+    """SIGTERM a child, give it ``grace_s`` to drain, then kill it; close its pipes."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    for stream in (proc.stdout, proc.stderr):
+        if stream is not None:
+            stream.close()
+
+
 class ServerProcess:
     """``deltastore serve`` in a child process over a fresh LMDB directory, on free ports.
 
@@ -87,16 +101,7 @@ class ServerProcess:
 
     def stop(self) -> None:
         """Drain (SIGTERM) and wait; the data directory stays until :meth:`cleanup`."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        for stream in (self.proc.stdout, self.proc.stderr):
-            if stream is not None:
-                stream.close()
+        terminate(self.proc, grace_s=30)
 
     def cleanup(self) -> None:
         self.stop()
@@ -230,16 +235,7 @@ class RawStream:
 
     def close(self) -> None:
         self._channel.close()
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        for stream in (self.proc.stdout, self.proc.stderr):
-            if stream is not None:
-                stream.close()
+        terminate(self.proc, grace_s=10)
 
     def __enter__(self) -> RawStream:
         return self
