@@ -429,9 +429,9 @@ def decode_snapshot(
     """Decode every segment on ``device`` and join them along the token axis."""
     import torch
 
-    from deltastore.codecs import decode_block
+    from deltastore.codecs import decode_blocks
 
-    blocks = [decode_block(p, device=device, dtype=dtype) for p in payloads]
+    blocks = decode_blocks(payloads, device=device, dtype=dtype)
     if not blocks:
         raise InvalidArgument(f"snapshot {info.snapshot_id} has no segments")
     n_layers = len(blocks[0].layers)

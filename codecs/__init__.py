@@ -5,11 +5,12 @@ Public API (docs/ARCHITECTURE.md, "Codec contract")::
     spec = CodecSpec.parse("k4v2-pe50")
     payload = encode_block(layers, spec, start=0, scores=None)
     blk = decode_block(payload, device=None, dtype=None)
+    blks = decode_blocks(payloads, device=None, dtype=None)   # a snapshot's segments, batched
     hdr = read_header(payload)          # pure Python, no torch import
 
 ``CodecSpec``, ``TIERS``, ``read_header``, ``BlockHeader`` and ``encoded_nbytes`` import without
-torch, so the server parses headers cheaply; ``encode_block``, ``decode_block`` and
-``DecodedBlock`` load torch on first use.
+torch, so the server parses headers cheaply; ``encode_block``, ``decode_block``,
+``decode_blocks`` and ``DecodedBlock`` load torch on first use.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from deltastore.codecs.format import BlockHeader, encoded_nbytes, read_header
 from deltastore.codecs.spec import TIERS, CodecSpec, Tier
 
 if TYPE_CHECKING:
-    from deltastore.codecs.block import DecodedBlock, decode_block, encode_block
+    from deltastore.codecs.block import DecodedBlock, decode_block, decode_blocks, encode_block
 
 __all__ = [
     "TIERS",
@@ -29,12 +30,13 @@ __all__ = [
     "DecodedBlock",
     "Tier",
     "decode_block",
+    "decode_blocks",
     "encode_block",
     "encoded_nbytes",
     "read_header",
 ]
 
-_LAZY = ("DecodedBlock", "decode_block", "encode_block")
+_LAZY = ("DecodedBlock", "decode_block", "decode_blocks", "encode_block")
 
 
 def __getattr__(name: str) -> Any:

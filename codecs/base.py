@@ -53,6 +53,12 @@ class TensorCodec(ABC):
     def decode(self, parts: Sequence[torch.Tensor], shape: Shape, dtype: torch.dtype) -> torch.Tensor:
         """parts as from :meth:`encode` (on the target device) -> (kv_heads, tokens, head_dim) of ``dtype``."""
 
+    def stacks(self, shape: Shape) -> bool:
+        """Are the parts of tensors of ``shape`` stacked along the head axis the concatenation of
+        each tensor's parts? Then a block's layers (and a run of blocks) encode and decode in one
+        call as one tensor of ``layers * kv_heads`` heads: far fewer, larger torch calls."""
+        return True
+
 
 class Fp16Codec(TensorCodec):
     """Raw fp16: the reference every ratio is measured against (bf16/fp32 input is rounded)."""

@@ -9,6 +9,7 @@ codes) -> one device-to-host copy of all sections -> zstd per section (lossless,
 
 from __future__ import annotations
 
+import itertools
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from deltastore.codecs.eviction import gather_tokens, keep_indices, mask_from_in
 from deltastore.codecs.format import (
     DTYPE_CODES,
     FLAG_ZSTD,
+    BlockHeader,
     Section,
     check_dims,
     pack_header,
@@ -34,7 +36,7 @@ from deltastore.codecs.quant import IntCodec
 from deltastore.codecs.spec import CodecSpec
 from deltastore.errors import CodecError, FormatError
 
-__all__ = ["DecodedBlock", "decode_block", "encode_block"]
+__all__ = ["DecodedBlock", "decode_block", "decode_blocks", "encode_block"]
 
 Layers = Sequence[tuple[torch.Tensor, torch.Tensor]]
 
@@ -130,6 +132,21 @@ def _check_scores(scores: Sequence[torch.Tensor] | None, n_layers: int) -> list[
     return out
 
 
+def _encode_tensors(
+    codec: TensorCodec, xs: list[torch.Tensor], sink: int, shape: tuple[int, int, int]
+) -> list[torch.Tensor]:
+    """Encode one tensor kind (K or V) of every layer, past the sink -> its sections, flat.
+
+    Stackable codecs encode all layers in one call, as one tensor of n_layers * kv_heads heads.
+    """
+    if codec.stacks(shape):
+        return list(
+            codec.encode(torch.stack(xs)[:, :, sink:].reshape(len(xs) * shape[0], shape[1], shape[2]))
+        )
+    per_layer = [codec.encode(x[:, sink:]) for x in xs]
+    return [torch.cat(parts) for parts in zip(*per_layer, strict=True)]
+
+
 def encode_block(
     layers: Layers,
     spec: CodecSpec | str,
@@ -169,26 +186,27 @@ def encode_block(
     sink = spec.fp16_sink_tokens(n, start)
     expected = section_sizes(spec, n_layers, h, d, n, start, dtype, kept)
 
-    parts: list[list[torch.Tensor]] = [[] for _ in expected]
-    masks = []
+    ks, vs, masks = [], [], []
     for (k, v), score in zip(pairs, per_layer_scores, strict=True):
         if spec.evicts:
             idx = keep_indices(k, spec, start, score, seq_end)
             k, v = gather_tokens(k, idx), gather_tokens(v, idx)
             masks.append(mask_from_indices(idx, n))
-        layer_parts = [*key_codec.encode(k[:, sink:]), *value_codec.encode(v[:, sink:])]
-        if sink:
-            layer_parts.append(torch.cat([as_bytes(to_fp16(k[:, :sink])), as_bytes(to_fp16(v[:, :sink]))]))
-        for i, p in enumerate(layer_parts):
-            parts[i].append(p)
+        ks.append(k)
+        vs.append(v)
+    shape = (h, kept - sink, d)
+    sections = [*_encode_tensors(key_codec, ks, sink, shape), *_encode_tensors(value_codec, vs, sink, shape)]
+    if sink:
+        sections.append(
+            torch.cat([as_bytes(to_fp16(x[:, :sink])) for kv in zip(ks, vs, strict=True) for x in kv])
+        )
     if spec.evicts:
-        parts[-1].append(pack_bits(torch.stack(masks), 1))
+        sections.append(pack_bits(torch.stack(masks), 1))
 
-    flat = [p for section in parts for p in section]
-    sizes = [sum(p.numel() for p in section) for section in parts]
+    sizes = [p.numel() for p in sections]
     if sizes != [size for _, size in expected]:  # a codec broke the format's arithmetic: a bug, not input
         raise RuntimeError(f"section sizes {sizes} differ from the format's {expected}")
-    body = memoryview(torch.cat(flat).cpu().numpy()).cast("B") if flat else memoryview(b"")
+    body = memoryview(torch.cat(sections).cpu().numpy()).cast("B")
     table, chunks, offset = [], [], 0
     for (kind, _), size in zip(expected, sizes, strict=True):
         raw = body[offset : offset + size]
@@ -211,63 +229,146 @@ def _section_tensor(data: bytes | memoryview, device: torch.device) -> torch.Ten
         return torch.frombuffer(data, dtype=torch.uint8).to(device, copy=True)
 
 
+@dataclass
+class _Parsed:
+    """A payload's header and its sections on the target device (decompressed, not yet decoded)."""
+
+    hdr: BlockHeader
+    sections: list[torch.Tensor]  # flat uint8, in the header's order
+    sink: int
+
+    @property
+    def run_key(self) -> tuple[object, ...]:
+        """Blocks with equal keys decode together."""
+        h = self.hdr
+        return (h.spec, h.n_layers, h.kv_heads, h.head_dim, h.n_tokens, h.kept_tokens, h.dtype, self.sink)
+
+
+def _parse(payload: bytes | bytearray | memoryview, target: torch.device) -> _Parsed:
+    hdr = read_header(payload)
+    expected = section_sizes(
+        hdr.spec,
+        hdr.n_layers,
+        hdr.kv_heads,
+        hdr.head_dim,
+        hdr.n_tokens,
+        hdr.start,
+        hdr.dtype,
+        hdr.kept_tokens,
+    )
+    view = memoryview(payload).cast("B")
+    sections = []
+    for (_, flags, offset, length), (_, raw_size) in zip(hdr.sections, expected, strict=True):
+        data = view[offset : offset + length]
+        sections.append(_section_tensor(decompress(data, raw_size) if flags & FLAG_ZSTD else data, target))
+    return _Parsed(hdr, sections, hdr.spec.fp16_sink_tokens(hdr.n_tokens, hdr.start))
+
+
+def _positions(block: _Parsed, target: torch.device) -> list[torch.Tensor]:
+    """Per layer (kv_heads, kept) absolute positions of the kept tokens, from the keep mask."""
+    hdr = block.hdr
+    n_layers, h, n, kept = hdr.n_layers, hdr.kv_heads, hdr.n_tokens, hdr.kept_tokens
+    all_pos = torch.arange(hdr.start, hdr.start + n, device=target)
+    if not hdr.spec.evicts:
+        return [all_pos.expand(h, n)] * n_layers
+    mask = unpack_bits(block.sections[-1], 1, n_layers * h * n).view(n_layers, h, n).bool()
+    if not bool((mask.sum(dim=-1) == kept).all()):
+        raise FormatError(f"eviction mask does not keep exactly {kept} tokens per head")
+    return list(all_pos.expand(n_layers, h, n)[mask].view(n_layers, h, kept).unbind(0))
+
+
+def _decode_tensors(
+    codec: TensorCodec,
+    parts: list[list[torch.Tensor]],
+    n_layers: int,
+    shape: tuple[int, int, int],
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """Decode one tensor kind (K or V) of a run of blocks -> (blocks, n_layers, *shape).
+
+    parts: per block, the flat sections of this kind. Stackable codecs decode the whole run as one
+    tensor of blocks * n_layers * kv_heads heads; the others layer by layer.
+    """
+    h, t, d = shape
+    if codec.stacks(shape):
+        joined = [torch.cat(p) if len(p) > 1 else p[0] for p in zip(*parts, strict=True)]
+        return codec.decode(joined, (len(parts) * n_layers * h, t, d), dtype).view(
+            len(parts), n_layers, h, t, d
+        )
+    layers = [
+        codec.decode(
+            [p.narrow(0, i * (p.numel() // n_layers), p.numel() // n_layers) for p in block], shape, dtype
+        )
+        for block in parts
+        for i in range(n_layers)
+    ]
+    return torch.stack(layers).view(len(parts), n_layers, h, t, d)
+
+
+def _decode_run(run: list[_Parsed], target: torch.device, dtype: torch.dtype | None) -> list[DecodedBlock]:
+    """Decode blocks of one run key together."""
+    hdr, sink = run[0].hdr, run[0].sink
+    spec, n_layers, h, d, kept = hdr.spec, hdr.n_layers, hdr.kv_heads, hdr.head_dim, hdr.kept_tokens
+    orig_dtype = getattr(torch, hdr.dtype)
+    out_dtype = dtype or orig_dtype
+    key_codec, value_codec = _codecs(spec, orig_dtype)
+    kinds = [kind for kind, *_ in hdr.sections]
+    n_key = sum(1 for kind in kinds if kind in (Section.K_DATA, Section.K_PARAMS))
+    n_value = sum(1 for kind in kinds if kind in (Section.V_DATA, Section.V_PARAMS))
+    shape = (h, kept - sink, d)
+    k = _decode_tensors(key_codec, [b.sections[:n_key] for b in run], n_layers, shape, out_dtype)
+    v = _decode_tensors(
+        value_codec, [b.sections[n_key : n_key + n_value] for b in run], n_layers, shape, out_dtype
+    )
+    if sink:  # per block, per layer: fp16 K then V of the sink tokens, ahead of the coded ones
+        sinks = torch.stack([b.sections[n_key + n_value] for b in run]).view(torch.float16)
+        sinks = sinks.view(len(run), n_layers, 2, h, sink, d).to(out_dtype)
+        k = torch.cat([sinks[:, :, 0], k], dim=3)
+        v = torch.cat([sinks[:, :, 1], v], dim=3)
+    return [
+        DecodedBlock(
+            [(k[j, i], v[j, i]) for i in range(n_layers)],
+            _positions(block, target),
+            block.hdr.n_tokens,
+            block.hdr.start,
+            spec,
+            block.hdr.dtype,
+        )
+        for j, block in enumerate(run)
+    ]
+
+
+def decode_blocks(
+    payloads: Sequence[bytes | bytearray | memoryview],
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> list[DecodedBlock]:
+    """Decode payloads from :func:`encode_block`, e.g. the segments of a snapshot, one
+    :class:`DecodedBlock` each. Consecutive blocks of one codec and shape decode together, all
+    layers at once: a 2048-token cache in 64-token blocks takes a few dozen torch calls, not
+    thousands (their per-call cost dominated small blocks).
+
+    Args:
+        payloads: the block bytes.
+        device: where the tensors go (default CPU).
+        dtype: output dtype (default: the original dtype of the encoded tensors).
+    Raises:
+        FormatError: malformed payload (see ``read_header``), or a corrupt zstd section.
+    """
+    target = torch.device(device) if device is not None else torch.device("cpu")
+    parsed = [_parse(p, target) for p in payloads]
+    out: list[DecodedBlock] = []
+    for _, run in itertools.groupby(parsed, key=lambda b: b.run_key):
+        out.extend(_decode_run(list(run), target, dtype))
+    return out
+
+
 def decode_block(
     payload: bytes | bytearray | memoryview,
     *,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
 ) -> DecodedBlock:
-    """Decode a payload from :func:`encode_block`.
-
-    Args:
-        payload: the block bytes.
-        device: where the tensors go (default CPU).
-        dtype: output dtype (default: the original dtype of the encoded tensors).
-    Raises:
-        FormatError: malformed payload (see ``read_header``), or a corrupt zstd section.
-    """
-    hdr = read_header(payload)
-    spec, n_layers, h, d, n = hdr.spec, hdr.n_layers, hdr.kv_heads, hdr.head_dim, hdr.n_tokens
-    target = torch.device(device) if device is not None else torch.device("cpu")
-    orig_dtype = getattr(torch, hdr.dtype)
-    out_dtype = dtype or orig_dtype
-    kept = hdr.kept_tokens
-    expected = section_sizes(spec, n_layers, h, d, n, hdr.start, hdr.dtype, kept)
-    view = memoryview(payload).cast("B")
-    sections = []
-    for (kind, flags, offset, length), (_, raw_size) in zip(hdr.sections, expected, strict=True):
-        data = view[offset : offset + length]
-        if flags & FLAG_ZSTD:
-            data = decompress(data, raw_size)
-        if kind == Section.MASK:
-            sections.append(data)
-        else:  # one slice per layer (narrow, not view: a 0-size row has stride 1, misaligning fp16 views)
-            flat, per = _section_tensor(data, target), raw_size // n_layers
-            sections.append([flat.narrow(0, i * per, per) for i in range(n_layers)])
-
-    sink = spec.fp16_sink_tokens(n, hdr.start)
-    key_codec, value_codec = _codecs(spec, orig_dtype)
-    n_key_parts = sum(1 for kind, _ in expected if kind in (Section.K_DATA, Section.K_PARAMS))
-    n_value_parts = sum(1 for kind, _ in expected if kind in (Section.V_DATA, Section.V_PARAMS))
-    shape = (h, kept - sink, d)
-    if spec.evicts:
-        mask = unpack_bits(_section_tensor(sections[-1], target), 1, n_layers * h * n).view(n_layers, h, n)
-        mask = mask.bool()
-        if not bool((mask.sum(dim=-1) == kept).all()):
-            raise FormatError(f"eviction mask does not keep exactly {kept} tokens per head")
-        all_pos = torch.arange(hdr.start, hdr.start + n, device=target).expand(h, n)
-        positions = [all_pos[mask[i]].view(h, kept) for i in range(n_layers)]
-    else:
-        positions = [torch.arange(hdr.start, hdr.start + n, device=target).expand(h, n)] * n_layers
-
-    out_layers = []
-    for i in range(n_layers):
-        layer = [s[i] for s in sections[: n_key_parts + n_value_parts]]
-        k = key_codec.decode(layer[:n_key_parts], shape, out_dtype)
-        v = value_codec.decode(layer[n_key_parts:], shape, out_dtype)
-        if sink:
-            sk, sv = sections[n_key_parts + n_value_parts][i].view(torch.float16).view(2, h, sink, d)
-            k = torch.cat([sk.to(out_dtype), k], dim=1)
-            v = torch.cat([sv.to(out_dtype), v], dim=1)
-        out_layers.append((k, v))
-    return DecodedBlock(out_layers, positions, n, hdr.start, spec, hdr.dtype)
+    """Decode one payload from :func:`encode_block` (see :func:`decode_blocks`)."""
+    return decode_blocks([payload], device=device, dtype=dtype)[0]

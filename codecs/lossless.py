@@ -40,6 +40,9 @@ class LosslessCodec(TensorCodec):
             planes[i].copy_(w >> (8 * i) if i else w)  # int -> uint8 keeps the low byte
         return (planes.view(-1),)
 
+    def stacks(self, shape: Shape) -> bool:
+        return False  # planes span the whole tensor: stacked tensors interleave differently
+
     def decode(self, parts: Sequence[torch.Tensor], shape: Shape, dtype: torch.dtype) -> torch.Tensor:
         planes = parts[0].view(self.itemsize, -1)
         w = planes[0].to(self.word)

@@ -25,7 +25,7 @@ from deltastore.errors import CodecError
 
 __all__ = ["IntCodec", "dequantize_groups", "merge_groups", "quantize_groups", "split_groups"]
 
-_MIN_HEAD_CHUNK = 1 << 16  # elements per head (256 KiB of float32) below which heads go together
+_CHUNK = 1 << 18  # elements per call on CPU (256 KiB of float32 per temporary)
 
 
 def split_groups(x: torch.Tensor, group: int, dim: int = -1) -> torch.Tensor:
@@ -121,19 +121,28 @@ class IntCodec(TensorCodec):
         self.bits, self.group, self.rotate = bits, group, rotate
         self.dim = 1 if axis == "channel" else 2
 
-    def _head_chunks(self, shape: Shape, device: torch.device) -> bool:
-        """Work head by head? On CPU a head's temporaries stay in cache and in malloc's reused
-        heap (whole-layer temporaries are fresh mmaps that page-fault on every call): ~1.5-2x.
-        Only for heads big enough to pay for the extra calls, and when each head's codes fill
-        whole bytes, so the concatenation is the layer layout."""
+    def stacks(self, shape: Shape) -> bool:
         h, t, d = shape
-        return device.type == "cpu" and h > 1 and t * d >= _MIN_HEAD_CHUNK and (t * d * self.bits) % 8 == 0
+        return (h * t * d * self.bits) % 8 == 0  # each tensor's codes fill whole bytes
+
+    def _heads_per_call(self, shape: Shape, device: torch.device) -> int:
+        """Heads per call. On CPU, about ``_CHUNK`` elements at a time: a chunk's temporaries stay
+        in cache and in malloc's reused heap (whole-tensor temporaries are fresh mmaps that
+        page-fault on every call): ~1.5-2x. Chunks must fill whole bytes of codes, so that their
+        concatenation is the tensor's layout. Elsewhere, one call."""
+        h, t, d = shape
+        per = max(1, _CHUNK // max(1, t * d))
+        if device.type != "cpu" or per >= h or (per * t * d * self.bits) % 8:
+            return h
+        return per
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        if not self._head_chunks(tuple(x.shape), x.device):
+        h = x.shape[0]
+        per = self._heads_per_call(tuple(x.shape), x.device)
+        if per == h:
             return self._encode(x)
-        heads = [self._encode(x[i : i + 1]) for i in range(x.shape[0])]
-        return torch.cat([c for c, _ in heads]), torch.cat([p for _, p in heads])
+        chunks = [self._encode(x[i : i + per]) for i in range(0, h, per)]
+        return torch.cat([c for c, _ in chunks]), torch.cat([p for _, p in chunks])
 
     def _encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = x.float()
@@ -144,17 +153,18 @@ class IntCodec(TensorCodec):
 
     def decode(self, parts: Sequence[torch.Tensor], shape: Shape, dtype: torch.dtype) -> torch.Tensor:
         h, t, d = shape
-        if not self._head_chunks(shape, parts[0].device):
+        per = self._heads_per_call(shape, parts[0].device)
+        if per == h:
             return self._decode(parts[0], parts[1], shape).to(dtype)
-        # Each head lands in its slice of the output, converted there: no layer-sized float32
+        # Each chunk lands in its slice of the output, converted there: no whole-tensor float32
         # temporaries and no concatenation.
         out = torch.empty(shape, dtype=dtype, device=parts[0].device)
-        code_n, param_n = packed_nbytes(t * d, self.bits), parts[1].numel() // h
-        for i in range(h):
-            head = self._decode(
-                parts[0].narrow(0, i * code_n, code_n), parts[1].narrow(0, i * param_n, param_n), (1, t, d)
-            )
-            out[i].copy_(head[0])
+        code_n, param_n = packed_nbytes(per * t * d, self.bits), parts[1].numel() // h * per
+        for c, i in enumerate(range(0, h, per)):
+            n = min(per, h - i)
+            codes = parts[0].narrow(0, c * code_n, packed_nbytes(n * t * d, self.bits))
+            params = parts[1].narrow(0, c * param_n, parts[1].numel() // h * n)
+            out[i : i + n].copy_(self._decode(codes, params, (n, t, d)))
         return out
 
     def _decode(self, packed: torch.Tensor, param_bytes: torch.Tensor, shape: Shape) -> torch.Tensor:

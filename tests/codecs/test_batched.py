@@ -1,0 +1,75 @@
+"""Batched coding: a run of blocks (and a block's layers) coded in one call gives exactly what
+coding each layer of each block on its own gives, bit for bit, whatever the codec."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from codec_testlib import DEVICES, make_cache
+
+from deltastore.codecs import decode_block, decode_blocks, encode_block
+from deltastore.codecs.quant import IntCodec
+
+SPECS = [
+    "fp16",
+    "lossless",
+    "fp8",
+    "k8v8",
+    "k4v2",
+    "k4v2-pe50",
+    "k4v4-kt-sink4-z-keep30-r16",
+    "k2v2-nr-sink4",
+    "k4v2-sink64",  # the first block is all sink: nothing coded
+]
+
+
+def _segments(n_layers: int, device: str) -> tuple[list[list[tuple[torch.Tensor, torch.Tensor]]], list[int]]:
+    """A 150-token cache cut like a snapshot: blocks of 64, 64 and a 22-token tail."""
+    cache = make_cache(n_layers=n_layers, tokens=150, device=device, seed=3)
+    starts = [0, 64, 128, 150]
+    return [[(k[:, a:b], v[:, a:b]) for k, v in cache] for a, b in itertools.pairwise(starts)], starts
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("spec", SPECS)
+def test_run_decode_equals_layer_by_layer(spec: str, device: str) -> None:
+    blocks, starts = _segments(4, device)
+    payloads = [encode_block(b, spec, start=s, seq_end=150) for b, s in zip(blocks, starts, strict=False)]
+    together = decode_blocks(payloads, device=device)
+    assert len(together) == len(payloads)
+    for blk, layers, start in zip(together, blocks, starts, strict=False):
+        assert blk.start == start and blk.n_tokens == layers[0][0].shape[1]
+        for i, layer in enumerate(layers):
+            # the same layer alone in its own one-layer block: no stacking of any kind
+            alone = decode_block(encode_block([layer], spec, start=start, seq_end=150), device=device)
+            for got, want in zip(blk.layers[i], alone.layers[0], strict=True):
+                assert got.dtype == want.dtype and torch.equal(got, want)
+            assert torch.equal(blk.positions[i], alone.positions[0])
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_layers_encode_like_one_layer_blocks(spec: str) -> None:
+    """Encoding all layers in one call lays out each section as the layers' sections in order."""
+    (block, *_), _ = _segments(3, "cpu")
+    whole = decode_block(encode_block(block, spec, seq_end=150))
+    for i, layer in enumerate(block):
+        alone = decode_block(encode_block([layer], spec, seq_end=150))
+        assert all(torch.equal(a, b) for a, b in zip(whole.layers[i], alone.layers[0], strict=True))
+
+
+@pytest.mark.parametrize("axis", ["channel", "token"])
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_chunked_calls_equal_head_by_head(bits: int, axis: str) -> None:
+    """Enough heads that the CPU path splits them into chunks (with a ragged last chunk)."""
+    codec = IntCodec(bits, 64, axis, rotate=True)
+    x = torch.randn(70, 64, 64) * torch.linspace(0.5, 3, 64)
+    assert codec._heads_per_call(tuple(x.shape), x.device) < 70  # really chunked
+    codes, params = codec.encode(x)
+    heads = [codec.encode(x[i : i + 1]) for i in range(70)]
+    assert torch.equal(codes, torch.cat([c for c, _ in heads]))
+    assert torch.equal(params, torch.cat([p for _, p in heads]))
+    got = codec.decode([codes, params], tuple(x.shape), torch.float32)
+    want = torch.cat([codec.decode(list(h), (1, 64, 64), torch.float32) for h in heads])
+    assert torch.equal(got, want)
