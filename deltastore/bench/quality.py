@@ -161,6 +161,14 @@ def build_configs(quick: bool, block: int, peers: bool) -> list[Any]:
     rows.append(frontier("k4v4-sink4-z", 0.3, recent=128))  # ... and a wider one
     for keep in (0.5, 0.3, 0.2):  # keys per token: no per-channel scales for a few kept tokens
         rows.append(frontier("k4v4-kt-sink4-z", keep, recent=64))
+    # Finer keys-per-token points: the per-block budget P traded against the recent window r<N>.
+    # In 64-token blocks r48/r56 hold fewer tokens than r64 at the same P; these won the grid
+    # (P 10-45 x r32-r128) at the budgets and targets in docs/results/quality_levers.md.
+    for keep, recent in ((0.22, 64), (0.18, 64), (0.25, 48), (0.2, 56), (0.2, 48), (0.2, 96)):
+        rows.append(frontier("k4v4-kt-sink4-z", keep, recent=recent))
+    for keep, recent in ((0.12, 48), (0.12, 32)):  # past 16x and up to ACCEPTABLE's edge
+        rows.append(frontier("k4v4-kt-sink4-z", keep, recent=recent))
+    rows.append(frontier("k4v4-kt-sink4-z", 0.3, seg=256, recent=64))  # kt leaves 256-token blocks little
     for keep in (0.3, 0.2):
         rows.append(frontier("k4v4-sink4-z", keep, seg=256, recent=64))  # coarser blocks: fewer scale bytes
     for keep in (0.5, 0.3):
