@@ -119,31 +119,38 @@ def _check_layers(layers: Layers) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return out
 
 
-def _check_scores(scores: Sequence[torch.Tensor] | None, n_layers: int) -> list[torch.Tensor | None]:
+def _check_scores(
+    scores: Sequence[torch.Tensor] | None, n_layers: int, h: int, n: int, device: torch.device
+) -> torch.Tensor | None:
+    """Per-layer (kv_heads, tokens) scores -> one (n_layers * kv_heads, tokens) float32 tensor."""
     if scores is None:
-        return [None] * n_layers
+        return None
     if len(scores) != n_layers:
         raise CodecError(f"scores has {len(scores)} layers, the cache {n_layers}")
     out = []
-    for s in scores:
+    for i, s in enumerate(scores):
         if not isinstance(s, torch.Tensor):
             raise CodecError("scores must be tensors of shape (kv_heads, tokens)")
-        out.append(s[0] if s.dim() == 3 and s.shape[0] == 1 else s)
-    return out
+        s = s[0] if s.dim() == 3 and s.shape[0] == 1 else s
+        if tuple(s.shape) != (h, n):
+            raise CodecError(
+                f"layer {i} scores have shape {tuple(s.shape)}, expected (kv_heads, tokens) = {(h, n)}"
+            )
+        out.append(s.to(device=device, dtype=torch.float32))
+    return torch.cat(out)
 
 
-def _encode_tensors(
-    codec: TensorCodec, xs: list[torch.Tensor], sink: int, shape: tuple[int, int, int]
-) -> list[torch.Tensor]:
-    """Encode one tensor kind (K or V) of every layer, past the sink -> its sections, flat.
+def _encode_tensors(codec: TensorCodec, x: torch.Tensor, sink: int) -> list[torch.Tensor]:
+    """Encode one tensor kind (K or V) of every layer past the sink -> its sections, flat.
 
-    Stackable codecs encode all layers in one call, as one tensor of n_layers * kv_heads heads.
+    x: (n_layers, kv_heads, kept, head_dim). Stackable codecs encode all layers in one call, as
+    one tensor of n_layers * kv_heads heads.
     """
-    if codec.stacks(shape):
-        return list(
-            codec.encode(torch.stack(xs)[:, :, sink:].reshape(len(xs) * shape[0], shape[1], shape[2]))
-        )
-    per_layer = [codec.encode(x[:, sink:]) for x in xs]
+    n_layers, h, kept, d = x.shape
+    x = x[:, :, sink:]
+    if codec.stacks((h, kept - sink, d)):
+        return list(codec.encode(x.reshape(n_layers * h, kept - sink, d)))
+    per_layer = [codec.encode(layer) for layer in x.unbind(0)]
     return [torch.cat(parts) for parts in zip(*per_layer, strict=True)]
 
 
@@ -181,27 +188,23 @@ def encode_block(
     if seq_end is not None and seq_end < start + n:
         raise CodecError(f"seq_end {seq_end} is before the block's end {start + n}")
     kept = spec.kept_tokens(n, start, seq_end)
-    per_layer_scores = _check_scores(scores if spec.evicts else None, n_layers)
+    score = _check_scores(scores if spec.evicts else None, n_layers, h, n, pairs[0][0].device)
     key_codec, value_codec = _codecs(spec, pairs[0][0].dtype)
     sink = spec.fp16_sink_tokens(n, start)
     expected = section_sizes(spec, n_layers, h, d, n, start, dtype, kept)
 
-    ks, vs, masks = [], [], []
-    for (k, v), score in zip(pairs, per_layer_scores, strict=True):
-        if spec.evicts:
-            idx = keep_indices(k, spec, start, score, seq_end)
-            k, v = gather_tokens(k, idx), gather_tokens(v, idx)
-            masks.append(mask_from_indices(idx, n))
-        ks.append(k)
-        vs.append(v)
-    shape = (h, kept - sink, d)
-    sections = [*_encode_tensors(key_codec, ks, sink, shape), *_encode_tensors(value_codec, vs, sink, shape)]
-    if sink:
-        sections.append(
-            torch.cat([as_bytes(to_fp16(x[:, :sink])) for kv in zip(ks, vs, strict=True) for x in kv])
-        )
+    # All layers at once, as n_layers * kv_heads heads: eviction is per head, codecs per head.
+    ks = torch.stack([k for k, _ in pairs]).view(n_layers * h, n, d)
+    vs = torch.stack([v for _, v in pairs]).view(n_layers * h, n, d)
     if spec.evicts:
-        sections.append(pack_bits(torch.stack(masks), 1))
+        idx = keep_indices(ks, spec, start, score, seq_end)
+        ks, vs = gather_tokens(ks, idx), gather_tokens(vs, idx)
+    ks, vs = ks.view(n_layers, h, kept, d), vs.view(n_layers, h, kept, d)
+    sections = [*_encode_tensors(key_codec, ks, sink), *_encode_tensors(value_codec, vs, sink)]
+    if sink:  # per layer: fp16 K then V of the sink tokens
+        sections.append(as_bytes(to_fp16(torch.stack([ks[:, :, :sink], vs[:, :, :sink]], dim=1))))
+    if spec.evicts:
+        sections.append(pack_bits(mask_from_indices(idx, n), 1))
 
     sizes = [p.numel() for p in sections]
     if sizes != [size for _, size in expected]:  # a codec broke the format's arithmetic: a bug, not input
