@@ -191,6 +191,19 @@ def test_bad_input_raises_codec_error(make, match: str) -> None:  # type: ignore
         encode_block(make(), "k4v2")
 
 
+@pytest.mark.parametrize(
+    ("scores", "match"),
+    [
+        ([torch.ones(3, 70)], "1 layers, the cache 2"),
+        ([torch.ones(3, 70), torch.ones(3, 69)], "layer 1 scores have shape"),
+        ([torch.ones(3, 70), "high"], "must be tensors"),
+    ],
+)
+def test_bad_scores_raise_codec_error(scores: list, match: str) -> None:  # type: ignore[type-arg]
+    with pytest.raises(CodecError, match=match):
+        encode_block(make_cache(tokens=70), "k4v2-keep50", scores=scores)
+
+
 def test_unrepresentable_values_raise() -> None:
     layers = make_cache(tokens=8, dtype=torch.float32)
     layers[0][0][0, 0, 0] = float("nan")
