@@ -24,6 +24,7 @@ from deltastore.codecs import BlockHeader, CodecSpec, read_header
 from deltastore.errors import DeltaStoreError, FormatError, InvalidArgument, MismatchError, ResourceExhausted
 from deltastore.manifest import block_payload_offset
 from deltastore.server.metrics import Metrics
+from deltastore.server.readahead import read_ahead
 from deltastore.server.settings import ServerSettings
 from deltastore.server.status import grpc_code
 from deltastore.store import PlannedSegment, SegmentPayload, SnapshotStream, Store
@@ -232,8 +233,8 @@ class DeltaStoreService(pb_grpc.DeltaStoreServicer):
                 # Straight from the stored record into the messages: the payload's only copy.
                 return list(encode_chunk_message(bytes.fromhex(seg.key), payload, chunk_bytes))
 
-            for seg, messages in zip(snap.segments, snap.map(serialize), strict=True):
-                # The client takes in one payload while the next is read here.
+            for seg, messages in zip(snap.segments, read_ahead(snap.map(serialize)), strict=True):
+                # The next payload is read, verified and framed while this one is sent.
                 for msg in messages:
                     if not context.is_active():
                         raise _DeadlineExceeded("GetSnapshot: the caller went away or its deadline passed")
