@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import grpc
 from grpc import aio
 
+from deltastore.client.shm import decode_mapped
 from deltastore.client.sync import MAX_REPLANS, channel_options
 from deltastore.client.wire import (
     DEFAULT_NAMESPACE,
@@ -66,6 +67,7 @@ class AsyncDeltaStoreClient:
         max_snapshot_bytes: int = 1 << 32,
         credentials: grpc.ChannelCredentials | None = None,
         interceptors: Sequence[aio.ClientInterceptor] = (),
+        shm_dir: str | None = None,
     ) -> None:
         options = channel_options(max_message_bytes)
         if credentials is None:
@@ -79,6 +81,7 @@ class AsyncDeltaStoreClient:
         self.retry = retry or Retry()
         self.chunk_bytes = chunk_bytes
         self.max_snapshot_bytes = max_snapshot_bytes
+        self.shm_dir = shm_dir
 
     async def close(self) -> None:
         await self._channel.close()
@@ -181,11 +184,15 @@ class AsyncDeltaStoreClient:
                 reader.feed(msg)
             return reader.finish()
 
-        info, payloads = await self._call(fetch, timeout)
         config = None if isinstance(model, str) else getattr(model, "config", model)
-        return await asyncio.to_thread(
-            decode_snapshot, info, payloads, device=device, dtype=dtype, as_cache=as_cache, config=config
-        )
+        decode: dict[str, Any] = {"device": device, "dtype": dtype, "as_cache": as_cache, "config": config}
+        if self.shm_dir is not None:
+            reply = await self._call(lambda t: self._stub.GetSnapshotShm(req, timeout=t), timeout)
+            return await asyncio.to_thread(
+                decode_mapped, self.shm_dir, reply, self.max_snapshot_bytes, **decode
+            )
+        info, payloads = await self._call(fetch, timeout)
+        return await asyncio.to_thread(decode_snapshot, info, payloads, **decode)
 
     async def lookup_prefix(
         self, token_ids: Sequence[int], *, model: Any, codec: str = "k4v2", timeout: float | None = None

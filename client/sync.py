@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 
+from deltastore.client.shm import decode_mapped
 from deltastore.client.wire import (
     DEFAULT_NAMESPACE,
     PayloadCalls,
@@ -69,6 +70,8 @@ class DeltaStoreClient:
         max_snapshot_bytes: largest snapshot this client accepts back.
         credentials: TLS channel credentials (None: plaintext, for loopback and sidecars).
         interceptors: client interceptors (e.g. auth metadata).
+        shm_dir: the server's ``--shm-dir`` as mounted here (same host): snapshots are read through
+            it (GetSnapshotShm) instead of the stream. None: the stream.
     """
 
     def __init__(
@@ -83,6 +86,7 @@ class DeltaStoreClient:
         max_snapshot_bytes: int = 1 << 32,
         credentials: grpc.ChannelCredentials | None = None,
         interceptors: Sequence[grpc.UnaryUnaryClientInterceptor] = (),
+        shm_dir: str | None = None,
     ) -> None:
         options = channel_options(max_message_bytes)
         if credentials is None:
@@ -98,6 +102,7 @@ class DeltaStoreClient:
         self.retry = retry or Retry()
         self.chunk_bytes = chunk_bytes
         self.max_snapshot_bytes = max_snapshot_bytes
+        self.shm_dir = shm_dir
 
     def close(self) -> None:
         self._raw_channel.close()
@@ -215,12 +220,16 @@ class DeltaStoreClient:
             model=fingerprint(model) if model != "" else "",
             codec=codec,
         )
+        config = None if isinstance(model, str) else getattr(model, "config", model)
+        decode: dict[str, Any] = {"device": device, "dtype": dtype, "as_cache": as_cache, "config": config}
+        if self.shm_dir is not None:
+            reply = self._call(lambda t: self._stub.GetSnapshotShm(req, timeout=t), timeout)
+            return decode_mapped(self.shm_dir, reply, self.max_snapshot_bytes, **decode)
         info, payloads = self._call(
             lambda t: read_snapshot_stream(self._payload_calls.get(req, timeout=t), self.max_snapshot_bytes),
             timeout,
         )
-        config = None if isinstance(model, str) else getattr(model, "config", model)
-        return decode_snapshot(info, payloads, device=device, dtype=dtype, as_cache=as_cache, config=config)
+        return decode_snapshot(info, payloads, **decode)
 
     def lookup_prefix(
         self, token_ids: Sequence[int], *, model: Any, codec: str = "k4v2", timeout: float | None = None

@@ -20,6 +20,7 @@ __all__ = [
     "InvalidArgument",
     "MismatchError",
     "MissingSegments",
+    "NotConfigured",
     "NotFound",
     "PermissionDenied",
     "ResourceExhausted",
@@ -90,6 +91,10 @@ class IncompatibleFormat(DeltaStoreError):
     """The data directory was written in a format version this build does not know."""
 
 
+class NotConfigured(DeltaStoreError):
+    """The server was not set up for this call (e.g. GetSnapshotShm without a shared-memory directory)."""
+
+
 class ResourceExhausted(DeltaStoreError):
     """A configured size limit was exceeded (snapshot bytes, message size, dimensions)."""
 
@@ -133,6 +138,7 @@ STATUS_TABLE: tuple[tuple[type[DeltaStoreError], str, int], ...] = (
     (MismatchError, "FAILED_PRECONDITION", 409),
     (AlreadyExists, "ALREADY_EXISTS", 409),
     (IncompatibleFormat, "FAILED_PRECONDITION", 500),
+    (NotConfigured, "FAILED_PRECONDITION", 409),
     (NotFound, "NOT_FOUND", 404),
     (InvalidArgument, "INVALID_ARGUMENT", 400),
     (AuthError, "UNAUTHENTICATED", 401),

@@ -96,6 +96,7 @@ METHOD_ACCESS: dict[str, Access] = {
     "PlanSnapshot": Access.READ,
     "PutSnapshot": Access.WRITE,
     "GetSnapshot": Access.READ,
+    "GetSnapshotShm": Access.READ,
     "LookupPrefix": Access.READ,
     "HasBlocks": Access.READ,
     "DeleteSnapshot": Access.WRITE,

@@ -21,11 +21,19 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from deltastore.codecs import BlockHeader, CodecSpec, read_header
-from deltastore.errors import DeltaStoreError, FormatError, InvalidArgument, MismatchError, ResourceExhausted
+from deltastore.errors import (
+    DeltaStoreError,
+    FormatError,
+    InvalidArgument,
+    MismatchError,
+    NotConfigured,
+    ResourceExhausted,
+)
 from deltastore.manifest import block_payload_offset
 from deltastore.server.metrics import Metrics
 from deltastore.server.readahead import read_ahead
 from deltastore.server.settings import ServerSettings
+from deltastore.server.shm import ShmExporter
 from deltastore.server.status import grpc_code
 from deltastore.store import PlannedSegment, SegmentPayload, SnapshotStream, Store
 from deltastore.store import SnapshotInfo as StoreSnapshotInfo
@@ -66,6 +74,7 @@ class DeltaStoreService(pb_grpc.DeltaStoreServicer):
         self._store = store
         self._settings = settings
         self._metrics = metrics
+        self._shm = ShmExporter(settings.shm_dir) if settings.shm_dir else None
 
     # -- plumbing ------------------------------------------------------------------------------
 
@@ -213,18 +222,21 @@ class DeltaStoreService(pb_grpc.DeltaStoreServicer):
                 logical_bytes=result.logical_bytes,
             )
 
+    def _open_snapshot(self, request: pb.GetSnapshotRequest) -> SnapshotStream:
+        return self._store.open_snapshot(
+            _ns(request.namespace),
+            request.session,
+            request.turn if request.HasField("turn") else None,
+            model=request.model or None,
+            codec=self._codec(request.codec) if request.codec else None,
+        )
+
     def GetSnapshot(
         self, request: pb.GetSnapshotRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.GetSnapshotResponse | bytes]:
         """The info, then every payload as pre-serialized chunk messages (see ``_add_service``)."""
         with self._rpc("GetSnapshot", context):
-            snap = self._store.open_snapshot(
-                _ns(request.namespace),
-                request.session,
-                request.turn if request.HasField("turn") else None,
-                model=request.model or None,
-                codec=self._codec(request.codec) if request.codec else None,
-            )
+            snap = self._open_snapshot(request)
             yield pb.GetSnapshotResponse(info=_snapshot_info(snap))
             sent = self._metrics.bytes_sent.labels("GetSnapshot")
             chunk_bytes = self._settings.chunk_bytes
@@ -240,6 +252,20 @@ class DeltaStoreService(pb_grpc.DeltaStoreServicer):
                         raise _DeadlineExceeded("GetSnapshot: the caller went away or its deadline passed")
                     yield msg
                 sent.inc(seg.size_bytes)
+
+    def GetSnapshotShm(
+        self, request: pb.GetSnapshotRequest, context: grpc.ServicerContext
+    ) -> pb.GetSnapshotShmResponse:
+        with self._rpc("GetSnapshotShm", context):
+            if self._shm is None:
+                raise NotConfigured(
+                    "this server has no shared-memory directory",
+                    hint="start it with --shm-dir (DELTASTORE_SHM_DIR), or read with GetSnapshot",
+                )
+            snap = self._open_snapshot(request)
+            name = self._shm.export(snap)
+            self._metrics.bytes_sent.labels("GetSnapshotShm").inc(snap.payload_bytes)
+            return pb.GetSnapshotShmResponse(info=_snapshot_info(snap), file=name)
 
     def LookupPrefix(
         self, request: pb.LookupPrefixRequest, context: grpc.ServicerContext

@@ -51,6 +51,8 @@ class ServerSettings:
             "" leaves the service open (loopback sidecars, first runs).
         tls_cert, tls_key: PEM server certificate and key; both "" means plaintext.
         tls_client_ca: PEM CA that client certificates must chain to (mTLS); "" means none asked.
+        shm_dir: shared-memory directory for GetSnapshotShm (a worker on the same host mounts
+            it); "" disables the call.
     """
 
     data_dir: Path = Path("./data")
@@ -68,6 +70,7 @@ class ServerSettings:
     tls_cert: str = ""
     tls_key: str = ""
     tls_client_ca: str = ""
+    shm_dir: str = ""
 
     def __post_init__(self) -> None:
         for name in ("max_snapshot_bytes", "max_message_bytes", "max_tokens", "chunk_bytes", "workers"):
@@ -148,6 +151,10 @@ def add_setting_arguments(parser: argparse.ArgumentParser) -> None:
         "tls_cert": ("--tls-cert", "PEM server certificate (TLS on both listeners)"),
         "tls_key": ("--tls-key", "PEM server private key"),
         "tls_client_ca": ("--tls-client-ca", "PEM CA required of client certificates (mTLS)"),
+        "shm_dir": (
+            "--shm-dir",
+            "shared-memory directory for GetSnapshotShm, e.g. /dev/shm/deltastore ('' = off)",
+        ),
     }
     for field in dataclasses.fields(ServerSettings):
         flag, help_ = flags[field.name]

@@ -319,19 +319,23 @@ def _real_kv_run(
 # -- references and restore vs recompute -------------------------------------------------------
 
 
-def _reference(target: str, run_id: str, cfg: Config, bar: Any) -> dict[str, Any]:
+def _reference(target: str, run_id: str, cfg: Config, bar: Any, shm_dir: str | None = None) -> dict[str, Any]:
     """memcpy, the raw gRPC stream and the store path (no codec) on the same payload bytes.
 
     Put and Get go the way the clients send them (:class:`PayloadCalls`: hand-serialized chunks
-    out, chunks read as views in), so the ratios to the raw stream are what a worker gets."""
+    out, chunks read as views in), so the ratios to the raw stream are what a worker gets. With
+    the server's ``shm_dir`` (a self-hosted server), GetSnapshotShm too: timed until the file is
+    mapped with every page present, what a decode reads from (the stream's is the joined bytes)."""
     import grpc
 
     from deltastore.bench.serving_refs import RawStream, disk_sync_seconds, memcpy_gbps
     from deltastore.bench.serving_workload import SyntheticKV, TokenChain, conversation_tokens
     from deltastore.client import DeltaStoreClient
+    from deltastore.client.shm import mapped_payloads
     from deltastore.client.sync import channel_options
     from deltastore.client.wire import PayloadCalls, encode_missing, put_requests, read_snapshot_stream
     from deltastore.v1 import deltastore_pb2 as pb
+    from deltastore.v1 import deltastore_pb2_grpc as pb_grpc
 
     shape = MISTRAL_7B
     s = Scenario("ref", 1, 0, cfg.reference_tokens, "fp16", turns=1, shape=shape)
@@ -339,9 +343,10 @@ def _reference(target: str, run_id: str, cfg: Config, bar: Any) -> dict[str, Any
     cache = SyntheticKV(shape).cache(TokenChain(ids), len(ids), [(0, len(ids))])
     model = f"{SYNTHETIC_MODEL}/{shape.label()}"
     repeats = 3
-    put_s, get_s, disk_s, payloads = [], [], [], []
+    put_s, get_s, shm_s, disk_s, payloads = [], [], [], [], []
     channel = grpc.insecure_channel(target, channel_options(64 << 20))
     calls = PayloadCalls(channel)
+    stub = pb_grpc.DeltaStoreStub(channel)
     try:
         for i in range(repeats):
             # A fresh namespace is a fresh dedup domain: every byte is new and written.
@@ -364,6 +369,13 @@ def _reference(target: str, run_id: str, cfg: Config, bar: Any) -> dict[str, Any
             get_s.append(time.perf_counter() - t0)
             if got != payloads:
                 raise InvalidArgument("GetSnapshot returned other bytes than were put")
+            if shm_dir is not None:
+                t0 = time.perf_counter()
+                reply = stub.GetSnapshotShm(req, timeout=600)
+                with mapped_payloads(shm_dir, reply, 1 << 34) as views:
+                    shm_s.append(time.perf_counter() - t0)  # every page mapped, ready to decode
+                    if [bytes(v) for v in views] != payloads:
+                        raise InvalidArgument("GetSnapshotShm returned other bytes than were put")
             bar.update(1)
     finally:
         channel.close()
@@ -382,6 +394,7 @@ def _reference(target: str, run_id: str, cfg: Config, bar: Any) -> dict[str, Any
         "grpc_stream_receive_gbps": total / recv_s / 1e9,
         "store_put_gbps": total / min(put_s) / 1e9,
         "store_get_gbps": total / min(get_s) / 1e9,
+        **({"store_get_shm_gbps": total / min(shm_s) / 1e9} if shm_s else {}),
     }
 
 
@@ -506,7 +519,9 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
                 row.update(server.rss())
             into.append(row)
 
-        doc["reference"] = _reference(target, f"b{run_id}", cfg, bar)
+        doc["reference"] = _reference(
+            target, f"b{run_id}", cfg, bar, server.shm_dir if server is not None else None
+        )
         for s in main:
             # Decoding a whole 7B-shaped 4K cache takes seconds on CPU: the full-shape run samples fewer.
             gets = cfg.flagship_get_users if s.shape.layers != cfg.layers else args.get_users

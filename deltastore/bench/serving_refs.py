@@ -76,12 +76,18 @@ class ServerProcess:
     Args:
         block_size: tokens per aligned block (``DELTASTORE_BLOCK_SIZE``); None keeps the default.
         env: extra ``DELTASTORE_*`` settings.
+
+    Attributes:
+        shm_dir: its shared-memory directory for GetSnapshotShm (in ``/dev/shm`` where there is one).
     """
 
     def __init__(self, *, block_size: int | None = None, env: dict[str, str] | None = None) -> None:
         self._tmp = tempfile.TemporaryDirectory(prefix="deltastore-bench-")
         self.data_dir = Path(self._tmp.name) / "data"
-        child_env = dict(os.environ, **(env or {}))
+        shm_root = "/dev/shm" if os.path.isdir("/dev/shm") else None
+        self._shm = tempfile.TemporaryDirectory(prefix="deltastore-bench-shm-", dir=shm_root)
+        self.shm_dir = self._shm.name
+        child_env = dict(os.environ, DELTASTORE_SHM_DIR=self.shm_dir, **(env or {}))
         if block_size is not None:
             child_env["DELTASTORE_BLOCK_SIZE"] = str(block_size)
         cmd = [sys.executable, "-m", "deltastore", "serve", "--data-dir", str(self.data_dir)]
@@ -106,6 +112,7 @@ class ServerProcess:
     def cleanup(self) -> None:
         self.stop()
         self._tmp.cleanup()
+        self._shm.cleanup()
 
     def __enter__(self) -> ServerProcess:
         return self

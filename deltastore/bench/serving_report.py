@@ -91,6 +91,14 @@ def markdown(doc: dict[str, Any]) -> str:
         ("DeltaStore PutSnapshot (pre-encoded, stored durably)", ref["store_put_gbps"], send),
         ("DeltaStore GetSnapshot (digest-checked, no decode)", ref["store_get_gbps"], receive),
     ]
+    if "store_get_shm_gbps" in ref:
+        rows.append(
+            (
+                "DeltaStore GetSnapshotShm (shared memory, bytes copied out)",
+                ref["store_get_shm_gbps"],
+                receive,
+            )
+        )
     for name, gbps, raw in rows:
         lines.append(f"| {name} | {gbps:.3f} | {gbps / ref['memcpy_gbps']:.3f} | {gbps / raw:.2f} |")
     lines += [

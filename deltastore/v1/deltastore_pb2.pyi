@@ -152,6 +152,14 @@ class GetSnapshotResponse(_message.Message):
     chunk: BlockChunk
     def __init__(self, info: _Optional[_Union[SnapshotInfo, _Mapping]] = ..., chunk: _Optional[_Union[BlockChunk, _Mapping]] = ...) -> None: ...
 
+class GetSnapshotShmResponse(_message.Message):
+    __slots__ = ("info", "file")
+    INFO_FIELD_NUMBER: _ClassVar[int]
+    FILE_FIELD_NUMBER: _ClassVar[int]
+    info: SnapshotInfo
+    file: str
+    def __init__(self, info: _Optional[_Union[SnapshotInfo, _Mapping]] = ..., file: _Optional[str] = ...) -> None: ...
+
 class LookupPrefixRequest(_message.Message):
     __slots__ = ("namespace", "model", "codec", "token_ids")
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]

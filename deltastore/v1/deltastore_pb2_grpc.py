@@ -49,6 +49,11 @@ class DeltaStoreStub:
                 request_serializer=deltastore_dot_v1_dot_deltastore__pb2.GetSnapshotRequest.SerializeToString,
                 response_deserializer=deltastore_dot_v1_dot_deltastore__pb2.GetSnapshotResponse.FromString,
                 _registered_method=True)
+        self.GetSnapshotShm = channel.unary_unary(
+                '/deltastore.v1.DeltaStore/GetSnapshotShm',
+                request_serializer=deltastore_dot_v1_dot_deltastore__pb2.GetSnapshotRequest.SerializeToString,
+                response_deserializer=deltastore_dot_v1_dot_deltastore__pb2.GetSnapshotShmResponse.FromString,
+                _registered_method=True)
         self.LookupPrefix = channel.unary_unary(
                 '/deltastore.v1.DeltaStore/LookupPrefix',
                 request_serializer=deltastore_dot_v1_dot_deltastore__pb2.LookupPrefixRequest.SerializeToString,
@@ -106,6 +111,17 @@ class DeltaStoreServicer:
         """Read a snapshot back. Server-streaming: one `info` message (the manifest), then every
         segment payload in token order as `chunk` messages of at most ~1 MiB. NOT_FOUND if the
         snapshot does not exist.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetSnapshotShm(self, request, context):
+        """Read a snapshot into a new file of the server's shared-memory directory (`--shm-dir`), for a
+        worker on the same host that mounts it: one copy out of the store, no stream. The payloads
+        lie back to back in segment order (sizes in `info.segments`). The caller owns the file and
+        unlinks it once mapped; the server removes files left over for a minute. Unary;
+        FAILED_PRECONDITION when the server has no shared-memory directory.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -173,6 +189,11 @@ def add_DeltaStoreServicer_to_server(servicer, server):
                     servicer.GetSnapshot,
                     request_deserializer=deltastore_dot_v1_dot_deltastore__pb2.GetSnapshotRequest.FromString,
                     response_serializer=deltastore_dot_v1_dot_deltastore__pb2.GetSnapshotResponse.SerializeToString,
+            ),
+            'GetSnapshotShm': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetSnapshotShm,
+                    request_deserializer=deltastore_dot_v1_dot_deltastore__pb2.GetSnapshotRequest.FromString,
+                    response_serializer=deltastore_dot_v1_dot_deltastore__pb2.GetSnapshotShmResponse.SerializeToString,
             ),
             'LookupPrefix': grpc.unary_unary_rpc_method_handler(
                     servicer.LookupPrefix,
@@ -286,6 +307,33 @@ class DeltaStore:
             '/deltastore.v1.DeltaStore/GetSnapshot',
             deltastore_dot_v1_dot_deltastore__pb2.GetSnapshotRequest.SerializeToString,
             deltastore_dot_v1_dot_deltastore__pb2.GetSnapshotResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetSnapshotShm(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/deltastore.v1.DeltaStore/GetSnapshotShm',
+            deltastore_dot_v1_dot_deltastore__pb2.GetSnapshotRequest.SerializeToString,
+            deltastore_dot_v1_dot_deltastore__pb2.GetSnapshotShmResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -150,6 +150,9 @@ def call_every_method(
                 timeout=10,
             )
         ),
+        "GetSnapshotShm": lambda md: s.GetSnapshotShm(
+            pb.GetSnapshotRequest(namespace=namespace, session=session, turn=turn), metadata=md, timeout=10
+        ),
         "LookupPrefix": lambda md: s.LookupPrefix(
             pb.LookupPrefixRequest(namespace=namespace, model=MODEL, codec="k4v2", token_ids=tokens),
             metadata=md,

@@ -1,0 +1,112 @@
+"""GetSnapshotShm: a real server writing into a real shared directory, read back by both clients."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+import torch
+from service_helpers import MODEL, make_cache, start_service
+
+from deltastore.client.aio import AsyncDeltaStoreClient
+from deltastore.client.shm import mapped_payloads
+from deltastore.client.sync import DeltaStoreClient
+from deltastore.errors import InvalidArgument
+from deltastore.server.shm import ORPHAN_SECONDS, PREFIX, ShmExporter
+from deltastore.v1 import deltastore_pb2 as pb
+
+TOKENS = list(range(1000, 1150))  # two whole 64-token blocks and a tail: three segments
+
+
+def _target(svc: object) -> str:
+    return f"127.0.0.1:{svc.grpc_port}"  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("codec", ["lossless", "k4v2-pe50"])
+def test_shm_get_equals_stream_get_and_leaves_no_file(tmp_path: Path, codec: str) -> None:
+    shm = tmp_path / "shm"
+    svc = start_service(tmp_path, shm_dir=str(shm))
+    try:
+        cache = make_cache(len(TOKENS))
+        with DeltaStoreClient(_target(svc), timeout=20) as c:
+            c.put_snapshot("s", 0, TOKENS, cache, model=MODEL, codec=codec)
+            streamed = c.get_snapshot("s", 0, as_cache=False)
+        with DeltaStoreClient(_target(svc), timeout=20, shm_dir=str(shm)) as c:
+            mapped = c.get_snapshot("s", 0, as_cache=False)
+        assert mapped.payload_bytes == streamed.payload_bytes > 0
+        for (k, v), (k2, v2) in zip(mapped.layers, streamed.layers, strict=True):
+            assert torch.equal(k, k2) and torch.equal(v, v2)
+        if codec == "lossless":
+            assert all(torch.equal(a[0], b[0]) for a, b in zip(mapped.layers, cache, strict=True))
+        assert list(shm.iterdir()) == []  # the client unlinked the file it was handed
+
+        async def aio_get() -> object:
+            async with AsyncDeltaStoreClient(_target(svc), timeout=20, shm_dir=str(shm)) as ac:
+                return await ac.get_snapshot("s", 0, as_cache=False)
+
+        got = asyncio.run(aio_get())
+        assert torch.equal(got.layers[1][0], streamed.layers[1][0])  # type: ignore[attr-defined]
+        assert list(shm.iterdir()) == []
+    finally:
+        svc.stop()
+
+
+def test_without_shm_dir_the_call_is_refused_clearly(service: object) -> None:
+    with (
+        DeltaStoreClient(_target(service), timeout=20, shm_dir="/nonexistent") as c,
+        pytest.raises(grpc.RpcError) as err,
+    ):
+        c.get_snapshot("s", 0)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "--shm-dir" in err.value.details()
+
+
+def test_missing_snapshot_is_not_found_and_writes_nothing(tmp_path: Path) -> None:
+    shm = tmp_path / "shm"
+    svc = start_service(tmp_path, shm_dir=str(shm))
+    try:
+        with (
+            DeltaStoreClient(_target(svc), timeout=20, shm_dir=str(shm)) as c,
+            pytest.raises(grpc.RpcError) as err,
+        ):
+            c.get_snapshot("nobody", 0)
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+        assert list(shm.iterdir()) == []
+    finally:
+        svc.stop()
+
+
+def test_orphans_are_swept_and_other_files_kept(tmp_path: Path) -> None:
+    exporter = ShmExporter(tmp_path)
+    old, fresh, other = tmp_path / f"{PREFIX}old", tmp_path / f"{PREFIX}fresh", tmp_path / "worker-file"
+    for p in (old, fresh, other):
+        p.write_bytes(b"x")
+    past = time.time() - ORPHAN_SECONDS - 5
+    os.utime(old, (past, past))
+    os.utime(other, (past, past))
+    assert exporter.sweep() == 1
+    assert not old.exists() and fresh.exists() and other.exists()
+
+
+@pytest.mark.parametrize("name", ["", "../etc/passwd", "/etc/passwd", ".hidden", "a/b"])
+def test_client_refuses_file_names_outside_the_directory(tmp_path: Path, name: str) -> None:
+    reply = pb.GetSnapshotShmResponse(file=name)
+    with (
+        pytest.raises(InvalidArgument, match="invalid shared-memory file"),
+        mapped_payloads(tmp_path, reply, 1 << 20),
+    ):
+        pass
+
+
+def test_client_refuses_a_file_of_the_wrong_size(tmp_path: Path) -> None:
+    (tmp_path / f"{PREFIX}x").write_bytes(b"12345")
+    reply = pb.GetSnapshotShmResponse(
+        info=pb.SnapshotInfo(segments=[pb.Segment(size_bytes=4)]), file=f"{PREFIX}x"
+    )
+    with pytest.raises(InvalidArgument, match="holds 5 bytes"), mapped_payloads(tmp_path, reply, 1 << 20):
+        pass
+    assert not (tmp_path / f"{PREFIX}x").exists()  # unlinked even so
