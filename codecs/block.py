@@ -40,6 +40,8 @@ __all__ = ["DecodedBlock", "decode_block", "decode_blocks", "encode_block"]
 
 Layers = Sequence[tuple[torch.Tensor, torch.Tensor]]
 
+_STACK_ELEMENTS = 1 << 20  # elements per tensor kind that one encode call takes, layers stacked
+
 
 @dataclass
 class DecodedBlock:
@@ -154,6 +156,31 @@ def _encode_tensors(codec: TensorCodec, x: torch.Tensor, sink: int) -> list[torc
     return [torch.cat(parts) for parts in zip(*per_layer, strict=True)]
 
 
+def _encode_layers(
+    pairs: list[tuple[torch.Tensor, torch.Tensor]],
+    spec: CodecSpec,
+    start: int,
+    seq_end: int | None,
+    score: torch.Tensor | None,
+    codecs: tuple[TensorCodec, TensorCodec],
+    sink: int,
+) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    """Evict and encode consecutive layers -> (their sections, flat, in format order; the keep mask)."""
+    n_layers, (h, n, d) = len(pairs), pairs[0][0].shape
+    ks = torch.stack([k for k, _ in pairs]).view(n_layers * h, n, d)
+    vs = torch.stack([v for _, v in pairs]).view(n_layers * h, n, d)
+    mask = None
+    if spec.evicts:
+        idx = keep_indices(ks, spec, start, score, seq_end)
+        ks, vs = gather_tokens(ks, idx), gather_tokens(vs, idx)
+        mask = mask_from_indices(idx, n)
+    ks, vs = ks.view(n_layers, h, -1, d), vs.view(n_layers, h, -1, d)
+    sections = [*_encode_tensors(codecs[0], ks, sink), *_encode_tensors(codecs[1], vs, sink)]
+    if sink:  # per layer: fp16 K then V of the sink tokens
+        sections.append(as_bytes(to_fp16(torch.stack([ks[:, :, :sink], vs[:, :, :sink]], dim=1))))
+    return sections, mask
+
+
 def encode_block(
     layers: Layers,
     spec: CodecSpec | str,
@@ -193,18 +220,27 @@ def encode_block(
     sink = spec.fp16_sink_tokens(n, start)
     expected = section_sizes(spec, n_layers, h, d, n, start, dtype, kept)
 
-    # All layers at once, as n_layers * kv_heads heads: eviction is per head, codecs per head.
-    ks = torch.stack([k for k, _ in pairs]).view(n_layers * h, n, d)
-    vs = torch.stack([v for _, v in pairs]).view(n_layers * h, n, d)
+    # Layers go together, as layers * kv_heads heads (eviction and codecs work per head), up to
+    # _STACK_ELEMENTS per call: many small calls cost more than the work of small blocks, and
+    # whole-block temporaries of big blocks fall out of cache.
+    per_call = max(1, _STACK_ELEMENTS // (h * n * d))
+    calls = [
+        _encode_layers(
+            pairs[i : i + per_call],
+            spec,
+            start,
+            seq_end,
+            None if score is None else score[i * h : (i + per_call) * h],
+            (key_codec, value_codec),
+            sink,
+        )
+        for i in range(0, n_layers, per_call)
+    ]
+    sections = [
+        torch.cat(parts) if len(parts) > 1 else parts[0] for parts in zip(*(c for c, _ in calls), strict=True)
+    ]
     if spec.evicts:
-        idx = keep_indices(ks, spec, start, score, seq_end)
-        ks, vs = gather_tokens(ks, idx), gather_tokens(vs, idx)
-    ks, vs = ks.view(n_layers, h, kept, d), vs.view(n_layers, h, kept, d)
-    sections = [*_encode_tensors(key_codec, ks, sink), *_encode_tensors(value_codec, vs, sink)]
-    if sink:  # per layer: fp16 K then V of the sink tokens
-        sections.append(as_bytes(to_fp16(torch.stack([ks[:, :, :sink], vs[:, :, :sink]], dim=1))))
-    if spec.evicts:
-        sections.append(pack_bits(mask_from_indices(idx, n), 1))
+        sections.append(pack_bits(torch.cat([m for _, m in calls if m is not None]), 1))
 
     sizes = [p.numel() for p in sections]
     if sizes != [size for _, size in expected]:  # a codec broke the format's arithmetic: a bug, not input

@@ -9,6 +9,7 @@ import pytest
 import torch
 from codec_testlib import DEVICES, make_cache
 
+from deltastore.codecs import block as codec_block
 from deltastore.codecs import decode_block, decode_blocks, encode_block
 from deltastore.codecs.quant import IntCodec
 
@@ -49,13 +50,21 @@ def test_run_decode_equals_layer_by_layer(spec: str, device: str) -> None:
             assert torch.equal(blk.positions[i], alone.positions[0])
 
 
+@pytest.mark.parametrize("layers_per_call", [None, 2])
 @pytest.mark.parametrize("spec", SPECS)
-def test_layers_encode_like_one_layer_blocks(spec: str) -> None:
-    """Encoding all layers in one call lays out each section as the layers' sections in order."""
-    (block, *_), _ = _segments(3, "cpu")
-    whole = decode_block(encode_block(block, spec, seq_end=150))
+def test_layers_encode_like_one_layer_blocks(
+    spec: str, layers_per_call: int | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Encoding layers together lays out each section as the layers' sections in order, whether
+    all go in one call or in groups (2 + 2 + 1 here)."""
+    (block, *_), _ = _segments(5, "cpu")
+    h, n, d = block[0][0].shape
+    if layers_per_call is not None:
+        monkeypatch.setattr(codec_block, "_STACK_ELEMENTS", layers_per_call * h * n * d)
+    scores = [torch.rand(h, n, generator=torch.Generator().manual_seed(i)) for i in range(len(block))]
+    whole = decode_block(encode_block(block, spec, seq_end=150, scores=scores))
     for i, layer in enumerate(block):
-        alone = decode_block(encode_block([layer], spec, seq_end=150))
+        alone = decode_block(encode_block([layer], spec, seq_end=150, scores=[scores[i]]))
         assert all(torch.equal(a, b) for a, b in zip(whole.layers[i], alone.layers[0], strict=True))
 
 
