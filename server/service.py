@@ -30,6 +30,7 @@ from deltastore.errors import (
     ResourceExhausted,
 )
 from deltastore.manifest import block_payload_offset
+from deltastore.server.malformed import tolerant
 from deltastore.server.metrics import Metrics
 from deltastore.server.readahead import read_ahead
 from deltastore.server.settings import ServerSettings
@@ -449,6 +450,7 @@ def _add_service(servicer: DeltaStoreService, server: grpc.Server) -> None:
 
     The wire format is unchanged (any protobuf client interoperates); chunks skip Python protobuf's
     copies: incoming ones are views into the received message, outgoing ones are serialized once.
+    Requests that do not parse are answered INVALID_ARGUMENT (``server/malformed.py``).
     """
     capture = _HandlerCapture()
     pb_grpc.add_DeltaStoreServicer_to_server(servicer, capture)
@@ -463,6 +465,7 @@ def _add_service(servicer: DeltaStoreService, server: grpc.Server) -> None:
         request_deserializer=pb.GetSnapshotRequest.FromString,
         response_serializer=wire_serializer,
     )
+    handlers = {name: tolerant(name, handler) for name, handler in handlers.items()}
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
     server.add_registered_method_handlers(SERVICE_NAME, handlers)
 
