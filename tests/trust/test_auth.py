@@ -341,3 +341,27 @@ def test_half_tls_configuration_is_refused(tmp_path: Path) -> None:
     ):
         with pytest.raises(InvalidArgument):
             start_service(tmp_path / "x", **fields)
+
+
+def test_asyncio_client_sends_its_key(service: Service) -> None:
+    """async_api_key on a plaintext channel: the asyncio client's calls carry the key, streams included."""
+    import asyncio
+
+    from deltastore.client.aio import AsyncDeltaStoreClient
+    from deltastore.client.auth import async_api_key
+
+    target = f"127.0.0.1:{service.grpc_port}"
+
+    async def run() -> None:
+        keys = async_api_key(KEY_ACME)
+        assert all(KEY_ACME not in repr(k) for k in keys)
+        async with AsyncDeltaStoreClient(target, namespace="acme", timeout=20, interceptors=keys) as c:
+            await c.put_snapshot("s", 0, tokens_for(3, 20), make_cache(20), model=MODEL)  # client stream
+            got = await c.get_snapshot("s", 0, as_cache=False)  # server stream
+            assert got.n_tokens == 20
+        async with AsyncDeltaStoreClient(target, namespace="acme", timeout=20) as c:
+            with pytest.raises(grpc.RpcError) as err:
+                await c.list_snapshots("s")
+            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+    asyncio.run(run())
