@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from deltastore.client.wire import RestoredSnapshot, decode_snapshot
-from deltastore.errors import InvalidArgument, ResourceExhausted
+from deltastore.errors import InvalidArgument, NotConfigured, ResourceExhausted
 from deltastore.v1 import deltastore_pb2 as pb
 
 if TYPE_CHECKING:
@@ -34,6 +34,8 @@ def mapped_payloads(
     Raises:
         InvalidArgument: the reply names no plain file name, or the file's size is not the sum of
             the segment sizes.
+        NotConfigured: the file cannot be opened here (``shm_dir`` is not the server's directory,
+            or not readable by this user).
         ResourceExhausted: the snapshot is larger than ``max_bytes``.
     """
     name = reply.file
@@ -44,7 +46,13 @@ def mapped_payloads(
     if total > max_bytes:
         raise ResourceExhausted(f"snapshot of {total} bytes exceeds this client's limit of {max_bytes}")
     path = Path(shm_dir) / name
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError as exc:
+        raise NotConfigured(
+            f"cannot open the snapshot file the server wrote, {path}: {exc.strerror}",
+            hint="shm_dir must be the server's --shm-dir as mounted here, readable by this user",
+        ) from None
     try:
         os.unlink(path)
         if os.fstat(fd).st_size != total:

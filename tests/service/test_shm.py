@@ -15,7 +15,7 @@ from service_helpers import MODEL, make_cache, start_service
 from deltastore.client.aio import AsyncDeltaStoreClient
 from deltastore.client.shm import mapped_payloads
 from deltastore.client.sync import DeltaStoreClient
-from deltastore.errors import InvalidArgument
+from deltastore.errors import InvalidArgument, NotConfigured
 from deltastore.server.shm import ORPHAN_SECONDS, PREFIX, ShmExporter
 from deltastore.v1 import deltastore_pb2 as pb
 
@@ -76,6 +76,24 @@ def test_missing_snapshot_is_not_found_and_writes_nothing(tmp_path: Path) -> Non
             c.get_snapshot("nobody", 0)
         assert err.value.code() == grpc.StatusCode.NOT_FOUND
         assert list(shm.iterdir()) == []
+    finally:
+        svc.stop()
+
+
+def test_client_pointed_at_another_directory_gets_a_clear_error(tmp_path: Path) -> None:
+    shm = tmp_path / "shm"
+    svc = start_service(tmp_path, shm_dir=str(shm))
+    try:
+        with DeltaStoreClient(_target(svc), timeout=20) as c:
+            c.put_snapshot("s", 0, TOKENS, make_cache(len(TOKENS)), model=MODEL, codec="k4v2")
+        elsewhere = tmp_path / "not-the-servers"
+        elsewhere.mkdir()
+        with (
+            DeltaStoreClient(_target(svc), timeout=20, shm_dir=str(elsewhere)) as c,
+            pytest.raises(NotConfigured, match="--shm-dir as mounted here"),
+        ):
+            c.get_snapshot("s", 0)
+        assert len(list(shm.iterdir())) == 1  # unclaimed: the server sweeps it after ORPHAN_SECONDS
     finally:
         svc.stop()
 
