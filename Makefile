@@ -7,7 +7,7 @@ GRPC_ADDR ?= 127.0.0.1:50051
 HTTP_ADDR ?= 127.0.0.1:8080
 BENCH_DIR ?= bench-results
 
-.PHONY: install install-peers serve test test-fast lint proto bench-codecs bench-quality bench-serving bench-backends clean
+.PHONY: install install-peers serve test test-fast lint proto bench-codecs bench-quality bench-serving bench-backends gpu-check clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -50,6 +50,14 @@ bench-serving: install
 
 bench-backends: install
 	$(BIN)/deltastore bench backends --json $(BENCH_DIR)/backends.json
+
+# On a CUDA machine, in an environment that has a CUDA torch and this package installed
+# (`make gpu-check GPU_PY=python3`): the CUDA test cases (skipped elsewhere), then codec speed.
+GPU_PY ?= $(BIN)/python
+gpu-check:
+	$(GPU_PY) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'gpu-check: no CUDA device')"
+	$(GPU_PY) -m pytest -q -m cuda tests/codecs tests/service/test_grpc.py
+	$(GPU_PY) -m deltastore bench codecs --device cuda --json $(BENCH_DIR)/codecs-cuda.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
