@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from deltastore.errors import ChecksumMismatch
+from deltastore.errors import ChecksumMismatch, ResourceExhausted
 from deltastore.store import PlannedSegment, SnapshotStream
 
 __all__ = ["ORPHAN_SECONDS", "PREFIX", "ShmExporter"]
@@ -44,7 +44,10 @@ class ShmExporter:
         removed before the error propagates.
         """
         self.sweep()
-        fd, path = tempfile.mkstemp(prefix=PREFIX, dir=self.directory)
+        try:
+            fd, path = tempfile.mkstemp(prefix=PREFIX, dir=self.directory)
+        except OSError as exc:
+            raise self._unwritable(exc) from None
         try:
 
             def write(seg: PlannedSegment, _fp16: int, payload: memoryview) -> None:
@@ -56,12 +59,21 @@ class ShmExporter:
 
             for _ in snap.map(write):
                 pass
+        except OSError as exc:  # the directory's filesystem is full, most likely
+            os.unlink(path)
+            raise self._unwritable(exc) from None
         except BaseException:
             os.unlink(path)
             raise
         finally:
             os.close(fd)
         return os.path.basename(path)
+
+    def _unwritable(self, exc: OSError) -> ResourceExhausted:
+        return ResourceExhausted(
+            f"cannot write a snapshot into the shared-memory directory {self.directory}: {exc.strerror}",
+            hint="give the directory more room (e.g. a larger /dev/shm), or read with GetSnapshot",
+        )
 
     def sweep(self, now: float | None = None) -> int:
         """Remove export files older than ``ORPHAN_SECONDS``; return how many."""

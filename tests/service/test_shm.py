@@ -98,6 +98,36 @@ def test_client_pointed_at_another_directory_gets_a_clear_error(tmp_path: Path) 
         svc.stop()
 
 
+def test_full_shm_directory_is_resource_exhausted_and_leaves_no_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full tmpfs cannot be made portably in a test, so os.write fails with ENOSPC here (a fake)."""
+    import errno
+
+    from deltastore.server import shm as server_shm
+
+    shm = tmp_path / "shm"
+    svc = start_service(tmp_path, shm_dir=str(shm))
+    try:
+        with DeltaStoreClient(_target(svc), timeout=20) as c:
+            c.put_snapshot("s", 0, TOKENS, make_cache(len(TOKENS)), model=MODEL, codec="k4v2")
+
+        def full(_fd: int, _data: object) -> int:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        monkeypatch.setattr(server_shm.os, "write", full)
+        with (
+            DeltaStoreClient(_target(svc), timeout=20, shm_dir=str(shm)) as c,
+            pytest.raises(grpc.RpcError) as err,
+        ):
+            c.get_snapshot("s", 0)
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "No space left" in err.value.details()
+        assert list(shm.iterdir()) == []
+    finally:
+        svc.stop()
+
+
 def test_orphans_are_swept_and_other_files_kept(tmp_path: Path) -> None:
     exporter = ShmExporter(tmp_path)
     old, fresh, other = tmp_path / f"{PREFIX}old", tmp_path / f"{PREFIX}fresh", tmp_path / "worker-file"
