@@ -25,7 +25,8 @@ from deltastore.errors import CodecError
 
 __all__ = ["IntCodec", "dequantize_groups", "merge_groups", "quantize_groups", "split_groups"]
 
-_CHUNK = 1 << 18  # elements per call on CPU (256 KiB of float32 per temporary)
+_CHUNK = 1 << 18  # elements per call on CPU (1 MiB of float32 per temporary)
+_CHUNK_ACCELERATOR = 1 << 26  # elsewhere (256 MiB of float32): bounds a long snapshot's temporaries
 
 
 def split_groups(x: torch.Tensor, group: int, dim: int = -1) -> torch.Tensor:
@@ -128,11 +129,14 @@ class IntCodec(TensorCodec):
     def _heads_per_call(self, shape: Shape, device: torch.device) -> int:
         """Heads per call. On CPU, about ``_CHUNK`` elements at a time: a chunk's temporaries stay
         in cache and in malloc's reused heap (whole-tensor temporaries are fresh mmaps that
-        page-fault on every call): ~1.5-2x. Chunks must fill whole bytes of codes, so that their
-        concatenation is the tensor's layout. Elsewhere, one call."""
+        page-fault on every call): ~1.5-2x. On an accelerator, ``_CHUNK_ACCELERATOR``: big
+        kernels, but a whole long snapshot decoded as one run would need several times its size
+        in float32 temporaries. Chunks must fill whole bytes of codes, so that their
+        concatenation is the tensor's layout."""
         h, t, d = shape
-        per = max(1, _CHUNK // max(1, t * d))
-        if device.type != "cpu" or per >= h or (per * t * d * self.bits) % 8:
+        limit = _CHUNK if device.type == "cpu" else _CHUNK_ACCELERATOR
+        per = max(1, limit // max(1, t * d))
+        if per >= h or (per * t * d * self.bits) % 8:
             return h
         return per
 
