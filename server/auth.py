@@ -57,9 +57,11 @@ from typing import Any
 from urllib.parse import parse_qsl, urlencode
 
 import grpc
+from google.protobuf.message import Message
 
 from deltastore.errors import AuthError, DeltaStoreError, InvalidArgument, NotFound, PermissionDenied
 from deltastore.manifest import check_name
+from deltastore.server.malformed import Malformed
 from deltastore.server.status import error_body, grpc_code, http_status
 from deltastore.v1.protocol import ERROR_TYPE_KEY
 
@@ -370,7 +372,9 @@ def _scoped(handler: grpc.RpcMethodHandler, principal: Principal, name: str) -> 
         def headers_checked(requests: Iterator[Any]) -> Iterator[Any]:
             # Raised inside the service's own error mapping, so it is counted like any failure.
             for i, msg in enumerate(requests):
-                if i == 0 and msg.WhichOneof("part") == "header":
+                # A chunk sent first, or bytes that did not parse, carry no namespace: the service
+                # refuses them itself (INVALID_ARGUMENT).
+                if i == 0 and isinstance(msg, Message) and msg.WhichOneof("part") == "header":
                     _resolve(principal, name, msg, msg.header)
                 yield msg
 
@@ -382,6 +386,8 @@ def _scoped(handler: grpc.RpcMethodHandler, principal: Principal, name: str) -> 
     inner = handler.unary_unary or handler.unary_stream
 
     def unary_behavior(request: Any, context: grpc.ServicerContext) -> Any:
+        if isinstance(request, Malformed):  # no namespace to check: the handler refuses it
+            return inner(request, context)
         try:
             _resolve(principal, name, request, request)
         except PermissionDenied as exc:

@@ -27,6 +27,7 @@ from trust_helpers import (
     client,
     make_cache,
     make_pki,
+    send_garbage,
     start_service,
     tokens_for,
     write_auth,
@@ -365,3 +366,21 @@ def test_asyncio_client_sends_its_key(service: Service) -> None:
             assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
     asyncio.run(run())
+
+
+def test_bytes_that_do_not_parse_are_invalid_argument_with_a_valid_key(service: Service, reliability) -> None:
+    """The auth layer must not trip over them (it reads the namespace of parsed requests only)."""
+    tried = send_garbage(service.grpc_port, [("authorization", f"Bearer {KEY_ACME}")])
+    # A put whose first message is a chunk, not a header: refused by the service, not by auth.
+    with grpc.insecure_channel(f"127.0.0.1:{service.grpc_port}") as ch, pytest.raises(grpc.RpcError) as err:
+        pb_grpc.DeltaStoreStub(ch).PutSnapshot(
+            iter([pb.PutSnapshotRequest(chunk=pb.BlockChunk(key=bytes(32), total_bytes=1, data=b"x"))]),
+            metadata=[("authorization", f"Bearer {KEY_ACME}")],
+            timeout=10,
+        )
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+    reliability.record(
+        "request bytes that are not protobuf, with a valid key (auth on)",
+        tried + 1,
+        "INVALID_ARGUMENT naming the rpc",
+    )

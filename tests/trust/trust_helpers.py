@@ -367,3 +367,31 @@ def wait_healthy(channel: grpc.Channel, timeout: float = 30) -> None:
 def chunks_of(items: Sequence[Any], n: int) -> Iterator[Sequence[Any]]:
     for i in range(0, len(items), n):
         yield items[i : i + n]
+
+
+# Not protobuf: a truncated varint, a field with wire type 7 (none exists), a length past the end.
+GARBAGE = [b"\x08\xff", b"\x0f\x01\x02", b"\x0a\xff\x7f" + b"x" * 3]
+
+
+def send_garbage(port: int, metadata: Sequence[tuple[str, str]] = ()) -> int:
+    """Raw bytes to every rpc, bypassing any client; asserts INVALID_ARGUMENT naming the rpc each
+    time (never INTERNAL or UNKNOWN). Returns the number of calls made."""
+    tried = 0
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+        for method in (m.name for m in SERVICE.methods):
+            path = f"/deltastore.v1.DeltaStore/{method}"
+            for data in GARBAGE:
+                try:
+                    if method == "PutSnapshot":
+                        ch.stream_unary(path)(iter([data]), metadata=metadata, timeout=10)
+                    elif method == "GetSnapshot":
+                        list(ch.unary_stream(path)(data, metadata=metadata, timeout=10))
+                    else:
+                        ch.unary_unary(path)(data, metadata=metadata, timeout=10)
+                except grpc.RpcError as exc:
+                    assert exc.code() == grpc.StatusCode.INVALID_ARGUMENT, (method, exc.code(), exc.details())
+                    assert method in exc.details() and "does not parse" in exc.details(), exc.details()
+                else:
+                    raise AssertionError(f"{method} accepted bytes that are not protobuf")
+                tried += 1
+    return tried
