@@ -11,6 +11,8 @@ from __future__ import annotations
 import contextlib
 import mmap
 import os
+import re
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -18,11 +20,14 @@ from typing import TYPE_CHECKING, Any
 from deltastore.client.wire import RestoredSnapshot, decode_snapshot
 from deltastore.errors import InvalidArgument, NotConfigured, ResourceExhausted
 from deltastore.v1 import deltastore_pb2 as pb
+from deltastore.v1.protocol import SHM_FILE_PREFIX
 
 if TYPE_CHECKING:
     import torch
 
 __all__ = ["decode_mapped", "mapped_payloads"]
+
+_NAME = re.compile(re.escape(SHM_FILE_PREFIX) + r"[A-Za-z0-9_]{1,64}")
 
 
 @contextlib.contextmanager
@@ -32,31 +37,40 @@ def mapped_payloads(
     """The payloads of ``reply``, in segment order, as views of its file (valid inside the block).
 
     Raises:
-        InvalidArgument: the reply names no plain file name, or the file's size is not the sum of
-            the segment sizes.
-        NotConfigured: the file cannot be opened here (``shm_dir`` is not the server's directory,
-            or not readable by this user).
+        InvalidArgument: the reply names no file the server would have made, not a regular file,
+            or one whose size is not the sum of the segment sizes.
+        NotConfigured: the file cannot be opened or removed here (``shm_dir`` is not the server's
+            directory, or not readable and writable by this user).
         ResourceExhausted: the snapshot is larger than ``max_bytes``.
     """
     name = reply.file
-    if not name or name != os.path.basename(name) or name.startswith("."):
+    if not _NAME.fullmatch(name):
         raise InvalidArgument(f"the server named an invalid shared-memory file {name!r}")
-    sizes = [s.size_bytes for s in reply.info.segments]
-    total = sum(sizes)
-    if total > max_bytes:
-        raise ResourceExhausted(f"snapshot of {total} bytes exceeds this client's limit of {max_bytes}")
     path = Path(shm_dir) / name
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    try:  # never follow a link, never block on a FIFO someone left there
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError as exc:
         raise NotConfigured(
             f"cannot open the snapshot file the server wrote, {path}: {exc.strerror}",
             hint="shm_dir must be the server's --shm-dir as mounted here, readable by this user",
         ) from None
     try:
-        os.unlink(path)
-        if os.fstat(fd).st_size != total:
-            raise InvalidArgument(f"{path} holds {os.fstat(fd).st_size} bytes, its segments {total}")
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise InvalidArgument(f"{path} is not a regular file")
+        try:
+            os.unlink(path)
+        except OSError as exc:
+            raise NotConfigured(
+                f"cannot remove {path} after opening it: {exc.strerror}",
+                hint="mount shm_dir writable here; the server removes unclaimed files after a minute",
+            ) from None
+        sizes = [s.size_bytes for s in reply.info.segments]
+        total = sum(sizes)
+        if total > max_bytes:
+            raise ResourceExhausted(f"snapshot of {total} bytes exceeds this client's limit of {max_bytes}")
+        if info.st_size != total:
+            raise InvalidArgument(f"{path} holds {info.st_size} bytes, its segments {total}")
         # MAP_POPULATE maps every page in one call instead of one fault per page as they are read.
         flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
         mapping = mmap.mmap(fd, total, flags=flags, prot=mmap.PROT_READ) if total else None

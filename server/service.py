@@ -75,7 +75,7 @@ class DeltaStoreService(pb_grpc.DeltaStoreServicer):
         self._store = store
         self._settings = settings
         self._metrics = metrics
-        self._shm = ShmExporter(settings.shm_dir) if settings.shm_dir else None
+        self._shm = ShmExporter(settings.shm_dir, settings.shm_max_bytes) if settings.shm_dir else None
 
     # -- plumbing ------------------------------------------------------------------------------
 
@@ -263,8 +263,16 @@ class DeltaStoreService(pb_grpc.DeltaStoreServicer):
                     "this server has no shared-memory directory",
                     hint="start it with --shm-dir (DELTASTORE_SHM_DIR), or read with GetSnapshot",
                 )
+            if not _on_this_host(context.peer()):
+                raise NotConfigured(
+                    "GetSnapshotShm serves callers on this host only (a unix socket or loopback)",
+                    hint="read with GetSnapshot from another host",
+                )
             snap = self._open_snapshot(request)
             name = self._shm.export(snap)
+            if not context.is_active():  # nobody will claim it
+                self._shm.discard(name)
+                raise _DeadlineExceeded("GetSnapshotShm: the caller went away or its deadline passed")
             self._metrics.bytes_sent.labels("GetSnapshotShm").inc(snap.payload_bytes)
             return pb.GetSnapshotShmResponse(info=_snapshot_info(snap), file=name)
 
@@ -329,6 +337,18 @@ class DeltaStoreService(pb_grpc.DeltaStoreServicer):
 
 
 # -- conversions -------------------------------------------------------------------------------
+
+
+def _on_this_host(peer: str) -> bool:
+    """Is a gRPC peer string (``unix:...``, ``ipv4:127.0.0.1:port``, ``ipv6:[::1]:port``) local?"""
+    if peer.startswith("unix:"):
+        return True
+    if peer.startswith("ipv4:"):
+        return peer[5:].startswith("127.")
+    if peer.startswith("ipv6:"):
+        host = peer[5:].rpartition(":")[0].strip("[]")
+        return host == "::1" or host.startswith("::ffff:127.")
+    return False
 
 
 def _ns(namespace: str) -> str:

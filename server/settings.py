@@ -53,6 +53,7 @@ class ServerSettings:
         tls_client_ca: PEM CA that client certificates must chain to (mTLS); "" means none asked.
         shm_dir: shared-memory directory for GetSnapshotShm (a worker on the same host mounts
             it); "" disables the call.
+        shm_max_bytes: most bytes of snapshot files in ``shm_dir`` not yet claimed by a worker.
     """
 
     data_dir: Path = Path("./data")
@@ -71,9 +72,17 @@ class ServerSettings:
     tls_key: str = ""
     tls_client_ca: str = ""
     shm_dir: str = ""
+    shm_max_bytes: int = 2 << 30
 
     def __post_init__(self) -> None:
-        for name in ("max_snapshot_bytes", "max_message_bytes", "max_tokens", "chunk_bytes", "workers"):
+        for name in (
+            "max_snapshot_bytes",
+            "max_message_bytes",
+            "max_tokens",
+            "chunk_bytes",
+            "workers",
+            "shm_max_bytes",
+        ):
             if getattr(self, name) <= 0:
                 raise InvalidArgument(f"{name} must be positive, got {getattr(self, name)}")
         if self.chunk_bytes + (64 << 10) > self.max_message_bytes:
@@ -151,6 +160,10 @@ def add_setting_arguments(parser: argparse.ArgumentParser) -> None:
         "tls_cert": ("--tls-cert", "PEM server certificate (TLS on both listeners)"),
         "tls_key": ("--tls-key", "PEM server private key"),
         "tls_client_ca": ("--tls-client-ca", "PEM CA required of client certificates (mTLS)"),
+        "shm_max_bytes": (
+            "--shm-max-bytes",
+            "most bytes of unclaimed snapshot files in --shm-dir (e.g. 2GiB)",
+        ),
         "shm_dir": (
             "--shm-dir",
             "shared-memory directory for GetSnapshotShm, e.g. /dev/shm/deltastore ('' = off)",

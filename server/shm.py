@@ -4,64 +4,138 @@ A sidecar and its worker can share a memory-backed directory (``/dev/shm``, or a
 ``emptyDir`` with ``medium: Memory`` mounted in both containers). GetSnapshotShm copies a
 snapshot's verified payloads once, out of the store, into a new file there; the worker maps the
 file and decodes straight from it, where the stream path frames, sends, receives and joins every
-byte. The worker unlinks the file once it has mapped it; files a worker never claimed (it died,
-or its deadline passed) are removed after ``ORPHAN_SECONDS``.
+byte. The worker unlinks the file once it has opened it.
 
-Files are created with mode 0600 under names the server picks (``O_EXCL``), so a client never
-names a path the server opens. Access to the directory is the boundary, as with a unix socket.
+Files are created with mode 0600 (the worker runs as the server's user) under names the server
+picks (``O_EXCL``), so a client never names a path the server opens. Memory-backed files count
+against the host's (or the pod's) memory, so what is not yet claimed is bounded: at most
+``max_bytes`` in all (RESOURCE_EXHAUSTED beyond), and files a worker never claimed (it died, its
+deadline passed, it looks in another directory) are removed after ``ORPHAN_SECONDS`` by a sweeper
+thread.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
 import os
 import tempfile
+import threading
 import time
+import weakref
 from pathlib import Path
 
-from deltastore.errors import ChecksumMismatch, ResourceExhausted
+from deltastore.errors import ChecksumMismatch, NotConfigured, ResourceExhausted
 from deltastore.store import PlannedSegment, SnapshotStream
+from deltastore.v1.protocol import SHM_FILE_PREFIX
 
-__all__ = ["ORPHAN_SECONDS", "PREFIX", "ShmExporter"]
+__all__ = ["ORPHAN_SECONDS", "ShmExporter"]
 
 log = logging.getLogger(__name__)
 
-PREFIX = "deltastore-get-"
 ORPHAN_SECONDS = 60.0
+_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 class ShmExporter:
-    """Writes snapshots into files of ``directory`` (created 0700 if missing)."""
+    """Writes snapshots into files of ``directory`` (created 0700 if missing).
 
-    def __init__(self, directory: str | Path) -> None:
+    Args:
+        directory: the shared directory.
+        max_bytes: the most bytes of unclaimed files (and exports in progress) at once.
+    """
+
+    def __init__(self, directory: str | Path, max_bytes: int) -> None:
         self.directory = Path(directory)
-        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.max_bytes = max_bytes
+        self._lock = threading.Lock()
+        self._reserved = 0  # bytes of exports in progress
+        self._prepare()
+        self.sweep()
+        _start_sweeper(self)
 
     def export(self, snap: SnapshotStream) -> str:
         """Write the payloads of ``snap`` back to back into a new file; return its name.
 
         Payloads are verified as they are read (``SnapshotStream.map``); on any error the file is
         removed before the error propagates.
+
+        Raises:
+            ResourceExhausted: the unclaimed files would pass ``max_bytes``, or the directory is full.
+            NotConfigured: the directory cannot be used (removed and not re-creatable, not writable).
         """
-        self.sweep()
+        total = snap.payload_bytes
+        with self._lock:
+            self._prepare()
+            pending = self.sweep() + self._reserved
+            if pending + total > self.max_bytes:
+                raise ResourceExhausted(
+                    f"{pending} bytes of snapshot files in {self.directory} are not yet claimed; "
+                    f"{total} more would pass the limit of {self.max_bytes}",
+                    hint="raise --shm-max-bytes, or read with GetSnapshot",
+                )
+            self._reserved += total
         try:
-            fd, path = tempfile.mkstemp(prefix=PREFIX, dir=self.directory)
+            return self._write(snap)
+        finally:
+            with self._lock:
+                self._reserved -= total
+
+    def discard(self, name: str) -> None:
+        """Remove an export no caller will claim (the call ended before its answer was sent)."""
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.directory / name)
+
+    def sweep(self, now: float | None = None) -> int:
+        """Remove export files older than ``ORPHAN_SECONDS``; return the bytes of those left."""
+        cutoff = (time.time() if now is None else now) - ORPHAN_SECONDS
+        removed, left = 0, 0
+        try:
+            entries = list(os.scandir(self.directory))
         except OSError as exc:
-            raise self._unwritable(exc) from None
+            raise self._unusable(exc) from None
+        for entry in entries:
+            if not entry.name.startswith(SHM_FILE_PREFIX):
+                continue
+            try:
+                stat = entry.stat(follow_symlinks=False)
+                if stat.st_mtime < cutoff:
+                    os.unlink(entry.path)
+                    removed += 1
+                else:
+                    left += stat.st_size
+            except FileNotFoundError:  # its worker claimed it meanwhile
+                continue
+        if removed:
+            log.warning("removed %d shared-memory snapshot file(s) no worker claimed", removed)
+        return left
+
+    def _prepare(self) -> None:
+        try:  # again on every export: a cleanup job may have removed the directory
+            self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as exc:
+            raise self._unusable(exc) from None
+
+    def _write(self, snap: SnapshotStream) -> str:
+        try:
+            fd, path = tempfile.mkstemp(prefix=SHM_FILE_PREFIX, dir=self.directory)
+        except OSError as exc:
+            raise self._unusable(exc) from None
         try:
 
             def write(seg: PlannedSegment, _fp16: int, payload: memoryview) -> None:
                 if len(payload) != seg.size_bytes:
                     raise ChecksumMismatch(seg.key, f"{seg.size_bytes} bytes", f"{len(payload)} bytes")
                 written = 0
-                while written < len(payload):  # write() into tmpfs: no page faults, unlike a mapping
-                    written += os.write(fd, payload[written:])
+                try:
+                    while written < len(payload):  # write() into tmpfs: no page faults, unlike a mapping
+                        written += os.write(fd, payload[written:])
+                except OSError as exc:
+                    raise self._unusable(exc) from None
 
             for _ in snap.map(write):
                 pass
-        except OSError as exc:  # the directory's filesystem is full, most likely
-            os.unlink(path)
-            raise self._unwritable(exc) from None
         except BaseException:
             os.unlink(path)
             raise
@@ -69,23 +143,33 @@ class ShmExporter:
             os.close(fd)
         return os.path.basename(path)
 
-    def _unwritable(self, exc: OSError) -> ResourceExhausted:
-        return ResourceExhausted(
-            f"cannot write a snapshot into the shared-memory directory {self.directory}: {exc.strerror}",
-            hint="give the directory more room (e.g. a larger /dev/shm), or read with GetSnapshot",
+    def _unusable(self, exc: OSError) -> ResourceExhausted | NotConfigured:
+        where = f"the shared-memory directory {self.directory}"
+        if exc.errno in _FULL:
+            return ResourceExhausted(
+                f"cannot write a snapshot into {where}: {exc.strerror}",
+                hint="give the directory more room (e.g. a larger /dev/shm), or read with GetSnapshot",
+            )
+        return NotConfigured(
+            f"cannot use {where}: {exc.strerror}", hint="check --shm-dir: it must be a writable directory"
         )
 
-    def sweep(self, now: float | None = None) -> int:
-        """Remove export files older than ``ORPHAN_SECONDS``; return how many."""
-        cutoff = (time.time() if now is None else now) - ORPHAN_SECONDS
-        removed = 0
-        for entry in os.scandir(self.directory):
+
+def _start_sweeper(exporter: ShmExporter) -> None:
+    """Sweep every ORPHAN_SECONDS / 2 while the exporter lives (a weak reference: no leak)."""
+    ref = weakref.ref(exporter)
+    stop = threading.Event()
+
+    def run() -> None:
+        while not stop.wait(ORPHAN_SECONDS / 2):
+            target = ref()
+            if target is None:
+                return
             try:
-                if entry.name.startswith(PREFIX) and entry.stat(follow_symlinks=False).st_mtime < cutoff:
-                    os.unlink(entry.path)
-                    removed += 1
-            except FileNotFoundError:  # its worker claimed it meanwhile
-                continue
-        if removed:
-            log.warning("removed %d shared-memory snapshot file(s) no worker claimed", removed)
-        return removed
+                target.sweep()
+            except (NotConfigured, ResourceExhausted) as exc:
+                log.warning("shared-memory sweep: %s", exc.message)
+            del target
+
+    weakref.finalize(exporter, stop.set)
+    threading.Thread(target=run, name="deltastore-shm-sweeper", daemon=True).start()

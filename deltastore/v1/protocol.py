@@ -28,6 +28,7 @@ __all__ = [
     "DEFAULT_CHUNK_BYTES",
     "ERROR_TYPE_KEY",
     "KEY_BYTES",
+    "SHM_FILE_PREFIX",
     "Assembled",
     "ChunkAssembler",
     "WireChunk",
@@ -42,6 +43,8 @@ __all__ = [
 DEFAULT_CHUNK_BYTES = 1 << 20  # 1 MiB of payload per message
 KEY_BYTES = 32  # BLAKE3 digest
 ERROR_TYPE_KEY = "deltastore-error-type"
+SHM_FILE_PREFIX = "deltastore-get-"
+"""Names of GetSnapshotShm files: this prefix, then characters of ``[A-Za-z0-9_]`` only."""
 """Trailing metadata key naming the ``deltastore.errors`` class behind a non-OK status, so a
 client can tell e.g. MissingSegments (plan again) from another FAILED_PRECONDITION."""
 

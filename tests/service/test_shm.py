@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -16,8 +17,11 @@ from deltastore.client.aio import AsyncDeltaStoreClient
 from deltastore.client.shm import mapped_payloads
 from deltastore.client.sync import DeltaStoreClient
 from deltastore.errors import InvalidArgument, NotConfigured
-from deltastore.server.shm import ORPHAN_SECONDS, PREFIX, ShmExporter
+from deltastore.server.service import _on_this_host
+from deltastore.server.shm import ORPHAN_SECONDS, ShmExporter
 from deltastore.v1 import deltastore_pb2 as pb
+from deltastore.v1 import deltastore_pb2_grpc as pb_grpc
+from deltastore.v1.protocol import SHM_FILE_PREFIX as PREFIX
 
 TOKENS = list(range(1000, 1150))  # two whole 64-token blocks and a tail: three segments
 
@@ -129,18 +133,70 @@ def test_full_shm_directory_is_resource_exhausted_and_leaves_no_file(
 
 
 def test_orphans_are_swept_and_other_files_kept(tmp_path: Path) -> None:
-    exporter = ShmExporter(tmp_path)
+    exporter = ShmExporter(tmp_path, max_bytes=1 << 20)
     old, fresh, other = tmp_path / f"{PREFIX}old", tmp_path / f"{PREFIX}fresh", tmp_path / "worker-file"
     for p in (old, fresh, other):
-        p.write_bytes(b"x")
+        p.write_bytes(b"xyz")
     past = time.time() - ORPHAN_SECONDS - 5
     os.utime(old, (past, past))
     os.utime(other, (past, past))
-    assert exporter.sweep() == 1
+    assert exporter.sweep() == 3  # bytes still unclaimed: the fresh file's
     assert not old.exists() and fresh.exists() and other.exists()
 
 
-@pytest.mark.parametrize("name", ["", "../etc/passwd", "/etc/passwd", ".hidden", "a/b"])
+def test_unclaimed_bytes_are_capped_and_a_removed_directory_comes_back(tmp_path: Path) -> None:
+    shm = tmp_path / "shm"
+    svc = start_service(tmp_path, shm_dir=str(shm), shm_max_bytes=1 << 20)
+    try:
+        with DeltaStoreClient(_target(svc), timeout=20) as c:
+            c.put_snapshot("s", 0, TOKENS, make_cache(len(TOKENS)), model=MODEL, codec="fp16")
+        req = pb.GetSnapshotRequest(namespace="default", session="s", turn=0)
+        names = []
+        with grpc.insecure_channel(_target(svc)) as ch, pytest.raises(grpc.RpcError) as err:
+            for _ in range(100):  # nobody claims them: ~77 KB each against a 1 MiB cap
+                names.append(pb_grpc.DeltaStoreStub(ch).GetSnapshotShm(req, timeout=10).file)
+        assert (
+            err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            and "--shm-max-bytes" in err.value.details()
+        )
+        assert 1 <= len(names) <= 14 and sorted(p.name for p in shm.iterdir()) == sorted(names)
+        shutil.rmtree(shm)  # e.g. a tmp cleaner: the next export makes the directory again
+        with DeltaStoreClient(_target(svc), timeout=20, shm_dir=str(shm)) as c:
+            assert c.get_snapshot("s", 0, as_cache=False).n_tokens == len(TOKENS)
+    finally:
+        svc.stop()
+
+
+def test_a_fifo_or_directory_in_place_of_the_file_is_refused_without_blocking(tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / f"{PREFIX}fifo")
+    (tmp_path / f"{PREFIX}dir").mkdir()
+    for name in (f"{PREFIX}fifo", f"{PREFIX}dir"):
+        reply = pb.GetSnapshotShmResponse(file=name)
+        with pytest.raises((InvalidArgument, NotConfigured)), mapped_payloads(tmp_path, reply, 1 << 20):
+            pass
+
+
+@pytest.mark.parametrize(
+    ("peer", "local"),
+    [
+        ("unix:/run/deltastore.sock", True),
+        ("unix:", True),
+        ("ipv4:127.0.0.1:50000", True),
+        ("ipv6:[::1]:50000", True),
+        ("ipv4:10.1.2.3:50000", False),
+        ("ipv6:[2001:db8::1]:50000", False),
+        ("ipv6:[::ffff:10.0.0.1]:1", False),
+        ("", False),
+    ],
+)
+def test_only_callers_on_this_host_may_ask(peer: str, local: bool) -> None:
+    assert _on_this_host(peer) is local
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["", "../etc/passwd", "/etc/passwd", ".hidden", "a/b", "passwd", f"{PREFIX}a/../../x", f"{PREFIX}x\0"],
+)
 def test_client_refuses_file_names_outside_the_directory(tmp_path: Path, name: str) -> None:
     reply = pb.GetSnapshotShmResponse(file=name)
     with (
