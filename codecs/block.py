@@ -41,6 +41,7 @@ __all__ = ["DecodedBlock", "decode_block", "decode_blocks", "encode_block"]
 Layers = Sequence[tuple[torch.Tensor, torch.Tensor]]
 
 _STACK_ELEMENTS = 1 << 20  # elements per tensor kind that one encode call takes, layers stacked
+_RUN_ELEMENTS = 1 << 24  # decoded elements per tensor kind of one run of blocks decoded together
 
 
 @dataclass
@@ -399,7 +400,15 @@ def decode_blocks(
     parsed = [_parse(p, target) for p in payloads]
     out: list[DecodedBlock] = []
     for _, run in itertools.groupby(parsed, key=lambda b: b.run_key):
-        out.extend(_decode_run(list(run), target, dtype))
+        blocks = list(run)
+        hdr = blocks[0].hdr
+        # Bounded runs: one call's sections, outputs and (for codecs that do not chunk their own
+        # calls, fp8) float32 temporaries stay within a few times _RUN_ELEMENTS.
+        per_run = max(
+            1, _RUN_ELEMENTS // max(1, hdr.n_layers * hdr.kv_heads * hdr.kept_tokens * hdr.head_dim)
+        )
+        for i in range(0, len(blocks), per_run):
+            out.extend(_decode_run(blocks[i : i + per_run], target, dtype))
     return out
 
 

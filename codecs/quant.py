@@ -14,6 +14,7 @@ Overhead: 2 fp16 per group, i.e. 32 / group bits per element (0.5 at group 64).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -135,10 +136,9 @@ class IntCodec(TensorCodec):
         concatenation is the tensor's layout."""
         h, t, d = shape
         limit = _CHUNK if device.type == "cpu" else _CHUNK_ACCELERATOR
-        per = max(1, limit // max(1, t * d))
-        if per >= h or (per * t * d * self.bits) % 8:
-            return h
-        return per
+        align = 8 // math.gcd(t * d * self.bits, 8)  # heads whose codes fill whole bytes
+        per = max(align, limit // max(1, t * d) // align * align)
+        return h if per >= h else per
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         h = x.shape[0]

@@ -99,7 +99,7 @@ class ServerProcess:
                 raise InvalidArgument("deltastore serve printed no address line")
             self.target = match.group(1).decode()
         except BaseException:
-            self.stop()
+            self.cleanup()
             raise
 
     def rss(self) -> dict[str, int]:

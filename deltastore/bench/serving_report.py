@@ -105,7 +105,8 @@ def markdown(doc: dict[str, Any]) -> str:
         "",
         f"PutSnapshot runs at {ref['store_put_gbps'] / ref['disk_sync_gbps']:.2f}x the durable-write floor "
         "(the same bytes written and fdatasync-ed right after each put's commit, so both meet a disk "
-        "whose write-back cache has just taken 128 MiB): a put is the receive, then one durable commit.",
+        f"whose write-back cache has just taken {ref['payload_bytes'] / _MIB:.0f} MiB): a put is the receive, "
+        "then one durable commit.",
     ]
     rvr = doc.get("restore_vs_recompute")
     if rvr:

@@ -33,10 +33,17 @@ def _segments(n_layers: int, device: str) -> tuple[list[list[tuple[torch.Tensor,
     return [[(k[:, a:b], v[:, a:b]) for k, v in cache] for a, b in itertools.pairwise(starts)], starts
 
 
+@pytest.mark.parametrize("blocks_per_run", [None, 1, 2])
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("spec", SPECS)
-def test_run_decode_equals_layer_by_layer(spec: str, device: str) -> None:
+def test_run_decode_equals_layer_by_layer(
+    spec: str, device: str, blocks_per_run: int | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whole runs, and runs cut to bound memory (1 or 2 blocks per call), decode identically."""
     blocks, starts = _segments(4, device)
+    if blocks_per_run is not None:
+        h, n, d = blocks[0][0][0].shape
+        monkeypatch.setattr(codec_block, "_RUN_ELEMENTS", blocks_per_run * 4 * h * n * d)
     payloads = [encode_block(b, spec, start=s, seq_end=150) for b, s in zip(blocks, starts, strict=False)]
     together = decode_blocks(payloads, device=device)
     assert len(together) == len(payloads)
@@ -82,3 +89,22 @@ def test_chunked_calls_equal_head_by_head(bits: int, axis: str) -> None:
     got = codec.decode([codes, params], tuple(x.shape), torch.float32)
     want = torch.cat([codec.decode(list(h), (1, 64, 64), torch.float32) for h in heads])
     assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_chunks_of_heads_whose_codes_do_not_fill_bytes(bits: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """5 tokens x 3 dims x 2 bits = 30 bits a head: chunks must be whole multiples of 4 heads."""
+    from deltastore.codecs import quant
+
+    codec = IntCodec(bits, 64, "token", rotate=False)
+    x = torch.randn(70, 5, 3)
+    whole = codec.encode(x)
+    monkeypatch.setattr(quant, "_CHUNK", 2 * 15)  # 2 heads' worth: rounded up to 4 when needed
+    per = codec._heads_per_call(tuple(x.shape), x.device)
+    assert per < 70 and (per * 15 * bits) % 8 == 0
+    chunked = codec.encode(x)
+    assert all(torch.equal(a, b) for a, b in zip(whole, chunked, strict=True))
+    assert torch.equal(
+        codec.decode(list(chunked), (70, 5, 3), torch.float32),
+        codec.decode(list(whole), (70, 5, 3), torch.float32),
+    )
