@@ -47,7 +47,8 @@ NEW_TOKENS = tokens_for(77, 16)  # one block the store never holds: a put of it 
 
 @pytest.fixture(scope="module")
 def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
-    svc = start_service(tmp_path_factory.mktemp("hostile"), workers=4, stall_seconds=1.0)
+    tmp = tmp_path_factory.mktemp("hostile")  # shared memory on, so the fuzz reaches GetSnapshotShm's export
+    svc = start_service(tmp, workers=4, stall_seconds=1.0, shm_dir=str(tmp / "shm"))
     try:
         with client(svc.grpc_port, None) as c:
             c.put_snapshot("base", 0, BASE_TOKENS, make_cache(45), model=MODEL, codec="k4v2")
