@@ -275,7 +275,11 @@ class _Parsed:
 
     hdr: BlockHeader
     sections: list[torch.Tensor]  # flat uint8, in the header's order
-    sink: int
+
+    @property
+    def sink(self) -> int:
+        """Leading tokens stored in fp16."""
+        return self.hdr.spec.fp16_sink_tokens(self.hdr.n_tokens, self.hdr.start)
 
     @property
     def run_key(self) -> tuple[object, ...]:
@@ -301,7 +305,7 @@ def _parse(payload: bytes | bytearray | memoryview, target: torch.device) -> _Pa
     for (_, flags, offset, length), (_, raw_size) in zip(hdr.sections, expected, strict=True):
         data = view[offset : offset + length]
         sections.append(_section_tensor(decompress(data, raw_size) if flags & FLAG_ZSTD else data, target))
-    return _Parsed(hdr, sections, hdr.spec.fp16_sink_tokens(hdr.n_tokens, hdr.start))
+    return _Parsed(hdr, sections)
 
 
 def _positions(block: _Parsed, target: torch.device) -> list[torch.Tensor]:
