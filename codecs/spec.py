@@ -24,12 +24,15 @@ size). Evicted tokens are absent from the decoded block; positions say which wer
 block is sealed, from that block alone, so blocks stay immutable and dedup keeps working; pe<X>
 preserves the early part of each block (of the whole sequence when it is encoded as one block).
 
-keep<P> budget: a block of n tokens keeps ``ceil(n * P / 100)`` tokens, raised only to the tokens
-it must keep: the sink (absolute positions < max(4, sink N)) and the tokens at absolute positions
->= ``seq_end - N`` (r<N>), where ``seq_end`` is the end of the sequence when the segment is sealed
-(``encode_block(..., seq_end=)``; default: the block's own end). So only the blocks holding the
-sequence's last N tokens keep more than P%; every other block keeps exactly P%, whatever the
-sequence that follows it. The kept count is read back from the block's keep mask (format.py).
+keep<P> budget: the tokens at absolute positions >= ``seq_end - N`` (r<N>, the recent window),
+where ``seq_end`` is the end of the sequence when the segment is sealed (``encode_block(...,
+seq_end=)``; default: the block's own end), are all kept; of the block's other m tokens
+``ceil(m * P / 100)`` are kept, raised only to the sink (absolute positions < max(4, sink N)). So
+every block wholly before the recent window keeps exactly P%, whatever the sequence that follows
+it, and the block the window starts in still keeps P% of its older tokens (until 2026-11 it kept
+only the window's tokens there when those outnumbered P% of the block: a hole just before the
+window). The kept count is read back from the block's keep mask (format.py), so blocks sealed
+under either rule decode.
 This is the benchmark's dedup-safe frontier (docs/results/quality_levers.md): at equal ratio it
 beats pe<X>/adapt<X>, whose half-of-the-rest budget cannot go below 50%.
 
@@ -217,16 +220,16 @@ class CodecSpec:
 
         pe<X>/adapt<X>: the budget ``ceil(n * (100 + X) / 200)``, raised to the sink, the block's
         last ``recent`` tokens and, for pe<X>, the first ``ceil(n * X / 100)`` tokens.
-        keep<P>: ``ceil(n * P / 100)``, raised to the sink and the tokens at positions >=
-        ``seq_end - recent`` (``seq_end`` None: the block's end). ``seq_end`` is ignored by pe/adapt.
+        keep<P>: the tokens at positions >= ``seq_end - recent`` (``seq_end`` None: the block's
+        end), plus ``ceil(m * P / 100)`` of the block's ``m`` other tokens, raised to the sink.
+        ``seq_end`` is ignored by pe/adapt.
         """
         if not self.evicts:
             return n_tokens
         prefix, tail = self.forced_range(n_tokens, start, seq_end)
-        if self.eviction == "keep":
-            budget = -(-n_tokens * self.evict_pct // 100)
-        else:
-            budget = -(-n_tokens * (100 + self.evict_pct) // 200)
+        if self.eviction == "keep":  # the tokens before the recent window keep their own P%
+            return n_tokens - tail + max(-(-tail * self.evict_pct // 100), prefix)
+        budget = -(-n_tokens * (100 + self.evict_pct) // 200)
         return max(budget, prefix + n_tokens - tail)
 
     def forced_range(self, n_tokens: int, start: int = 0, seq_end: int | None = None) -> tuple[int, int]:

@@ -154,23 +154,43 @@ def build_configs(quick: bool, block: int, peers: bool) -> list[Any]:
         "k2v2-sink4",
     ):
         rows.append(tier(spec, spec, "frontier"))
-    # ... eviction that stays dedup-safe: per store block, scored from within the block's prefix ...
-    for keep in (0.9, 0.6, 0.5, 0.4, 0.3, 0.2):
+    # ... eviction that stays dedup-safe: per store block, scored from within the block's prefix
+    # (look-ahead queries, client/scores.py) ...
+    for keep in (0.9, 0.6, 0.5, 0.3, 0.2):
         rows.append(frontier("k4v4-sink4-z", keep, recent=64))
-    rows.append(frontier("k4v4-sink4-z", 0.3, recent=16))  # the recent window's worth ...
-    rows.append(frontier("k4v4-sink4-z", 0.3, recent=128))  # ... and a wider one
-    for keep in (0.5, 0.3, 0.2):  # keys per token: no per-channel scales for a few kept tokens
-        rows.append(frontier("k4v4-kt-sink4-z", keep, recent=64))
-    # Finer keys-per-token points: the per-block budget P traded against the recent window r<N>.
-    # In 64-token blocks r48/r56 hold fewer tokens than r64 at the same P; these won the grid
-    # (P 10-45 x r32-r128) at the budgets and targets in docs/results/quality_levers.md.
-    for keep, recent in ((0.22, 64), (0.18, 64), (0.25, 48), (0.2, 56), (0.2, 48), (0.2, 96)):
-        rows.append(frontier("k4v4-kt-sink4-z", keep, recent=recent))
-    for keep, recent in ((0.12, 48), (0.12, 32)):  # past 16x and up to ACCEPTABLE's edge
+    for recent in (16, 128):  # the recent window's worth
+        rows.append(frontier("k4v4-sink4-z", 0.3, recent=recent))
+    for keep in (0.95, 0.9, 0.7):  # the low-eviction end: near the quantization-only KL
+        rows.append(frontier("k4v4-sink4-z", keep, recent=16))
+    # ... what look-ahead bought: the same specs scored by each block's causal window (SnapKV) ...
+    rows.append(frontier("k4v4-sink4-z", 0.3, "causal", recent=64))
+    for keep, recent in ((0.3, 64), (0.2, 96), (0.12, 48)):
+        rows.append(frontier("k4v4-kt-sink4-z", keep, "causal", recent=recent))
+    # ... keys per token: no per-channel scales for a few kept tokens. The per-block budget P traded
+    # against the recent window r<N>: these won the grid (P 12-60 x r16-r64, 8 windows) near the
+    # targets of docs/results/quality_levers.md ...
+    for keep, recent in (
+        (0.55, 32),
+        (0.5, 64),
+        (0.33, 48),
+        (0.3, 64),
+        (0.3, 96),
+        (0.28, 48),
+        (0.3, 16),
+        (0.25, 32),
+        (0.25, 16),
+        (0.2, 96),
+        (0.2, 64),
+        (0.2, 16),
+        (0.16, 16),
+        (0.12, 48),
+        (0.12, 16),
+        (0.1, 16),
+        (0.08, 16),
+    ):
         rows.append(frontier("k4v4-kt-sink4-z", keep, recent=recent))
     rows.append(frontier("k4v4-kt-sink4-z", 0.3, seg=256, recent=64))  # kt leaves 256-token blocks little
-    for keep in (0.3, 0.2):
-        rows.append(frontier("k4v4-sink4-z", keep, seg=256, recent=64))  # coarser blocks: fewer scale bytes
+    rows.append(frontier("k4v4-sink4-z", 0.3, seg=256, recent=64))  # coarser blocks: fewer scale bytes
     for keep in (0.5, 0.3):
         rows.append(frontier("k4v4-sink4-z", keep, "knorm", recent=64))  # no queries: key-norm proxy
     rows.append(frontier("k4v4-sink4-z", 0.3, recent=64, whole=256))  # shared prefix left whole
@@ -212,7 +232,7 @@ def run_benchmark(
     from deltastore.bench.quality_eval import Window, continuation_logprobs, kl_top1, make_windows, prefill
     from deltastore.bench.quality_peers import KVPressConfig, PressBank, peers_unavailable
     from deltastore.client.models import load_model
-    from deltastore.client.scores import ScoreCapture, segment_ends_for_blocks
+    from deltastore.client.scores import SNAPKV, ScoreCapture, segment_ends_for_blocks
 
     n_windows = args.windows or (2 if args.quick else 8)
     ctx = args.ctx or (128 if args.quick else 512)
@@ -232,7 +252,7 @@ def run_benchmark(
     configs = [c for c in configs if c.group in groups or c.spec == "fp16"]
     configs = [c for c in configs if c.group != "peer" or c.__class__.__name__ not in _peer_classes(skipped)]
     acc = {c.name: _Acc() for c in configs}
-    sources = sorted({c.scores for c in configs} & {"block", "window"})
+    sources = sorted({c.scores for c in configs} & {"block", "causal", "window"})
     capture_s = prefill_s = 0.0
     measured_capture = False
     windows_done = 0
@@ -261,9 +281,11 @@ def run_benchmark(
     torch.manual_seed(args.seed)
     with tqdm(total=len(windows) * (len(configs) + 1), desc="quality", unit="run") as bar:
         for w in windows:
+            blocks = segment_ends_for_blocks(w.n_cached, args.block)
             caps = {
-                "block": ScoreCapture(segment_ends=segment_ends_for_blocks(w.n_cached, args.block)),
-                "window": ScoreCapture(),
+                "block": ScoreCapture(segment_ends=blocks),
+                "causal": ScoreCapture(segment_ends=blocks, **SNAPKV),
+                "window": ScoreCapture(**SNAPKV),
             }
             if not measured_capture:  # once: a plain prefill vs one with the score hooks
                 t0 = time.perf_counter()

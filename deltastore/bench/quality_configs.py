@@ -32,7 +32,10 @@ __all__ = [
 ]
 
 SCORE_SOURCES = {
-    "block": "attention of each store block's own last queries (dedup-safe: depends only on the prefix)",
+    "block": "attention of the queries before each store block's end, rotated to positions past it "
+    "(look-ahead; dedup-safe: depends only on the prefix)",
+    "causal": "attention of each store block's own last queries, causal, SnapKV pooling "
+    "(dedup-safe; the source before look-ahead)",
     "window": "attention of the prompt's last queries (SnapKV; a shared block would be evicted per session)",
     "knorm": "key-norm proxy, no queries needed (the codec's default when no scores are given)",
 }
@@ -116,7 +119,7 @@ class CodecConfig(Config):
 def _store(window: Window, plan: list[tuple[int, int, CodecSpec]], scores: str | None) -> Trial:
     """Encode each planned segment ``[s, e)`` with its spec (sealed at the window's end), decode all.
 
-    ``scores``: the window's score source sliced per segment ("block", "window"), or None/"knorm"
+    ``scores``: the window's score source sliced per segment ("block", "causal", "window"), or None/"knorm"
     for the codec's key-norm proxy.
     """
     source = None if scores in (None, "knorm") else window.scores[scores]
@@ -140,7 +143,7 @@ class EvictQuantConfig(Config):
         spec: the row's spec, ``<quant>-keep<P>-r<recent>`` (what the product stores).
         quant: the spec without eviction (the shared prefix's segments use it).
         keep: fraction of each segment's tokens kept, a whole percentage in (0, 1].
-        scores: "block", "window" or "knorm".
+        scores: a key of ``SCORE_SOURCES``.
         recent: the last tokens of the cache are always kept (the codec's r<N>, relative to the
             sequence's end).
         whole: the first ``whole`` tokens (a shared prefix, a multiple of ``block``) are left whole,

@@ -1,7 +1,8 @@
 """Recommended tiers by quality budget, from a measured quality run.
 
 ``recommend(doc)`` keeps the dedup-safe rows of a full ``deltastore bench quality`` run (their
-eviction never depends on tokens after a stored block; stored in the run's block size) and writes them with the run's provenance
+eviction never depends on tokens after a stored block; stored in the run's block size; scored as
+``capture_scores`` scores by default, so a row's KL is what a worker gets) and writes them with the run's provenance
 to ``deltastore/bench/data/recommended_tiers.json``. ``pick_tier(max_kl)`` reads that table and
 returns the spec of the highest ratio measured with mean KL at most ``max_kl``.
 
@@ -51,6 +52,7 @@ def recommend(doc: dict[str, Any]) -> dict[str, Any]:
             for r in doc["rows"]
             if r["group"] != "peer"
             and r["dedup_safe"]
+            and r.get("scores") in (None, "block")  # what capture_scores gives a worker by default
             and r.get("segment_tokens", doc["block"]) == doc["block"]
             and not r.get("whole_prefix")
         ),

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
 from deltastore.bench.quality import grade
 from deltastore.bench.quality_configs import segments
@@ -77,36 +76,6 @@ def test_ratios_match_codec_arithmetic(quick: tuple[dict[str, Any], Path]) -> No
         assert r["ratio"] == pytest.approx(fp16 / stored, rel=1e-12)
 
 
-@pytest.mark.slow
-def test_block_scores_depend_only_on_the_prefix() -> None:
-    """Dedup safety: a block's eviction scores are the same whatever follows it."""
-    from deltastore.client.models import load_model
-    from deltastore.client.scores import capture_scores, segment_ends_for_blocks
-
-    model, tok = load_model()
-    ids = tok(
-        "The Assembly met at Versailles in May, and the deputies of the Third Estate " * 12,
-        return_tensors="pt",
-    )
-    ids = ids["input_ids"][:, :96]
-    _, short = capture_scores(model, ids[:, :64], segment_ends=[32, 64])
-    _, long = capture_scores(model, ids, segment_ends=segment_ends_for_blocks(96, 32))
-    _, snap = capture_scores(model, ids)  # one window at the end: depends on the suffix
-    assert len(long) == 30 and long[0].shape == (3, 96)
-    for a, b in zip(short, long, strict=True):
-        torch.testing.assert_close(a, b[:, :64], rtol=1e-4, atol=1e-6)
-    assert not torch.allclose(snap[5][:, :64], long[5][:, :64])
-
-
-def test_segment_ends() -> None:
-    from deltastore.client.scores import segment_ends_for_blocks
-
-    assert segment_ends_for_blocks(130, 64) == [64, 128, 130]
-    assert segment_ends_for_blocks(128, 64) == [64, 128]
-    with pytest.raises(InvalidArgument):
-        segment_ends_for_blocks(0, 64)
-
-
 _TABLE = {
     "points": [
         {"spec": "k4v4-sink4-z-keep30", "ratio": 11.0, "kl_mean": 0.05, "available": False},
@@ -133,3 +102,36 @@ def test_recommend_from_quick_run(quick: tuple[dict[str, Any], Path]) -> None:
     table = recommend(quick[0])
     assert pick_tier(0.0, table=table) in ("fp16", "lossless")
     assert table["budgets"]["0.2"]["available"] is not None
+
+
+def test_recommend_keeps_what_a_worker_gets() -> None:
+    """Rows scored other than by the default capture (causal windows, the key-norm proxy, a window
+    over the whole prompt) are measurements, never recommendations."""
+
+    def row(
+        spec: str, ratio: float, kl: float, scores: str | None, dedup_safe: bool = True
+    ) -> dict[str, Any]:
+        return {
+            "spec": spec,
+            "config": f"{spec} {scores}",
+            "group": "frontier",
+            "ratio": ratio,
+            "kl_mean": kl,
+            "top1": 0.9,
+            "scores": scores,
+            "dedup_safe": dedup_safe,
+            "segment_tokens": 64,
+        }
+
+    doc = {"model": "m", "text": "t", "windows": 8, "ctx": 512, "eval": 64, "block": 64, "seed": 0}
+    doc["rows"] = [
+        row("k4v4-kt-sink4-z-keep30-r64", 9.07, 0.05, "causal"),
+        row("k4v4-kt-sink4-z-keep25-r64", 10.0, 0.04, "knorm"),
+        row("k4v4-kt-sink4-z-keep20-r64", 11.0, 0.03, "window", dedup_safe=False),
+        row("k4v4-kt-sink4-z-keep30-r64", 9.06, 0.04, "block"),
+        row("k4v4", 3.55, 0.005, "block"),
+    ]
+    table = recommend(doc)
+    assert [p["scores"] for p in table["points"]] == ["block", "block"]
+    assert pick_tier(0.05, table=table) == "k4v4-kt-sink4-z-keep30-r64"
+    assert pick_tier(0.01, table=table) == "k4v4"

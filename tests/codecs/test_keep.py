@@ -36,7 +36,9 @@ def test_keep_budget_exact_and_forced_kept(
     payload = encode_block(layers, spec, start=start, seq_end=seq_end)
     blk = decode_block(payload, device=device)
     forced = _forced(spec, tokens, start, end)
-    kept = max(math.ceil(tokens * spec.evict_pct / 100), len(forced))
+    recent = sum(p >= end - spec.recent for p in range(start, start + tokens))
+    older, sink = tokens - recent, len(forced) - recent
+    kept = recent + max(math.ceil(older * spec.evict_pct / 100), sink)
     assert blk.kept == kept == spec.kept_tokens(tokens, start, seq_end) == read_header(payload).kept_tokens
     assert len(payload) == encoded_nbytes(
         spec, n_layers=2, kv_heads=3, head_dim=64, n_tokens=tokens, start=start, seq_end=seq_end
@@ -54,7 +56,8 @@ def test_block_before_the_recent_window_keeps_exactly_p_percent() -> None:
     spec = CodecSpec.parse("k4v4-sink4-z-keep50-r64")
     layers = make_cache(n_layers=2, tokens=64)
     assert decode_block(encode_block(layers, spec, start=64, seq_end=511)).kept == 32
-    assert decode_block(encode_block(layers, spec, start=64, seq_end=140)).kept == 52  # 76..127 forced
+    # 76..127 forced, and half of the 12 tokens before them: no hole just before the recent window
+    assert decode_block(encode_block(layers, spec, start=64, seq_end=140)).kept == 52 + 6
     assert (
         decode_block(encode_block(layers, spec, start=64)).kept == 64
     )  # default: the block ends the sequence

@@ -1,0 +1,76 @@
+"""Eviction scores captured at prefill on the real SmolLM2 model: dedup safety and the two windows."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+from deltastore.client.scores import SNAPKV, ScoreCapture, capture_scores, segment_ends_for_blocks
+from deltastore.errors import InvalidArgument
+
+_TEXT = "The Assembly met at Versailles in May, and the deputies of the Third Estate " * 12
+
+
+@pytest.fixture(scope="module")
+def model_ids() -> tuple[Any, torch.Tensor]:
+    from deltastore.client.models import load_model
+
+    model, tok = load_model()
+    return model, tok(_TEXT, return_tensors="pt")["input_ids"][:, :96]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("settings", [{}, SNAPKV], ids=["lookahead", "causal"])
+def test_block_scores_depend_only_on_the_prefix(model_ids: tuple[Any, torch.Tensor], settings: dict) -> None:
+    """Dedup safety: a block's eviction scores are the same whatever follows it."""
+    model, ids = model_ids
+    _, short = capture_scores(model, ids[:, :64], segment_ends=[32, 64], **settings)
+    _, long = capture_scores(model, ids, segment_ends=segment_ends_for_blocks(96, 32), **settings)
+    _, snap = capture_scores(model, ids, **settings)  # one window at the end: depends on the suffix
+    assert len(long) == 30 and long[0].shape == (3, 96)
+    for a, b in zip(short, long, strict=True):
+        torch.testing.assert_close(a, b[:, :64], rtol=1e-4, atol=1e-6)
+    assert not torch.allclose(snap[5][:, :64], long[5][:, :64])
+
+
+@pytest.mark.slow
+def test_lookahead_scores_are_each_querys_whole_attention(model_ids: tuple[Any, torch.Tensor]) -> None:
+    """Look-ahead queries sit past the segment and see every key: unpooled, one segment's scores
+    are a mean of softmax rows, so they sum to 1 per head. A causal window's do not (its late
+    tokens are divided by fewer queries), and the sum leaves the segment for earlier ones."""
+    model, ids = model_ids
+    _, whole = capture_scores(model, ids)
+    for layer in whole:
+        torch.testing.assert_close(layer.sum(dim=1), torch.ones(3), rtol=1e-4, atol=1e-4)
+    _, blocks = capture_scores(model, ids, segment_ends=[48, 96])
+    second = torch.stack([layer[:, 48:].sum(dim=1) for layer in blocks])
+    assert bool((second < 1 - 1e-3).any()) and bool((second <= 1 + 1e-4).all())
+    _, causal = capture_scores(model, ids, window=64, pool=1, lookahead=None)
+    assert not torch.allclose(torch.stack([c.sum(dim=1) for c in causal]), torch.ones(30, 3), atol=1e-2)
+
+
+@pytest.mark.slow
+def test_lookahead_moves_the_queries(model_ids: tuple[Any, torch.Tensor]) -> None:
+    """The look-ahead distance is applied (RoPE of the re-positioned queries), not ignored."""
+    model, ids = model_ids
+    _, near = capture_scores(model, ids, lookahead=0)
+    _, far = capture_scores(model, ids, lookahead=4096)
+    assert not torch.allclose(near[10], far[10], atol=1e-4)
+
+
+def test_settings_are_checked() -> None:
+    with pytest.raises(InvalidArgument):
+        ScoreCapture(lookahead=-1)
+    with pytest.raises(InvalidArgument):
+        ScoreCapture(pool=2)
+    with pytest.raises(InvalidArgument):
+        ScoreCapture(window=0)
+
+
+def test_segment_ends() -> None:
+    assert segment_ends_for_blocks(130, 64) == [64, 128, 130]
+    assert segment_ends_for_blocks(128, 64) == [64, 128]
+    with pytest.raises(InvalidArgument):
+        segment_ends_for_blocks(0, 64)
