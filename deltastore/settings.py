@@ -3,7 +3,7 @@
 | variable | meaning | default |
 |---|---|---|
 | ``DELTASTORE_DATA_DIR`` | LMDB directory | ``./data`` |
-| ``DELTASTORE_BLOCK_SIZE`` | tokens per aligned block (new sessions) | 32 |
+| ``DELTASTORE_BLOCK_SIZE`` | tokens per aligned block (new sessions) | 64 |
 | ``DELTASTORE_MAX_STORED_BYTES`` | capacity; LRU sessions are evicted past it | unlimited |
 | ``DELTASTORE_SESSION_TTL_S`` | sessions idle longer than this expire | never |
 | ``DELTASTORE_SHARED_NAMESPACES`` | ``ns=group,ns2=group``: namespaces that dedup together | none |

@@ -156,25 +156,24 @@ def build_configs(quick: bool, block: int, peers: bool) -> list[Any]:
         rows.append(tier(spec, spec, "frontier"))
     # ... eviction that stays dedup-safe: per store block, scored from within the block's prefix
     # (look-ahead queries, client/scores.py) ...
-    for keep in (0.9, 0.6, 0.5, 0.3, 0.2):
+    for keep in (0.9, 0.6, 0.5, 0.3, 0.28, 0.2):
         rows.append(frontier("k4v4-sink4-z", keep, recent=64))
     for recent in (16, 128):  # the recent window's worth
         rows.append(frontier("k4v4-sink4-z", 0.3, recent=recent))
-    for keep in (0.95, 0.9, 0.7):  # the low-eviction end: near the quantization-only KL
+    for keep in (0.95, 0.9, 0.88, 0.7):  # the low-eviction end: near the quantization-only KL
         rows.append(frontier("k4v4-sink4-z", keep, recent=16))
     # ... what look-ahead bought: the same specs scored by each block's causal window (SnapKV) ...
     rows.append(frontier("k4v4-sink4-z", 0.3, "causal", recent=64))
     for keep, recent in ((0.3, 64), (0.2, 96), (0.12, 48)):
         rows.append(frontier("k4v4-kt-sink4-z", keep, "causal", recent=recent))
     # ... keys per token: no per-channel scales for a few kept tokens. The per-block budget P traded
-    # against the recent window r<N>: these won the grid (P 12-60 x r16-r64, 8 windows) near the
+    # against the recent window r<N>: these won the grid (P 8-60 x r16-r64, 8 windows) near the
     # targets of docs/results/quality_levers.md ...
     for keep, recent in (
         (0.55, 32),
         (0.5, 64),
         (0.33, 48),
         (0.3, 64),
-        (0.3, 96),
         (0.28, 48),
         (0.3, 16),
         (0.25, 32),
@@ -189,8 +188,12 @@ def build_configs(quick: bool, block: int, peers: bool) -> list[Any]:
         (0.08, 16),
     ):
         rows.append(frontier("k4v4-kt-sink4-z", keep, recent=recent))
+    # ... coarser store blocks (DELTASTORE_BLOCK_SIZE): per-channel key scales shared by more kept
+    # tokens, dedup at a coarser granularity ...
+    for keep, recent in ((0.55, 64), (0.5, 64), (0.3, 64), (0.28, 64), (0.3, 32)):
+        rows.append(frontier("k4v4-sink4-z", keep, seg=128, recent=recent))
+    rows.append(frontier("k4v4-sink4-z", 0.3, seg=256, recent=64))
     rows.append(frontier("k4v4-kt-sink4-z", 0.3, seg=256, recent=64))  # kt leaves 256-token blocks little
-    rows.append(frontier("k4v4-sink4-z", 0.3, seg=256, recent=64))  # coarser blocks: fewer scale bytes
     for keep in (0.5, 0.3):
         rows.append(frontier("k4v4-sink4-z", keep, "knorm", recent=64))  # no queries: key-norm proxy
     rows.append(frontier("k4v4-sink4-z", 0.3, recent=64, whole=256))  # shared prefix left whole
@@ -229,10 +232,10 @@ def run_benchmark(
     import transformers
     from tqdm import tqdm
 
+    from deltastore.bench.quality_configs import score_key
     from deltastore.bench.quality_eval import Window, continuation_logprobs, kl_top1, make_windows, prefill
     from deltastore.bench.quality_peers import KVPressConfig, PressBank, peers_unavailable
     from deltastore.client.models import load_model
-    from deltastore.client.scores import SNAPKV, ScoreCapture, segment_ends_for_blocks
 
     n_windows = args.windows or (2 if args.quick else 8)
     ctx = args.ctx or (128 if args.quick else 512)
@@ -252,7 +255,9 @@ def run_benchmark(
     configs = [c for c in configs if c.group in groups or c.spec == "fp16"]
     configs = [c for c in configs if c.group != "peer" or c.__class__.__name__ not in _peer_classes(skipped)]
     acc = {c.name: _Acc() for c in configs}
-    sources = sorted({c.scores for c in configs} & {"block", "causal", "window"})
+    # Scores per (source, segment size): a worker scores the store's own blocks, so rows stored in
+    # other segment sizes read scores captured for those segments.
+    sources = sorted({score_key(c) for c in configs} - {None})
     capture_s = prefill_s = 0.0
     measured_capture = False
     windows_done = 0
@@ -281,19 +286,12 @@ def run_benchmark(
     torch.manual_seed(args.seed)
     with tqdm(total=len(windows) * (len(configs) + 1), desc="quality", unit="run") as bar:
         for w in windows:
-            blocks = segment_ends_for_blocks(w.n_cached, args.block)
-            caps = {
-                "block": ScoreCapture(segment_ends=blocks),
-                "causal": ScoreCapture(segment_ends=blocks, **SNAPKV),
-                "window": ScoreCapture(**SNAPKV),
-            }
-            if not measured_capture:  # once: a plain prefill vs one with the score hooks
+            caps = {key: _capture(key, w.n_cached) for key in sources}
+            if not measured_capture:  # once: a plain prefill vs one with the product's score hooks
                 t0 = time.perf_counter()
                 prefill(model, w)
                 t1 = time.perf_counter()
-                with ExitStack() as stack:
-                    for name in sources:
-                        stack.enter_context(caps[name].attach(model))
+                with _capture(f"block/{args.block}", w.n_cached).attach(model):
                     prefill(model, w)
                 prefill_s, capture_s = t1 - t0, time.perf_counter() - t1
                 measured_capture = True
@@ -335,6 +333,15 @@ def run_benchmark(
             if checkpoint is not None:
                 checkpoint(document(windows_done))
     return document(windows_done)
+
+
+def _capture(key: str, n_tokens: int) -> Any:
+    """The score capture of a ``score_key``: ``block/N`` (the product's), ``causal/N`` or ``window``."""
+    from deltastore.client.scores import SNAPKV, ScoreCapture, segment_ends_for_blocks
+
+    source, _, seg = key.partition("/")
+    ends = segment_ends_for_blocks(n_tokens, int(seg)) if seg else None
+    return ScoreCapture(segment_ends=ends) if source == "block" else ScoreCapture(segment_ends=ends, **SNAPKV)
 
 
 def _summary(cfg: Any, a: _Acc) -> dict[str, Any]:

@@ -28,6 +28,7 @@ __all__ = [
     "EvictQuantConfig",
     "Trial",
     "fp16_nbytes",
+    "score_key",
     "segments",
 ]
 
@@ -113,16 +114,27 @@ class CodecConfig(Config):
 
     def run(self, model: object, window: Window) -> Trial:
         spec = CodecSpec.parse(self.spec)
-        return _store(window, [(s, e, spec) for s, e in segments(window.n_cached, self.block)], self.scores)
+        return _store(
+            window, [(s, e, spec) for s, e in segments(window.n_cached, self.block)], score_key(self)
+        )
 
 
-def _store(window: Window, plan: list[tuple[int, int, CodecSpec]], scores: str | None) -> Trial:
+def score_key(cfg: Config) -> str | None:
+    """Which captured scores a row reads from ``Window.scores``: ``<source>/<segment tokens>`` for
+    the per-segment sources, ``window`` for the whole prompt's, None for the key-norm proxy."""
+    if cfg.scores in (None, "knorm") or not CodecSpec.parse(cfg.spec).evicts:
+        return None
+    seg = getattr(cfg, "block", 0)
+    return cfg.scores if cfg.scores == "window" or not seg else f"{cfg.scores}/{seg}"
+
+
+def _store(window: Window, plan: list[tuple[int, int, CodecSpec]], key: str | None) -> Trial:
     """Encode each planned segment ``[s, e)`` with its spec (sealed at the window's end), decode all.
 
-    ``scores``: the window's score source sliced per segment ("block", "causal", "window"), or None/"knorm"
-    for the codec's key-norm proxy.
+    ``key``: the captured scores to slice per segment (:func:`score_key`), or None for the codec's
+    key-norm proxy.
     """
-    source = None if scores in (None, "knorm") else window.scores[scores]
+    source = None if key is None else window.scores[key]
     n_total, payloads, t0 = window.n_cached, [], time.perf_counter()
     for s, e, spec in plan:
         seg_scores = None if source is None or not spec.evicts else [sc[:, s:e] for sc in source]
@@ -179,4 +191,4 @@ class EvictQuantConfig(Config):
             (s, e, whole if e <= self.whole else evict)
             for s, e in segments(window.n_cached, self.block or window.n_cached)
         ]
-        return _store(window, plan, self.scores)
+        return _store(window, plan, score_key(self))

@@ -45,7 +45,8 @@ class Window:
         layers: the stored cache, fp16, per layer (kv_heads, ctx - 1, head_dim).
         ref_logprobs: (eval, vocab) float32 log-probabilities of the reference pass.
         prefill_s: seconds of the plain prefill (the time reference of this run).
-        scores: eviction scores by source name, each a list over layers of (kv_heads, ctx - 1).
+        scores: eviction scores by ``quality_configs.score_key`` (source and segment size), each a
+            list over layers of (kv_heads, ctx - 1).
         pruned: caches that peers pruned during the prefill, by row name.
     """
 
