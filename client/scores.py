@@ -181,7 +181,7 @@ def _window_scores(
             q, _ = rope(q, q, cos[:, q0:end], sin[:, q0:end])
         else:
             ahead = torch.arange(w, device=keys.device) + end + cfg.lookahead
-            q, _ = rope(q, q, *cfg._rotary(q, ahead[None]))
+            q, _ = rope(q, q, *_rope_tables(cfg._rotary, module, q, ahead[None]))
         k = keys[0, :, :end].float()  # (kv_heads, end, d)
         q = q[0].float().view(kv_heads, groups, w, head_dim)
         logits = torch.einsum("hgqd,htd->hgqt", q, k) * module.scaling
@@ -192,7 +192,7 @@ def _window_scores(
             seen_by = visible[:, start:end].sum(dim=0).clamp(min=1)
         else:
             attn = logits.softmax(dim=-1)
-            seen_by = torch.tensor(w, device=keys.device)
+            seen_by = w
         seg = attn[..., start:end].sum(dim=2).mean(dim=1) / seen_by  # (kv_heads, seg_len)
         if cfg.pool > 1:
             seg = F.avg_pool1d(
@@ -215,6 +215,21 @@ def decoder_layers(model: Any) -> Sequence[Any]:
     if layers is None or not all(hasattr(layer, "self_attn") for layer in layers):
         raise InvalidArgument(f"{type(model).__name__}: no decoder layers with self_attn to hook")
     return layers
+
+
+def _rope_tables(rotary: Any, module: Any, x: torch.Tensor, positions: torch.Tensor) -> Any:
+    """(cos, sin) of ``positions`` for ``module``'s layer: models whose layer types have their own
+    RoPE bases (Gemma3: sliding vs full attention) take the layer type as well."""
+    layer_type = getattr(module, "layer_type", None)
+    try:
+        if layer_type is not None and hasattr(rotary, "layer_types"):
+            return rotary(x, positions, layer_type)
+        return rotary(x, positions)
+    except (TypeError, AttributeError, KeyError) as exc:
+        raise InvalidArgument(
+            f"{type(rotary).__name__}: unsupported rotary embedding for look-ahead scores ({exc})",
+            hint="pass lookahead=None (a causal window) for this model",
+        ) from exc
 
 
 def rotary_embedding(model: Any) -> Any:

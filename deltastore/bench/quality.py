@@ -162,6 +162,7 @@ def build_configs(quick: bool, block: int, peers: bool) -> list[Any]:
         rows.append(frontier("k4v4-sink4-z", 0.3, recent=recent))
     for keep in (0.95, 0.9, 0.88, 0.7):  # the low-eviction end: near the quantization-only KL
         rows.append(frontier("k4v4-sink4-z", keep, recent=16))
+    rows.append(frontier("k8v4-sink4-z", 0.88, recent=16))  # under KL 0.002: 8-bit keys, light eviction
     # ... what look-ahead bought: the same specs scored by each block's causal window (SnapKV) ...
     rows.append(frontier("k4v4-sink4-z", 0.3, "causal", recent=64))
     for keep, recent in ((0.3, 64), (0.2, 96), (0.12, 48)):

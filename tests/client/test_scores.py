@@ -74,3 +74,30 @@ def test_segment_ends() -> None:
     assert segment_ends_for_blocks(128, 64) == [64, 128]
     with pytest.raises(InvalidArgument):
         segment_ends_for_blocks(0, 64)
+
+
+def test_lookahead_on_per_layer_rope_models() -> None:
+    """Gemma3 gives sliding and full attention layers their own RoPE base: the look-ahead queries
+    take their layer's tables (a tiny random model, built offline)."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(0)
+    cfg = Gemma3TextConfig(
+        vocab_size=100,
+        hidden_size=64,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        sliding_window=512,
+        layer_types=["sliding_attention", "full_attention"],
+    )
+    model = Gemma3ForCausalLM(cfg).eval()
+    assert len({layer.self_attn.layer_type for layer in model.model.layers}) == 2
+    ids = torch.randint(0, 100, (1, 150))
+    _, scores = capture_scores(model, ids)
+    for layer in scores:
+        torch.testing.assert_close(layer.sum(dim=1), torch.ones(2), rtol=1e-4, atol=1e-4)
+    _, blocks = capture_scores(model, ids, segment_ends=[64, 128, 150])
+    assert all(s.shape == (2, 150) and bool(torch.isfinite(s).all()) for s in blocks)

@@ -148,3 +148,24 @@ def test_max_kl(capsys: pytest.CaptureFixture[str]) -> None:
 def test_max_kl_nothing_qualifies(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["codecs", "--max-kl", "-1"]) == 2
     assert "max_kl" in capsys.readouterr().err
+
+
+def test_blocks_sealed_under_the_old_budget_still_decode(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Until 2026-11 the block the recent window starts in kept max(P% of the block, the window's
+    tokens). Such payloads are in stores; the kept count is read from their mask."""
+    spec = CodecSpec.parse("k4v4-sink4-z-keep20-r32")
+    layers = make_cache(n_layers=2, tokens=64)
+    cases = [(448, 512), (384, 460), (0, 64), (64, 1000)]
+    new_counts = [spec.kept_tokens(64, start, end) for start, end in cases]
+
+    def old_rule(self: CodecSpec, n_tokens: int, start: int = 0, seq_end: int | None = None) -> int:
+        prefix, tail = self.forced_range(n_tokens, start, seq_end)
+        return max(-(-n_tokens * self.evict_pct // 100), prefix + n_tokens - tail)
+
+    monkeypatch.setattr(CodecSpec, "kept_tokens", old_rule)
+    old = [encode_block(layers, spec, start=start, seq_end=end) for start, end in cases]
+    old_counts = [spec.kept_tokens(64, start, end) for start, end in cases]
+    monkeypatch.undo()
+    assert old_counts != new_counts  # the cases cover blocks where the rules differ
+    for payload, kept in zip(old, old_counts, strict=True):
+        assert decode_block(payload).kept == read_header(payload).kept_tokens == kept
