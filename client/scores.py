@@ -32,6 +32,7 @@ import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -96,6 +97,7 @@ class ScoreCapture:
     lookahead: int | None = DEFAULT_LOOKAHEAD
     scores: dict[int, torch.Tensor] = field(default_factory=dict)
     _rotary: Any = field(default=None, repr=False)
+    _queries: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         if self.window < 1:
@@ -110,10 +112,12 @@ class ScoreCapture:
         """Hook every attention module of ``model`` for the duration of the block."""
         if self.lookahead is not None:
             self._rotary = rotary_embedding(model)
-        hooks = [
-            layer.self_attn.register_forward_hook(self._hook, with_kwargs=True)
-            for layer in decoder_layers(model)
-        ]
+        hooks = []
+        for layer in decoder_layers(model):
+            attn = layer.self_attn
+            hooks.append(attn.register_forward_hook(self._hook, with_kwargs=True))
+            if hasattr(attn, "q_proj"):  # the window's query projections come from the forward itself
+                hooks.append(attn.q_proj.register_forward_hook(partial(self._keep_queries, attn.layer_idx)))
         try:
             yield self
         finally:
@@ -126,6 +130,9 @@ class ScoreCapture:
         if missing:
             raise InvalidArgument(f"no attention scores captured for layers {missing[:5]}")
         return [self.scores[i] for i in range(n_layers)]
+
+    def _keep_queries(self, layer_idx: int, _module: Any, _args: tuple, output: torch.Tensor) -> None:
+        self._queries[layer_idx] = output
 
     def _hook(self, module: Any, args: tuple, kwargs: dict, output: Any) -> None:
         hidden = kwargs.get("hidden_states", args[0] if args else None)
@@ -142,13 +149,19 @@ class ScoreCapture:
             raise InvalidArgument(
                 f"segment ends must ascend and end at the prompt length {n}, got {ends[:8]}"
             )
+        queries = self._queries.pop(module.layer_idx, None)
+        if queries is None or queries.shape[:2] != hidden.shape[:2]:
+            queries = None  # not hooked (or not this call's): project again
         with torch.no_grad():
-            self.scores[module.layer_idx] = _window_scores(module, hidden, keys, cos, sin, ends, self)
+            self.scores[module.layer_idx] = _window_scores(
+                module, hidden, queries, keys, cos, sin, ends, self
+            )
 
 
 def _window_scores(
     module: Any,
     hidden: torch.Tensor,
+    queries: torch.Tensor | None,
     keys: torch.Tensor,
     cos: torch.Tensor,
     sin: torch.Tensor,
@@ -159,6 +172,8 @@ def _window_scores(
 
     Args:
         hidden: (1, T, hidden) input of the attention module.
+        queries: (1, T, heads * head_dim) its ``q_proj`` output, as the forward computed it (None:
+            projected here from ``hidden``).
         keys: (1, kv_heads, T, head_dim) cached keys after RoPE.
         cos, sin: (1, T, head_dim) rotary tables of the prompt positions.
     Returns:
@@ -174,7 +189,8 @@ def _window_scores(
     for end in ends:
         q0 = max(0, end - cfg.window) if cfg.lookahead is not None else max(start, end - cfg.window)
         w = end - q0
-        q = module.q_proj(hidden[:, q0:end]).view(1, w, -1, head_dim).transpose(1, 2)
+        q = queries[:, q0:end] if queries is not None else module.q_proj(hidden[:, q0:end])
+        q = q.view(1, w, -1, head_dim).transpose(1, 2)
         if hasattr(module, "q_norm"):  # Qwen3-style per-head query norm before RoPE
             q = module.q_norm(q)
         if cfg.lookahead is None:

@@ -101,3 +101,26 @@ def test_lookahead_on_per_layer_rope_models() -> None:
         torch.testing.assert_close(layer.sum(dim=1), torch.ones(2), rtol=1e-4, atol=1e-4)
     _, blocks = capture_scores(model, ids, segment_ends=[64, 128, 150])
     assert all(s.shape == (2, 150) and bool(torch.isfinite(s).all()) for s in blocks)
+
+
+@pytest.mark.slow
+def test_hooked_query_projections_match_recomputed_ones(
+    model_ids: tuple[Any, torch.Tensor], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The window's queries are taken from the forward's own q_proj output instead of projecting
+    again; the scores must not change."""
+    model, ids = model_ids
+    ends = segment_ends_for_blocks(96, 32)
+    kept, keep = [], ScoreCapture._keep_queries
+
+    def counting(self: ScoreCapture, layer_idx: int, *args: Any) -> None:
+        kept.append(layer_idx)
+        keep(self, layer_idx, *args)
+
+    monkeypatch.setattr(ScoreCapture, "_keep_queries", counting)
+    _, hooked = capture_scores(model, ids, segment_ends=ends)
+    assert sorted(kept) == list(range(30))  # every layer's scores used the forward's projections
+    monkeypatch.setattr(ScoreCapture, "_keep_queries", lambda *a: None)
+    _, projected = capture_scores(model, ids, segment_ends=ends)
+    for a, b in zip(hooked, projected, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
