@@ -184,15 +184,20 @@ def _window_scores(
     rope = sys.modules[type(module).__module__].apply_rotary_pos_emb
     _, kv_heads, n, head_dim = keys.shape
     groups = module.config.num_attention_heads // kv_heads
+    norm = getattr(module, "q_norm", None)  # query norm before RoPE, per head or over all heads
+    weight = getattr(norm, "weight", None)
+    norm_width = weight.shape[-1] if weight is not None else head_dim
     out = torch.empty(kv_heads, n, dtype=torch.float32, device=keys.device)
     start = 0
     for end in ends:
         q0 = max(0, end - cfg.window) if cfg.lookahead is not None else max(start, end - cfg.window)
         w = end - q0
         q = queries[:, q0:end] if queries is not None else module.q_proj(hidden[:, q0:end])
+        if norm is not None and norm_width == q.shape[-1]:  # OLMo2: one norm over all heads
+            q = norm(q)
         q = q.view(1, w, -1, head_dim).transpose(1, 2)
-        if hasattr(module, "q_norm"):  # Qwen3-style per-head query norm before RoPE
-            q = module.q_norm(q)
+        if norm is not None and norm_width != q.shape[1] * head_dim:  # Qwen3/Gemma3: per head
+            q = norm(q)
         if cfg.lookahead is None:
             q, _ = rope(q, q, cos[:, q0:end], sin[:, q0:end])
         else:

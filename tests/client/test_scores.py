@@ -124,3 +124,33 @@ def test_hooked_query_projections_match_recomputed_ones(
     _, projected = capture_scores(model, ids, segment_ends=ends)
     for a, b in zip(hooked, projected, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("settings", [{}, SNAPKV], ids=["lookahead", "causal"])
+def test_query_norm_over_all_heads(settings: dict) -> None:
+    """OLMo2 normalizes the whole query projection before splitting heads (Qwen3 per head): the
+    window's queries get the same treatment (a tiny random model, built offline)."""
+    from transformers import Olmo2Config, Olmo2ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Olmo2Config(
+        vocab_size=100,
+        hidden_size=64,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    cfg._attn_implementation = "eager"  # output_attentions below
+    model = Olmo2ForCausalLM(cfg).eval()
+    ids = torch.randint(0, 100, (1, 150))
+    _, scores = capture_scores(model, ids, segment_ends=[64, 128, 150], **settings)
+    assert all(s.shape == (2, 150) and bool(torch.isfinite(s).all()) for s in scores)
+    if settings:  # a causal window over the whole prompt is the model's own attention, averaged
+        _, whole = capture_scores(model, ids, window=150, pool=1, lookahead=None)
+        with torch.no_grad():
+            attn = model(input_ids=ids, output_attentions=True).attentions  # (1, heads, T, T) per layer
+        seen_by = torch.arange(150, 0, -1)
+        for mine, eager in zip(whole, attn, strict=True):
+            ref = (eager[0].sum(dim=1) / seen_by).view(2, 2, 150).mean(dim=1)
+            torch.testing.assert_close(mine, ref, rtol=1e-4, atol=1e-6)
