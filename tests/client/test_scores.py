@@ -76,24 +76,35 @@ def test_segment_ends() -> None:
         segment_ends_for_blocks(0, 64)
 
 
-def test_lookahead_on_per_layer_rope_models() -> None:
-    """Gemma3 gives sliding and full attention layers their own RoPE base: the look-ahead queries
-    take their layer's tables (a tiny random model, built offline)."""
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
-
+def _tiny(config_cls: Any, model_cls: Any, eager: bool = False, **extra: Any) -> Any:
+    """A tiny random model of an HF architecture (2 layers, 4 query / 2 KV heads), built offline."""
     torch.manual_seed(0)
-    cfg = Gemma3TextConfig(
+    cfg = config_cls(
         vocab_size=100,
         hidden_size=64,
         intermediate_size=64,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
+        **extra,
+    )
+    if eager:
+        cfg._attn_implementation = "eager"
+    return model_cls(cfg).eval()
+
+
+def test_lookahead_on_per_layer_rope_models() -> None:
+    """Gemma3 gives sliding and full attention layers their own RoPE base: the look-ahead queries
+    take their layer's tables (a tiny random model, built offline)."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    model = _tiny(
+        Gemma3TextConfig,
+        Gemma3ForCausalLM,
         head_dim=16,
         sliding_window=512,
         layer_types=["sliding_attention", "full_attention"],
     )
-    model = Gemma3ForCausalLM(cfg).eval()
     assert len({layer.self_attn.layer_type for layer in model.model.layers}) == 2
     ids = torch.randint(0, 100, (1, 150))
     _, scores = capture_scores(model, ids)
@@ -132,17 +143,7 @@ def test_query_norm_over_all_heads(settings: dict) -> None:
     window's queries get the same treatment (a tiny random model, built offline)."""
     from transformers import Olmo2Config, Olmo2ForCausalLM
 
-    torch.manual_seed(0)
-    cfg = Olmo2Config(
-        vocab_size=100,
-        hidden_size=64,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    cfg._attn_implementation = "eager"  # output_attentions below
-    model = Olmo2ForCausalLM(cfg).eval()
+    model = _tiny(Olmo2Config, Olmo2ForCausalLM, eager=True)  # eager: output_attentions below
     ids = torch.randint(0, 100, (1, 150))
     _, scores = capture_scores(model, ids, segment_ends=[64, 128, 150], **settings)
     assert all(s.shape == (2, 150) and bool(torch.isfinite(s).all()) for s in scores)
