@@ -96,8 +96,8 @@ class ScoreCapture:
     pool: int = DEFAULT_POOL
     lookahead: int | None = DEFAULT_LOOKAHEAD
     scores: dict[int, torch.Tensor] = field(default_factory=dict)
-    _rotary: Any = field(default=None, repr=False)
-    _queries: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
+    _rotary: Any = field(default=None, init=False, repr=False)
+    _queries: dict[int, torch.Tensor] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.window < 1:
