@@ -57,6 +57,13 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["DeltaStore"].full_name
 DEFAULT_NAMESPACE = "default"
 
 
+_DEADLINE_SLACK_S = 0.25
+"""A request stream that breaks this close to the call's deadline broke because the deadline passed.
+The server learns the deadline when the call reaches it, a little after the client started it, so
+the client's expiry reaches the server while the server's own copy still shows some time left;
+gRPC gives the server no code for the break."""
+
+
 class _DeadlineExceeded(Exception):
     """The caller's deadline passed before the work could be committed."""
 
@@ -102,7 +109,7 @@ class DeltaStoreService(pb_grpc.DeltaStoreServicer):
             remaining = context.time_remaining()
             code = (
                 grpc.StatusCode.DEADLINE_EXCEEDED
-                if remaining is not None and remaining <= 0
+                if remaining is not None and remaining <= _DEADLINE_SLACK_S
                 else grpc.StatusCode.CANCELLED
             )
             call.code = code.name
