@@ -186,17 +186,17 @@ def _window_scores(
     groups = module.config.num_attention_heads // kv_heads
     norm = getattr(module, "q_norm", None)  # query norm before RoPE, per head or over all heads
     weight = getattr(norm, "weight", None)
-    norm_width = weight.shape[-1] if weight is not None else head_dim
+    norm_all_heads = weight is not None and weight.shape[-1] == module.config.num_attention_heads * head_dim
     out = torch.empty(kv_heads, n, dtype=torch.float32, device=keys.device)
     start = 0
     for end in ends:
         q0 = max(0, end - cfg.window) if cfg.lookahead is not None else max(start, end - cfg.window)
         w = end - q0
         q = queries[:, q0:end] if queries is not None else module.q_proj(hidden[:, q0:end])
-        if norm is not None and norm_width == q.shape[-1]:  # OLMo2: one norm over all heads
+        if norm is not None and norm_all_heads:  # OLMo2
             q = norm(q)
         q = q.view(1, w, -1, head_dim).transpose(1, 2)
-        if norm is not None and norm_width != q.shape[1] * head_dim:  # Qwen3/Gemma3: per head
+        if norm is not None and not norm_all_heads:  # Qwen3/Gemma3: per head
             q = norm(q)
         if cfg.lookahead is None:
             q, _ = rope(q, q, cos[:, q0:end], sin[:, q0:end])
