@@ -2,9 +2,9 @@
 
 A block is the KV of ``n_tokens`` consecutive tokens starting at absolute position ``start``,
 for every layer. Steps, all in torch on the tensors' device: eviction (optional) -> fp16 sink
-tokens split off (optional) -> per-tensor codec (fp16, lossless byte planes, fp8, integer
-codes) -> one device-to-host copy of all sections -> zstd per section (lossless, or option z)
--> header. ``len(payload)`` is every byte stored for the block.
+tokens and the 8-bit newest tokens (hp<N>) split off (optional) -> per-tensor codec (fp16,
+lossless byte planes, fp8, integer codes) -> one device-to-host copy of all sections -> zstd per
+section (lossless, or option z) -> header. ``len(payload)`` is every byte stored for the block.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from deltastore.codecs.format import (
     BlockHeader,
     Section,
     check_dims,
+    high_token_nbytes,
     pack_header,
     read_header,
     section_sizes,
@@ -78,9 +79,14 @@ def _codecs(spec: CodecSpec, dtype: torch.dtype) -> tuple[TensorCodec, TensorCod
     if spec.kind == "fp8":
         return Fp8Codec(spec.group_size), Fp8Codec(spec.group_size)
     return (
-        IntCodec(spec.key_bits, spec.group_size, spec.key_axis, spec.rotate),
-        IntCodec(spec.value_bits, spec.group_size, "token", spec.rotate),
+        IntCodec(spec.key_bits, spec.group_size, spec.key_axis, spec.rotate, spec.params8),
+        IntCodec(spec.value_bits, spec.group_size, "token", spec.rotate, spec.params8),
     )
+
+
+def _high_codec(spec: CodecSpec) -> IntCodec:
+    """hp<N>'s codec for both keys and values of the newest tokens: 8 bits, per-token groups."""
+    return IntCodec(8, spec.group_size, "token", spec.rotate)
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -143,16 +149,15 @@ def _check_scores(
     return torch.cat(out)
 
 
-def _encode_tensors(codec: TensorCodec, x: torch.Tensor, sink: int) -> list[torch.Tensor]:
-    """Encode one tensor kind (K or V) of every layer past the sink -> its sections, flat.
+def _encode_tensors(codec: TensorCodec, x: torch.Tensor) -> list[torch.Tensor]:
+    """Encode one tensor kind (K or V) of every layer -> its sections, flat.
 
-    x: (n_layers, kv_heads, kept, head_dim). Stackable codecs encode all layers in one call, as
+    x: (n_layers, kv_heads, tokens, head_dim). Stackable codecs encode all layers in one call, as
     one tensor of n_layers * kv_heads heads.
     """
-    n_layers, h, kept, d = x.shape
-    x = x[:, :, sink:]
-    if codec.stacks((h, kept - sink, d)):
-        return list(codec.encode(x.reshape(n_layers * h, kept - sink, d)))
+    n_layers, h, t, d = x.shape
+    if codec.stacks((h, t, d)):
+        return list(codec.encode(x.reshape(n_layers * h, t, d)))
     per_layer = [codec.encode(layer) for layer in x.unbind(0)]
     return [torch.cat(parts) for parts in zip(*per_layer, strict=True)]
 
@@ -165,8 +170,12 @@ def _encode_layers(
     score: torch.Tensor | None,
     codecs: tuple[TensorCodec, TensorCodec],
     sink: int,
+    high: int,
 ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
-    """Evict and encode consecutive layers -> (their sections, flat, in format order; the keep mask)."""
+    """Evict and encode consecutive layers -> (their sections, flat, in format order; the keep mask).
+
+    Of the kept tokens, the first ``sink`` go to fp16 and the last ``high`` to 8 bits (hp<N>).
+    """
     n_layers, (h, n, d) = len(pairs), pairs[0][0].shape
     ks = torch.stack([k for k, _ in pairs]).view(n_layers * h, n, d)
     vs = torch.stack([v for _, v in pairs]).view(n_layers * h, n, d)
@@ -176,9 +185,20 @@ def _encode_layers(
         ks, vs = gather_tokens(ks, idx), gather_tokens(vs, idx)
         mask = mask_from_indices(idx, n)
     ks, vs = ks.view(n_layers, h, -1, d), vs.view(n_layers, h, -1, d)
-    sections = [*_encode_tensors(codecs[0], ks, sink), *_encode_tensors(codecs[1], vs, sink)]
+    mid = slice(sink, ks.shape[2] - high)
+    sections = [*_encode_tensors(codecs[0], ks[:, :, mid]), *_encode_tensors(codecs[1], vs[:, :, mid])]
     if sink:  # per layer: fp16 K then V of the sink tokens
         sections.append(as_bytes(to_fp16(torch.stack([ks[:, :, :sink], vs[:, :, :sink]], dim=1))))
+    if spec.high:  # per layer: 8-bit K codes, K params, V codes, V params of the newest tokens
+        parts = []
+        if high:
+            for x in (ks, vs):
+                parts += _high_codec(spec).encode(x[:, :, -high:].reshape(n_layers * h, high, d))
+        sections.append(
+            torch.cat([p.view(n_layers, -1) for p in parts], dim=1).view(-1)
+            if parts
+            else ks.new_empty(0, dtype=torch.uint8)
+        )
     return sections, mask
 
 
@@ -200,8 +220,9 @@ def encode_block(
         scores: optional per layer (kv_heads, tokens) importance for eviction (higher = keep);
             None: the key-norm proxy. Ignored without eviction.
         seq_end: absolute end of the sequence when this segment is sealed: keep<P> always keeps
-            positions >= ``seq_end - r<N>`` (None: ``start + tokens``, the block ends the sequence).
-            Ignored by the other codecs (pe/adapt keep the block's own last tokens).
+            positions >= ``seq_end - r<N>``, and hp<N> stores positions >= ``seq_end - N`` at 8
+            bits (None: ``start + tokens``, the block ends the sequence). Ignored by the other
+            codecs (pe/adapt keep the block's own last tokens).
     Returns:
         The payload (format.py); ``len()`` counts every byte.
     Raises:
@@ -219,7 +240,8 @@ def encode_block(
     score = _check_scores(scores if spec.evicts else None, n_layers, h, n, pairs[0][0].device)
     key_codec, value_codec = _codecs(spec, pairs[0][0].dtype)
     sink = spec.fp16_sink_tokens(n, start)
-    expected = section_sizes(spec, n_layers, h, d, n, start, dtype, kept)
+    high = spec.high_tokens(n, start, seq_end)
+    expected = section_sizes(spec, n_layers, h, d, n, start, dtype, kept, high)
 
     # Layers go together, as layers * kv_heads heads (eviction and codecs work per head), up to
     # _STACK_ELEMENTS per call: many small calls cost more than the work of small blocks, and
@@ -234,6 +256,7 @@ def encode_block(
             None if score is None else score[i * h : (i + per_call) * h],
             (key_codec, value_codec),
             sink,
+            high,
         )
         for i in range(0, n_layers, per_call)
     ]
@@ -251,8 +274,9 @@ def encode_block(
     for (kind, _), size in zip(expected, sizes, strict=True):
         raw = body[offset : offset + size]
         offset += size
-        raw_mask = kind == Section.MASK and spec.eviction == "keep"  # read_header counts its bits
-        packed = compress(raw) if (spec.entropy or spec.kind == "lossless") and not raw_mask else None
+        # read_header counts the keep mask's bits and derives hp<N>'s count from the HIGH length
+        counted = (kind == Section.MASK and spec.eviction == "keep") or kind == Section.HIGH
+        packed = compress(raw) if (spec.entropy or spec.kind == "lossless") and not counted else None
         table.append(
             (kind, FLAG_ZSTD if packed is not None else 0, len(packed if packed is not None else raw))
         )
@@ -285,7 +309,17 @@ class _Parsed:
     def run_key(self) -> tuple[object, ...]:
         """Blocks with equal keys decode together."""
         h = self.hdr
-        return (h.spec, h.n_layers, h.kv_heads, h.head_dim, h.n_tokens, h.kept_tokens, h.dtype, self.sink)
+        return (
+            h.spec,
+            h.n_layers,
+            h.kv_heads,
+            h.head_dim,
+            h.n_tokens,
+            h.kept_tokens,
+            h.high_tokens,
+            h.dtype,
+            self.sink,
+        )
 
 
 def _parse(payload: bytes | bytearray | memoryview, target: torch.device) -> _Parsed:
@@ -299,6 +333,7 @@ def _parse(payload: bytes | bytearray | memoryview, target: torch.device) -> _Pa
         hdr.start,
         hdr.dtype,
         hdr.kept_tokens,
+        hdr.high_tokens,
     )
     view = memoryview(payload).cast("B")
     sections = []
@@ -349,6 +384,25 @@ def _decode_tensors(
     return torch.stack(layers).view(len(parts), n_layers, h, t, d)
 
 
+def _decode_high(
+    spec: CodecSpec, sections: list[torch.Tensor], hdr: BlockHeader, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The HIGH sections of a run of blocks -> K and V of their newest tokens, each
+    (blocks, n_layers, kv_heads, high, head_dim)."""
+    n_layers, h, t, d = hdr.n_layers, hdr.kv_heads, hdr.high_tokens, hdr.head_dim
+    codes_n = h * t * d
+    params_n = (high_token_nbytes(spec, d) // 2 - d) * h * t
+    per_layer = torch.stack(sections).view(len(sections) * n_layers, 2, codes_n + params_n)
+    codec, shape = _high_codec(spec), (len(sections) * n_layers * h, t, d)
+    k, v = (
+        codec.decode(
+            [per_layer[:, i, :codes_n].reshape(-1), per_layer[:, i, codes_n:].reshape(-1)], shape, dtype
+        ).view(len(sections), n_layers, h, t, d)
+        for i in (0, 1)
+    )
+    return k, v
+
+
 def _decode_run(run: list[_Parsed], target: torch.device, dtype: torch.dtype | None) -> list[DecodedBlock]:
     """Decode blocks of one run key together."""
     hdr, sink = run[0].hdr, run[0].sink
@@ -359,11 +413,18 @@ def _decode_run(run: list[_Parsed], target: torch.device, dtype: torch.dtype | N
     kinds = [kind for kind, *_ in hdr.sections]
     n_key = sum(1 for kind in kinds if kind in (Section.K_DATA, Section.K_PARAMS))
     n_value = sum(1 for kind in kinds if kind in (Section.V_DATA, Section.V_PARAMS))
-    shape = (h, kept - sink, d)
+    high = hdr.high_tokens
+    shape = (h, kept - sink - high, d)
     k = _decode_tensors(key_codec, [b.sections[:n_key] for b in run], n_layers, shape, out_dtype)
     v = _decode_tensors(
         value_codec, [b.sections[n_key : n_key + n_value] for b in run], n_layers, shape, out_dtype
     )
+    if high:  # per block, per layer: 8-bit K codes, K params, V codes, V params; after the coded ones
+        k_high, v_high = _decode_high(
+            spec, [b.sections[kinds.index(Section.HIGH)] for b in run], hdr, out_dtype
+        )
+        k = torch.cat([k, k_high], dim=3)
+        v = torch.cat([v, v_high], dim=3)
     if sink:  # per block, per layer: fp16 K then V of the sink tokens, ahead of the coded ones
         sinks = torch.stack([b.sections[n_key + n_value] for b in run]).view(torch.float16)
         sinks = sinks.view(len(run), n_layers, 2, h, sink, d).to(out_dtype)

@@ -24,7 +24,9 @@ must be no longer than its raw size; the payload must end exactly after the last
 For keep<P> specs the kept count depends on where the sequence ended when the block was sealed, so
 it is read from the keep mask (the last section, never compressed for keep<P>): its set bits over
 the (n_layers, kv_heads, n_tokens) mask, divided by n_layers * kv_heads, checked against the spec's
-budget; everything else is derived as above.
+budget. Likewise hp<N>'s count of 8-bit tokens is read from the length of the HIGH section (never
+compressed), a whole multiple of one token's 8-bit bytes in every layer and head, at most N and
+at most the kept tokens past the sink. Everything else is derived as above.
 Each section holds one part (codes, scales, ...) of every layer, layer after layer.
 """
 
@@ -40,12 +42,15 @@ from deltastore.errors import CodecError, FormatError, InvalidArgument
 __all__ = [
     "DTYPE_CODES",
     "FORMAT_VERSION",
+    "GRID_HEADER_NBYTES",
     "MAGIC",
     "BlockHeader",
     "Section",
     "check_dims",
     "encoded_nbytes",
+    "high_token_nbytes",
     "pack_header",
+    "params_nbytes",
     "read_header",
     "section_sizes",
 ]
@@ -55,6 +60,8 @@ FORMAT_VERSION = 1
 _FIXED = struct.Struct("<4sBBHIIIIQH")
 _ENTRY = struct.Struct("<BBQ")
 FLAG_ZSTD = 1
+GRID_HEADER_NBYTES = 16
+"""Bytes of one head's p8 grid header (four float32, ``params.py``)."""
 
 DTYPE_CODES: dict[str, int] = {"float16": 1, "bfloat16": 2, "float32": 3}
 _ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4}
@@ -70,7 +77,7 @@ MAX_FP16_NBYTES = 1 << 36  # 64 GiB of FP16 KV in one block
 
 
 class Section(IntEnum):
-    """Section kinds, in the order they appear."""
+    """Section kinds. A payload holds them in this order, except that HIGH comes before MASK."""
 
     K_DATA = 1  # fp16 / lossless byte planes / fp8 codes / packed integer codes
     K_PARAMS = 2  # fp8: fp16 scale per group; quant: fp16 (scale, zero) per group
@@ -78,6 +85,7 @@ class Section(IntEnum):
     V_PARAMS = 4
     SINK = 5  # fp16 K then V of the leading sink tokens
     MASK = 6  # eviction keep mask, (n_layers, kv_heads, n_tokens) bits, LSB first
+    HIGH = 7  # hp<N>: per layer 8-bit K codes, K fp16 (scale, zero), V codes, V params of the newest tokens
 
 
 @dataclass(frozen=True)
@@ -92,6 +100,7 @@ class BlockHeader:
         sections: (kind, flags, offset, length) of each section, offsets into the payload.
         header_nbytes: bytes before the first section.
         kept_tokens: tokens per head after eviction.
+        high_tokens: trailing kept tokens per head stored at 8 bits (hp<N>).
     """
 
     spec: CodecSpec
@@ -104,6 +113,7 @@ class BlockHeader:
     sections: tuple[tuple[Section, int, int, int], ...]
     header_nbytes: int
     kept_tokens: int
+    high_tokens: int = 0
 
     @property
     def fp16_nbytes(self) -> int:
@@ -137,6 +147,21 @@ def _groups(n: int, group: int) -> int:
     return -(-n // group)
 
 
+def params_nbytes(heads: int, groups_per_head: int, params8: bool) -> int:
+    """Stored bytes of the quantization parameters of ``heads`` heads of ``groups_per_head`` groups
+    each: fp16 (scale, zero) pairs, or with p8 a grid header per head and two codes per group
+    (``params.py``)."""
+    if params8:
+        return heads * (GRID_HEADER_NBYTES + 2 * groups_per_head) if groups_per_head else 0
+    return heads * groups_per_head * 4
+
+
+def high_token_nbytes(spec: CodecSpec, head_dim: int) -> int:
+    """HIGH section bytes of one token of one head of one layer: 8-bit K and V codes, each with
+    fp16 (scale, zero) per group along head_dim."""
+    return 2 * (head_dim + 4 * _groups(head_dim, spec.group_size))
+
+
 def section_sizes(
     spec: CodecSpec,
     n_layers: int,
@@ -146,15 +171,17 @@ def section_sizes(
     start: int,
     dtype: str,
     kept: int | None = None,
+    high: int = 0,
 ) -> list[tuple[Section, int]]:
     """Raw (pre-zstd) byte size of every section, by exact arithmetic. Pure, no torch.
 
-    ``kept`` (tokens per head after eviction) defaults to ``spec.kept_tokens(n_tokens, start)``.
+    ``kept`` (tokens per head after eviction) defaults to ``spec.kept_tokens(n_tokens, start)``;
+    ``high``: trailing kept tokens at 8 bits (hp<N>), not in the other sections.
     """
     h, d, g = kv_heads, head_dim, spec.group_size
     kept = spec.kept_tokens(n_tokens, start) if kept is None else kept
     sink = spec.fp16_sink_tokens(n_tokens, start)
-    q = kept - sink
+    q = kept - sink - high
     if spec.kind == "fp16":
         per = [(Section.K_DATA, h * kept * d * 2), (Section.V_DATA, h * kept * d * 2)]
     elif spec.kind == "lossless":
@@ -169,16 +196,18 @@ def section_sizes(
             (Section.V_PARAMS, scales),
         ]
     else:
-        k_groups = h * _groups(q, g) * d if spec.key_axis == "channel" else h * q * _groups(d, g)
+        k_groups = _groups(q, g) * d if spec.key_axis == "channel" else q * _groups(d, g)
         per = [
             (Section.K_DATA, _groups(h * q * d * spec.key_bits, 8)),
-            (Section.K_PARAMS, k_groups * 4),
+            (Section.K_PARAMS, params_nbytes(h, k_groups, spec.params8)),
             (Section.V_DATA, _groups(h * q * d * spec.value_bits, 8)),
-            (Section.V_PARAMS, h * q * _groups(d, g) * 4),
+            (Section.V_PARAMS, params_nbytes(h, q * _groups(d, g), spec.params8)),
         ]
     out = [(kind, n_layers * size) for kind, size in per]
     if sink:
         out.append((Section.SINK, n_layers * 2 * h * sink * d * 2))
+    if spec.high:
+        out.append((Section.HIGH, n_layers * h * high * high_token_nbytes(spec, d)))
     if spec.evicts:
         out.append((Section.MASK, _groups(n_layers * h * n_tokens, 8)))
     return out
@@ -202,14 +231,15 @@ def encoded_nbytes(
     """Exact payload size in bytes for specs without an entropy stage; an upper bound with one.
 
     (The zstd stage keeps a section raw when compressing does not make it smaller.) ``seq_end``:
-    as in ``encode_block`` (keep<P> only).
+    as in ``encode_block`` (keep<P> and hp<N> only).
     """
     spec = CodecSpec.parse(spec) if isinstance(spec, str) else spec
     if dtype not in DTYPE_CODES:
         raise InvalidArgument(f"unsupported dtype {dtype!r}; expected one of {sorted(DTYPE_CODES)}")
     check_dims(n_layers, kv_heads, head_dim, n_tokens, start, InvalidArgument)
     kept = spec.kept_tokens(n_tokens, start, seq_end)
-    sizes = section_sizes(spec, n_layers, kv_heads, head_dim, n_tokens, start, dtype, kept)
+    high = spec.high_tokens(n_tokens, start, seq_end)
+    sizes = section_sizes(spec, n_layers, kv_heads, head_dim, n_tokens, start, dtype, kept, high)
     return _header_nbytes(spec.canonical(), len(sizes)) + sum(size for _, size in sizes)
 
 
@@ -277,6 +307,36 @@ def _kept_from_mask(
     return kept
 
 
+def _high_from_table(
+    view: memoryview,
+    spec: CodecSpec,
+    n_layers: int,
+    kv_heads: int,
+    head_dim: int,
+    n_tokens: int,
+    start: int,
+    kept: int,
+    n_sect: int,
+) -> int:
+    """Tokens per head at 8 bits (hp<N>): the raw HIGH section's length over one token's bytes."""
+    if not spec.high:
+        return 0
+    index = n_sect - (2 if spec.evicts else 1)  # HIGH is last, or just before the keep mask
+    if index < 0:
+        raise FormatError(f"spec {spec.canonical()} needs a HIGH section; the table lists {n_sect} sections")
+    code, flags, length = _ENTRY.unpack_from(view, _FIXED.size + len(spec.canonical()) + index * _ENTRY.size)
+    per_token = n_layers * kv_heads * high_token_nbytes(spec, head_dim)
+    high, rest = divmod(length, per_token)
+    limit = min(spec.high, kept - spec.fp16_sink_tokens(n_tokens, start))
+    if code != Section.HIGH or flags or rest or high > limit:
+        raise FormatError(
+            f"spec {spec.canonical()} needs a raw HIGH section of a whole number (at most {limit}) of "
+            f"{per_token}-byte tokens at index {index}; the table lists kind {code}, flags {flags:#x}, "
+            f"{length} bytes"
+        )
+    return high
+
+
 def read_header(payload: bytes | bytearray | memoryview) -> BlockHeader:
     """Parse and bounds-check a payload's header and section table; decodes no tensor.
 
@@ -319,7 +379,8 @@ def read_header(payload: bytes | bytearray | memoryview) -> BlockHeader:
             f"spec {spec_text} rotates keys, which needs a power-of-two head_dim, not {head_dim}"
         )
     kept = _kept_from_mask(view, spec, n_layers, kv_heads, n_tokens, start, header_nbytes, n_sect)
-    expected = section_sizes(spec, n_layers, kv_heads, head_dim, n_tokens, start, dtype, kept)
+    high = _high_from_table(view, spec, n_layers, kv_heads, head_dim, n_tokens, start, kept, n_sect)
+    expected = section_sizes(spec, n_layers, kv_heads, head_dim, n_tokens, start, dtype, kept, high)
     if n_sect != len(expected):
         raise FormatError(f"spec {spec_text} has {len(expected)} sections, the table lists {n_sect}")
     sections = []
@@ -345,5 +406,5 @@ def read_header(payload: bytes | bytearray | memoryview) -> BlockHeader:
     if offset != total:
         raise FormatError(f"{total - offset} trailing bytes after the last section (ends at byte {offset})")
     return BlockHeader(
-        spec, n_layers, kv_heads, head_dim, n_tokens, start, dtype, tuple(sections), header_nbytes, kept
+        spec, n_layers, kv_heads, head_dim, n_tokens, start, dtype, tuple(sections), header_nbytes, kept, high
     )

@@ -12,7 +12,8 @@ from collections.abc import Sequence
 import torch
 
 from deltastore.codecs.base import Shape, TensorCodec, as_bytes
-from deltastore.codecs.quant import check_params, merge_groups, split_groups
+from deltastore.codecs.params import check_finite
+from deltastore.codecs.quant import merge_groups, split_groups
 
 __all__ = ["E4M3_MAX", "Fp8Codec"]
 
@@ -29,7 +30,7 @@ class Fp8Codec(TensorCodec):
         d = x.shape[-1]
         xg = split_groups(x.float(), self.group)
         scale = (xg.abs().amax(dim=-1) / E4M3_MAX).to(torch.float16)
-        check_params(scale)
+        check_finite(scale)
         s = scale.float()
         inv = torch.where(s > 0, s.reciprocal(), torch.zeros_like(s)).unsqueeze(-1)
         # fp16 rounding of the scale may push |x / scale| a hair past 448: clamp, never NaN.

@@ -1,15 +1,16 @@
-"""Asymmetric integer quantization with an fp16 scale and zero-point per group.
+"""Asymmetric integer quantization with a scale and zero-point per group.
 
 Per group of ``group`` consecutive elements along the grouping axis: ``zero = min``,
-``scale = (max - min) / (2**bits - 1)``, both stored as fp16, and
+``scale = (max - min) / (2**bits - 1)``, stored as fp16 or as 8-bit codes (``params.py``), and
 ``code = round((x - zero) / scale)`` clamped to ``[0, 2**bits - 1]``; decode is
-``code * scale + zero``. The error is at most ``scale / 2`` per element (plus fp16 rounding of
-the parameters). A partial last group is padded by repeating its last element (which leaves
-min and max unchanged); padded codes are never stored.
+``code * scale + zero``. The error is at most ``scale / 2`` per element (plus the rounding of
+the stored parameters). A partial last group is padded by repeating its last element (which
+leaves min and max unchanged); padded codes are never stored.
 
 Keys: rotated (``rotation.py``) and grouped per channel (along tokens, KIVI: Liu et al. 2024,
 whose keys have per-channel outliers) or per token (along head_dim). Values: per token.
-Overhead: 2 fp16 per group, i.e. 32 / group bits per element (0.5 at group 64).
+Overhead: 2 fp16 per group, i.e. 32 / group bits per element (0.5 at group 64); with p8 about
+half of that.
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ from collections.abc import Sequence
 
 import torch
 
-from deltastore.codecs.base import Shape, TensorCodec, as_bytes
+from deltastore.codecs.base import Shape, TensorCodec
 from deltastore.codecs.packing import pack_bits, packed_nbytes, unpack_float
+from deltastore.codecs.params import decode_params, encode_params
 from deltastore.codecs.rotation import rotate, unrotate
 from deltastore.errors import CodecError
 
@@ -48,50 +50,43 @@ def merge_groups(x: torch.Tensor, n: int, dim: int = -1) -> torch.Tensor:
     return x if x.shape[dim] == n else x.narrow(dim, 0, n)
 
 
-def check_params(params: torch.Tensor) -> None:
-    if not bool(torch.isfinite(params).all()):
-        raise CodecError(
-            "cannot quantize non-finite values or values beyond the float16 range",
-            hint="store this cache with the 'lossless' codec",
-        )
-
-
 def _reciprocal(scale: torch.Tensor) -> torch.Tensor:
     """1 / scale, with 0 for constant groups (scale 0): their codes are all 0."""
-    s = scale.float()
-    return torch.where(s > 0, s.reciprocal(), torch.zeros_like(s))
+    return torch.where(scale > 0, scale.reciprocal(), torch.zeros_like(scale))
 
 
 def quantize_groups(
-    x: torch.Tensor, bits: int, group: int, dim: int = -1
+    x: torch.Tensor, bits: int, group: int, dim: int = -1, params8: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize in groups of ``group`` consecutive elements along ``dim``.
 
     Args:
-        x: float32, any shape; n = x.shape[dim].
+        x: float32, shape (heads, ...); n = x.shape[dim] (``dim`` is not the head axis 0 when
+            ``params8``: its grids are per head).
+        params8: store parameters as p8 codes (``params.py``) instead of fp16 pairs.
     Returns:
         codes: uint8 of x's shape, in [0, 2**bits).
-        params: fp16 (scale, zero) pairs, x's shape with ``dim`` -> ceil(n / group), plus a last axis of 2.
+        params: the stored parameter bytes, flat uint8 (``params.encode_params``); the group grid
+            is x's shape with ``dim`` -> ceil(n / group).
     """
     dim %= x.dim()
     n = x.shape[dim]
     levels = (1 << bits) - 1
     xg = split_groups(x, group, dim)
-    lo, hi = torch.aminmax(xg, dim=dim + 1, keepdim=True)
-    zero = lo.to(torch.float16)
-    scale = ((hi - zero.float()) / levels).to(torch.float16)
-    params = torch.stack([scale.squeeze(dim + 1), zero.squeeze(dim + 1)], dim=-1)
-    check_params(params)
-    inv = _reciprocal(scale)
-    # floor(x / scale - zero / scale + 0.5): one fused pass; clamping also absorbs fp16 rounding.
-    codes = torch.addcmul(0.5 - zero.float() * inv, xg, inv).clamp_(0, levels).to(torch.uint8)
-    return merge_groups(codes, n, dim), params
+    lo, hi = torch.aminmax(xg, dim=dim + 1)
+    scale, zero, stored = encode_params(lo, hi, levels, params8)
+    inv = _reciprocal(scale).unsqueeze(dim + 1)
+    # floor(x / scale - zero / scale + 0.5): one fused pass; clamping also absorbs parameter rounding.
+    codes = torch.addcmul(0.5 - zero.unsqueeze(dim + 1) * inv, xg, inv).clamp_(0, levels).to(torch.uint8)
+    return merge_groups(codes, n, dim), stored
 
 
-def dequantize_groups(codes: torch.Tensor, params: torch.Tensor, group: int, dim: int = -1) -> torch.Tensor:
-    """Inverse of :func:`quantize_groups` (same ``group`` and ``dim``).
+def dequantize_groups(
+    codes: torch.Tensor, params: torch.Tensor, group: int, dim: int = -1, params8: bool = False
+) -> torch.Tensor:
+    """Inverse of :func:`quantize_groups` (same ``group``, ``dim`` and ``params8``).
 
-    codes: uint8 or float32 code values -> float32 of codes' shape.
+    codes: uint8 or float32 code values; params: the stored bytes -> float32 of codes' shape.
     """
     dim %= codes.dim()
     n = codes.shape[dim]
@@ -99,8 +94,10 @@ def dequantize_groups(codes: torch.Tensor, params: torch.Tensor, group: int, dim
     if pad:
         codes = torch.cat([codes, codes.new_zeros(*codes.shape[:dim], pad, *codes.shape[dim + 1 :])], dim=dim)
     cg = codes.reshape(*codes.shape[:dim], (n + pad) // group, group, *codes.shape[dim + 1 :]).float()
-    p = params.float().unsqueeze(dim + 1)
-    return merge_groups(torch.addcmul(p[..., 1], cg, p[..., 0]), n, dim)
+    grid = list(codes.shape)
+    grid[dim] = (n + pad) // group
+    scale, zero = decode_params(params, tuple(grid), params8)
+    return merge_groups(torch.addcmul(zero.unsqueeze(dim + 1), cg, scale.unsqueeze(dim + 1)), n, dim)
 
 
 class IntCodec(TensorCodec):
@@ -111,16 +108,20 @@ class IntCodec(TensorCodec):
         group: elements per group.
         axis: "token" (groups along head_dim) or "channel" (groups along tokens, per channel).
         rotate: rotate along head_dim by the signed Hadamard first.
+        params8: parameters as p8 codes on per-head grids (``params.py``).
 
-    Parts: packed codes in (kv_heads, tokens, head_dim) order; then fp16 (scale, zero) pairs in
-    (kv_heads, ceil(tokens / group), head_dim) order for "channel", (kv_heads, tokens,
-    ceil(head_dim / group)) for "token".
+    Parts: packed codes in (kv_heads, tokens, head_dim) order; then the parameters over the group
+    grid (kv_heads, ceil(tokens / group), head_dim) for "channel", (kv_heads, tokens,
+    ceil(head_dim / group)) for "token": fp16 (scale, zero) pairs, or per head a p8 grid header
+    and codes.
     """
 
-    def __init__(self, bits: int, group: int, axis: str = "token", rotate: bool = False) -> None:
+    def __init__(
+        self, bits: int, group: int, axis: str = "token", rotate: bool = False, params8: bool = False
+    ) -> None:
         if axis not in ("token", "channel"):
             raise CodecError(f"unknown grouping axis {axis!r}")
-        self.bits, self.group, self.rotate = bits, group, rotate
+        self.bits, self.group, self.rotate, self.params8 = bits, group, rotate, params8
         self.dim = 1 if axis == "channel" else 2
 
     def stacks(self, shape: Shape) -> bool:
@@ -152,8 +153,8 @@ class IntCodec(TensorCodec):
         x = x.float()
         if self.rotate:
             x = rotate(x)
-        codes, params = quantize_groups(x, self.bits, self.group, self.dim)
-        return pack_bits(codes, self.bits), as_bytes(params)
+        codes, params = quantize_groups(x, self.bits, self.group, self.dim, self.params8)
+        return pack_bits(codes, self.bits), params
 
     def decode(self, parts: Sequence[torch.Tensor], shape: Shape, dtype: torch.dtype) -> torch.Tensor:
         h, t, d = shape
@@ -174,8 +175,5 @@ class IntCodec(TensorCodec):
     def _decode(self, packed: torch.Tensor, param_bytes: torch.Tensor, shape: Shape) -> torch.Tensor:
         """-> float32 of ``shape``."""
         codes = unpack_float(packed, self.bits, shape[0] * shape[1] * shape[2]).view(shape)
-        grid = list(shape)
-        grid[self.dim] = -(-grid[self.dim] // self.group)
-        params = param_bytes.view(torch.float16).view(*grid, 2)
-        x = dequantize_groups(codes, params, self.group, self.dim)
+        x = dequantize_groups(codes, param_bytes, self.group, self.dim, self.params8)
         return unrotate(x) if self.rotate else x

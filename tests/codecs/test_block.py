@@ -7,6 +7,8 @@ import torch
 from codec_testlib import DEVICES, make_cache, rel_err
 
 from deltastore.codecs import CodecSpec, decode_block, encode_block, encoded_nbytes, read_header
+from deltastore.codecs.format import params_nbytes
+from deltastore.codecs.params import decode_params
 from deltastore.codecs.quant import dequantize_groups, quantize_groups
 from deltastore.codecs.spec import TIERS
 from deltastore.codecs.table import tier_row
@@ -37,16 +39,20 @@ def test_roundtrip_error_bounds(spec_text: str, tokens: int, dtype: torch.dtype,
         assert rel_err(v, v0) < BOUNDS[spec_text]
 
 
+@pytest.mark.parametrize("params8", [False, True])
 @pytest.mark.parametrize("bits", [2, 4, 8])
 @pytest.mark.parametrize("n", [1, 63, 64, 130])
-def test_quantize_groups_error_within_half_step(bits: int, n: int) -> None:
+def test_quantize_groups_error_within_half_step(bits: int, n: int, params8: bool) -> None:
     x = torch.randn(4, n) * torch.linspace(0.1, 10, 4)[:, None]
-    codes, params = quantize_groups(x, bits, 64)
+    codes, params = quantize_groups(x, bits, 64, params8=params8)
+    groups = -(-n // 64)
     assert codes.shape == x.shape and int(codes.max()) < 1 << bits
-    assert params.shape == (4, -(-n // 64), 2) and params.dtype == torch.float16
-    y = dequantize_groups(codes, params, 64)
-    step = params[..., 0].float().repeat_interleave(64, dim=-1)[:, :n]
-    # half a step, plus fp16 rounding of the zero-point and of the scale over 2**bits levels
+    assert params.dtype == torch.uint8 and params.numel() == params_nbytes(4, groups, params8)
+    y = dequantize_groups(codes, params, 64, params8=params8)
+    scale, _ = decode_params(params, (4, groups), params8)
+    step = scale.repeat_interleave(64, dim=-1)[:, :n]
+    # half a step of the stored scale, plus fp16 rounding of the zero-point and of the scale over
+    # 2**bits levels (p8: float32 rounding of its grids)
     slack = x.abs().amax() * 2**-10 * (1 << bits)
     assert bool(((y - x).abs() <= step / 2 + slack).all())
 
