@@ -313,9 +313,6 @@ def _high_from_table(
     n_layers: int,
     kv_heads: int,
     head_dim: int,
-    n_tokens: int,
-    start: int,
-    kept: int,
     n_sect: int,
 ) -> int:
     """Tokens per head at 8 bits (hp<N>): the raw HIGH section's length over one token's bytes."""
@@ -327,10 +324,9 @@ def _high_from_table(
     code, flags, length = _ENTRY.unpack_from(view, _FIXED.size + len(spec.canonical()) + index * _ENTRY.size)
     per_token = n_layers * kv_heads * high_token_nbytes(spec, head_dim)
     high, rest = divmod(length, per_token)
-    limit = min(spec.high, kept - spec.fp16_sink_tokens(n_tokens, start))
-    if code != Section.HIGH or flags or rest or high > limit:
+    if code != Section.HIGH or flags or rest or high > spec.high:
         raise FormatError(
-            f"spec {spec.canonical()} needs a raw HIGH section of a whole number (at most {limit}) of "
+            f"spec {spec.canonical()} needs a raw HIGH section of a whole number (at most {spec.high}) of "
             f"{per_token}-byte tokens at index {index}; the table lists kind {code}, flags {flags:#x}, "
             f"{length} bytes"
         )
@@ -378,8 +374,10 @@ def read_header(payload: bytes | bytearray | memoryview) -> BlockHeader:
         raise FormatError(
             f"spec {spec_text} rotates keys, which needs a power-of-two head_dim, not {head_dim}"
         )
+    high = _high_from_table(view, spec, n_layers, kv_heads, head_dim, n_sect)
     kept = _kept_from_mask(view, spec, n_layers, kv_heads, n_tokens, start, header_nbytes, n_sect)
-    high = _high_from_table(view, spec, n_layers, kv_heads, head_dim, n_tokens, start, kept, n_sect)
+    if high > kept - spec.fp16_sink_tokens(n_tokens, start):
+        raise FormatError(f"{high} tokens at 8 bits, more than the {kept} kept tokens past the fp16 sink")
     expected = section_sizes(spec, n_layers, kv_heads, head_dim, n_tokens, start, dtype, kept, high)
     if n_sect != len(expected):
         raise FormatError(f"spec {spec_text} has {len(expected)} sections, the table lists {n_sect}")

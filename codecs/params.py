@@ -4,25 +4,29 @@ fp16 (the default): ``zero = fp16(min)``, ``scale = fp16((max - zero) / levels)`
 group: at group 64 that is 0.5 bit per element, about 12% of a 4-bit cache's bytes.
 
 p8 (spec option): per head (the leading axis) a 16-byte grid header, four float32 values
-``zero_min, zero_step, log2_scale_min, log2_scale_step``, then one byte per group for the
-zero-point and one for the scale:
+``zero_min, zero_step, scale_base, table``, then one byte per group for the zero-point and one
+for the scale:
 
 - ``zero = zero_min + code * zero_step``, the code rounded *down* from the group's min, on a
   255-step grid over the head's range of group minima;
-- ``scale = 2 ** (log2_scale_min + code * log2_scale_step)``, rounded *up* from
-  ``(max - zero) / levels``, on a 255-step grid over the head's range of log2 scales.
+- ``scale = scale_base * 2 ** (code * step)``, the smallest grid scale at least
+  ``(max - zero) / levels``; ``scale_base`` is the head's smallest such need and ``step`` the
+  finest of 1/256 .. 1/4 octave whose 255 steps reach its largest (the powers of two are fixed
+  tables, so encoding and decoding use only exact lookups, multiplications and comparisons: the
+  same bytes and values on any device and in any batching, which a log2/exp2 per group would not
+  give).
 
 So every group's codes still span its ``[min, max]``: the per-element error stays at most
-``scale / 2``, with the scale at most ``2 ** log2_scale_step`` times what fp16 would store, plus
-one zero step. Measured on SmolLM2-135M (``k4v4-sink4-z-keep88-r16`` with the newest 16 tokens at
-8 bits, 8 windows): mean KL 0.00163 -> 0.00166 for 45% fewer parameter bytes.
-Constant groups (max == min) get the smallest scale of the grid, which is never below
-``_MIN_SCALE`` of the head's largest scale: their codes are 0 and decode to the zero-point.
+``scale / 2``, with the scale at most ``2 ** step`` times what fp16 would store, plus one zero
+step. Measured on SmolLM2-135M (``k4v4-sink4-z-keep88-r16`` with the newest 16 tokens at 8 bits,
+8 windows): mean KL 0.00163 -> 0.00166 for 45% fewer parameter bytes.
+Groups needing less than ``_MIN_SCALE`` of the head's largest scale (constant groups among them)
+get that floor.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import functools
 
 import torch
 
@@ -32,6 +36,7 @@ from deltastore.errors import CodecError
 __all__ = ["check_finite", "decode_params", "encode_params"]
 
 _STEPS = 255
+_SCALE_STEPS = tuple(2.0**-k for k in range(8, 1, -1))  # log2 steps of the scale tables: 1/256 .. 1/4
 _MIN_SCALE = 2.0**-24  # relative to the head's largest scale: a floor for constant groups
 
 
@@ -75,43 +80,41 @@ def encode_params(
     flat = lo.reshape(per_head)
     zero_min = flat.amin(dim=1)
     zero_step = (flat.amax(dim=1) - zero_min) / _STEPS
-    zero_code = _grid_code((lo - zero_min.view(bcast)) / _safe(zero_step).view(bcast), torch.floor)
+    steps = torch.where(zero_step > 0, zero_step, torch.ones_like(zero_step)).view(bcast)
+    # floor((lo - zero_min) / step), a hair of slack so float error never drops an exact grid point
+    zero_code = torch.floor((lo - zero_min.view(bcast)) / steps + 1e-4).clamp_(0, _STEPS)
     zero_code = torch.where(zero_step.view(bcast) > 0, zero_code, torch.zeros_like(zero_code))
     zero = zero_min.view(bcast) + zero_code * zero_step.view(bcast)
-    need = ((hi - zero) / levels).clamp(min=0)
-    top = need.reshape(per_head).amax(dim=1)
-    floor = torch.where(top > 0, top * _MIN_SCALE, torch.full_like(top, _MIN_SCALE))
-    log_need = torch.log2(torch.maximum(need, floor.view(bcast)))
-    log_min = log_need.reshape(per_head).amin(dim=1)
-    log_step = (log_need.reshape(per_head).amax(dim=1) - log_min) / _STEPS
-    scale_code = _grid_code((log_need - log_min.view(bcast)) / _safe(log_step).view(bcast), torch.ceil)
-    scale_code = torch.where(log_step.view(bcast) > 0, scale_code, torch.zeros_like(scale_code))
-    header = torch.stack([zero_min, zero_step, log_min, log_step], dim=1).contiguous()
-    codes = torch.stack([zero_code.reshape(per_head), scale_code.reshape(per_head)], dim=1)
-    stored = torch.cat([header.view(torch.uint8), codes.to(torch.uint8).reshape(heads, -1)], dim=1)
-    scale, zero = _from_codes(header, zero_code, scale_code)
-    return scale, zero, stored.view(-1)
+    need = ((hi - zero) / levels).clamp(min=0).reshape(per_head)
+    top = need.amax(dim=1)
+    base = torch.maximum(need.amin(dim=1), torch.where(top > 0, top * _MIN_SCALE, torch.ones_like(top)))
+    tables = _scale_tables(lo.device)
+    reach = (top / base)[:, None] > tables[:, -1][None, :]  # (heads, tables): too coarse to reach
+    table = reach.sum(dim=1).clamp_(max=len(_SCALE_STEPS) - 1)
+    grid = tables[table] * base[:, None]  # (heads, 256), ascending
+    scale_code = torch.searchsorted(grid, need.contiguous()).clamp_(max=_STEPS)
+    header = torch.stack([zero_min, zero_step, base, table.float()], dim=1).contiguous()
+    codes = torch.stack([zero_code.reshape(per_head), scale_code.float()], dim=1)
+    header_bytes = header.view(-1).view(torch.uint8).view(heads, GRID_HEADER_NBYTES)
+    stored = torch.cat([header_bytes, codes.to(torch.uint8).reshape(heads, -1)], dim=1)
+    scale, zero = _from_codes(header, codes)
+    return scale.view(lo.shape), zero.view(lo.shape), stored.view(-1)
 
 
-def _safe(step: torch.Tensor) -> torch.Tensor:
-    return torch.where(step > 0, step, torch.ones_like(step))
+@functools.cache
+def _scale_tables(device: torch.device) -> torch.Tensor:
+    """(tables, 256) float32: row j holds ``2 ** (i * _SCALE_STEPS[j])``, computed in Python."""
+    rows = [[2.0 ** (i * step) for i in range(_STEPS + 1)] for step in _SCALE_STEPS]
+    return torch.tensor(rows, dtype=torch.float32, device=device)
 
 
-def _grid_code(position: torch.Tensor, rounding: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    """Grid index (float32, 0..255) of a position on the grid, rounded down or up."""
-    # A hair of slack keeps float error from pushing an exact grid point one step further.
-    nudged = position + 1e-4 if rounding is torch.floor else position - 1e-4
-    return rounding(nudged).clamp_(0, _STEPS)
-
-
-def _from_codes(
-    header: torch.Tensor, zero_code: torch.Tensor, scale_code: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scale, zero) float32 from a (heads, 4) header and per-group codes shaped (heads, ...)."""
-    bcast = (header.shape[0],) + (1,) * (zero_code.dim() - 1)
-    zero = header[:, 0].view(bcast) + zero_code * header[:, 1].view(bcast)
-    scale = torch.exp2(header[:, 2].view(bcast) + scale_code * header[:, 3].view(bcast))
-    return scale, zero
+def _from_codes(header: torch.Tensor, codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, zero) float32, each (heads, groups), from a (heads, 4) header and (heads, 2, groups)
+    float32 codes. A hostile header's table index is clamped: garbage values, never an index error."""
+    table = torch.nan_to_num(header[:, 3]).clamp(0, len(_SCALE_STEPS) - 1).long()
+    grid = _scale_tables(header.device)[table] * header[:, 2:3]
+    zero = header[:, 0:1] + codes[:, 0] * header[:, 1:2]
+    return grid.gather(1, codes[:, 1].long()), zero
 
 
 def decode_params(
@@ -122,7 +125,10 @@ def decode_params(
         pairs = stored.view(torch.float16).view(*grid, 2).float()
         return pairs[..., 0], pairs[..., 1]
     heads = grid[0]
+    if stored.numel() == 0:  # no groups: nothing stored
+        empty = torch.empty(grid, dtype=torch.float32, device=stored.device)
+        return empty, empty
     per_head = stored.view(heads, -1)
-    header = per_head[:, :GRID_HEADER_NBYTES].contiguous().view(torch.float32)
-    codes = per_head[:, GRID_HEADER_NBYTES:].float().view(heads, 2, -1)
-    return _from_codes(header, codes[:, 0].reshape(grid), codes[:, 1].reshape(grid))
+    header = per_head[:, :GRID_HEADER_NBYTES].contiguous().view(-1).view(torch.float32).view(heads, 4)
+    scale, zero = _from_codes(header, per_head[:, GRID_HEADER_NBYTES:].float().view(heads, 2, -1))
+    return scale.view(grid), zero.view(grid)

@@ -23,6 +23,8 @@ SPECS = [
     "k4v4-kt-sink4-z-keep30-r16",
     "k2v2-nr-sink4",
     "k4v2-sink64",  # the first block is all sink: nothing coded
+    "k4v4-p8-sink4-hp32-keep50-r32",  # 0, 10 and 22 newest tokens at 8 bits: three run keys
+    "k4v2-kt-p8-hp8",
 ]
 
 
@@ -75,11 +77,12 @@ def test_layers_encode_like_one_layer_blocks(
         assert all(torch.equal(a, b) for a, b in zip(whole.layers[i], alone.layers[0], strict=True))
 
 
+@pytest.mark.parametrize("params8", [False, True])
 @pytest.mark.parametrize("axis", ["channel", "token"])
 @pytest.mark.parametrize("bits", [2, 4, 8])
-def test_chunked_calls_equal_head_by_head(bits: int, axis: str) -> None:
+def test_chunked_calls_equal_head_by_head(bits: int, axis: str, params8: bool) -> None:
     """Enough heads that the CPU path splits them into chunks (with a ragged last chunk)."""
-    codec = IntCodec(bits, 64, axis, rotate=True)
+    codec = IntCodec(bits, 64, axis, rotate=True, params8=params8)
     x = torch.randn(70, 64, 64) * torch.linspace(0.5, 3, 64)
     assert codec._heads_per_call(tuple(x.shape), x.device) < 70  # really chunked
     codes, params = codec.encode(x)

@@ -126,6 +126,10 @@ def test_k4v2_realistic_block_ratio() -> None:
         "k4v2-sink4-pe10",
         "fp16-pe30",
         "k4v2-nr-g128",
+        "k4v4-p8",
+        "k4v2-kt-p8-sink4",
+        "k4v4-sink4-hp8",
+        "k4v4-p8-sink4-hp16-keep50-r16",
     ],
 )
 @pytest.mark.parametrize(("tokens", "start"), [(1, 0), (3, 0), (70, 0), (70, 2), (100, 500)])

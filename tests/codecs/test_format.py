@@ -28,7 +28,8 @@ from deltastore.errors import FormatError
 @pytest.fixture(scope="module")
 def payloads() -> dict[str, bytes]:
     layers = make_cache(n_layers=2, tokens=20)
-    return {s: encode_block(layers, s, start=3) for s in ("k4v2", "lossless", "k4v2-pe50-sink4", "fp8-z")}
+    specs = ("k4v2", "lossless", "k4v2-pe50-sink4", "fp8-z", "k4v4-p8-sink4-z-hp8-keep50-r8")
+    return {s: encode_block(layers, s, start=3) for s in specs}
 
 
 def _patch(payload: bytes, offset: int, fmt: str, value: int) -> bytes:
@@ -59,7 +60,9 @@ def test_read_header_needs_no_torch() -> None:
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-@pytest.mark.parametrize("name", ["k4v2", "lossless", "k4v2-pe50-sink4", "fp8-z"])
+@pytest.mark.parametrize(
+    "name", ["k4v2", "lossless", "k4v2-pe50-sink4", "fp8-z", "k4v4-p8-sink4-z-hp8-keep50-r8"]
+)
 def test_every_truncation_and_extension_rejected(payloads: dict[str, bytes], name: str) -> None:
     payload = payloads[name]
     cuts = sorted({*range(0, 80), *range(80, len(payload), max(1, len(payload) // 50)), len(payload) - 1})
@@ -153,7 +156,7 @@ def test_decode_after_header_roundtrip_types(payloads: dict[str, bytes]) -> None
 
 _FUZZ_PAYLOADS = {
     s: encode_block(make_cache(n_layers=2, tokens=20), s, start=3)
-    for s in ("k4v2-pe50-sink4", "lossless", "fp8-z")
+    for s in ("k4v2-pe50-sink4", "lossless", "fp8-z", "k4v4-p8-sink4-z-hp8-keep50-r8")
 }
 
 
@@ -185,3 +188,25 @@ def test_rotated_spec_with_odd_head_dim_rejected_by_header() -> None:
     header = pack_header(spec, 1, 1, 96, 4, 0, "float16", [(kind, 0, size) for kind, size in sizes])
     with pytest.raises(FormatError, match="power-of-two"):
         decode_block(header + bytes(sum(size for _, size in sizes)))
+
+
+def test_lying_high_section_rejected(payloads: dict[str, bytes]) -> None:
+    """hp<N>'s 8-bit token count comes from the HIGH section's length: it must be raw, a whole
+    number of tokens, and at most N (and the kept tokens past the sink)."""
+    payload = payloads["k4v4-p8-sink4-z-hp8-keep50-r8"]
+    hdr = read_header(payload)
+    assert hdr.high_tokens == 8
+    index = [kind for kind, *_ in hdr.sections].index(Section.HIGH)
+    assert index == len(hdr.sections) - 2  # just before the keep mask
+    at = _entry_offset(payload, index)
+    _kind, _flags, length = _ENTRY.unpack_from(payload, at)
+    per_token = length // 8
+    for bad, match in ((length - 1, "whole number"), (length + per_token, "at most 8")):
+        with pytest.raises(FormatError, match=match):
+            read_header(_patch(payload, at + 2, "<Q", bad))
+    with pytest.raises(FormatError):  # 0 tokens is well formed, but the other sections then do not add up
+        read_header(_patch(payload, at + 2, "<Q", 0))
+    with pytest.raises(FormatError, match="raw HIGH"):
+        read_header(_patch(payload, at + 1, "<B", 1))  # compressed: its length would not count tokens
+    with pytest.raises(FormatError, match="raw HIGH"):
+        read_header(_patch(payload, at, "<B", int(Section.SINK)))
