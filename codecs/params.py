@@ -81,9 +81,11 @@ def encode_params(
     zero_min = flat.amin(dim=1)
     zero_step = (flat.amax(dim=1) - zero_min) / _STEPS
     steps = torch.where(zero_step > 0, zero_step, torch.ones_like(zero_step)).view(bcast)
-    # floor((lo - zero_min) / step), a hair of slack so float error never drops an exact grid point
-    zero_code = torch.floor((lo - zero_min.view(bcast)) / steps + 1e-4).clamp_(0, _STEPS)
+    zero_code = torch.floor((lo - zero_min.view(bcast)) / steps).clamp_(0, _STEPS)
     zero_code = torch.where(zero_step.view(bcast) > 0, zero_code, torch.zeros_like(zero_code))
+    zero = zero_min.view(bcast) + zero_code * zero_step.view(bcast)
+    # float rounding may land a grid point above the group's min: one step down (code 0 is the min)
+    zero_code = torch.where(zero > lo, (zero_code - 1).clamp_(min=0), zero_code)
     zero = zero_min.view(bcast) + zero_code * zero_step.view(bcast)
     need = ((hi - zero) / levels).clamp(min=0).reshape(per_head)
     top = need.amax(dim=1)

@@ -202,6 +202,8 @@ class CodecSpec:
                 fields["recent"] = int(m.group(2))
             elif m.group(1) == "hp":
                 fields["high"] = int(m.group(2))
+                if not fields["high"]:
+                    raise InvalidArgument(f"hp<N>: N must be in [1, {_MAX_RECENT}] in {text!r}")
             else:
                 fields["eviction"] = m.group(1)
                 fields["evict_pct"] = int(m.group(2))

@@ -118,6 +118,8 @@ def run(args: argparse.Namespace) -> int:
     print("keep<P>: keep the last r<N> tokens of the sequence and, of each block's other m tokens,")
     print("ceil(m*P/100) per head by score (at least the sink). Eviction is decided when a segment is")
     print("sealed, with the sequence end known then. Evicted tokens are absent at decode.")
+    print("p8: scales and zero-points as 8-bit codes on per-head grids (about half their bytes);")
+    print("hp<N>: the newest N tokens of the sequence at 8 bits (with keep<P>, N <= r<N>).")
     print("`deltastore codecs --max-kl X` picks the best measured spec for a quality budget.")
     print("'-' = not applicable, or data-dependent (zstd).\n")
     header = ("tier", "spec", "K", "V", "group", "bits/elem", "ratio", "report", "bit-exact", "kept")

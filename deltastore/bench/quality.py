@@ -163,6 +163,19 @@ def build_configs(quick: bool, block: int, peers: bool) -> list[Any]:
     for keep in (0.95, 0.9, 0.88, 0.7):  # the low-eviction end: near the quantization-only KL
         rows.append(frontier("k4v4-sink4-z", keep, recent=16))
     rows.append(frontier("k8v4-sink4-z", 0.88, recent=16))  # under KL 0.002: 8-bit keys, light eviction
+    # ... the newest tokens at 8 bits (hp<N>) and 8-bit scales and zero-points (p8), each alone
+    # and together ...
+    rows.append(tier("k4v4-p8-sink4-z", "k4v4-p8-sink4-z", "frontier"))
+    rows.append(tier("k4v4-p8-sink4-z-hp16", "k4v4-p8-sink4-z-hp16", "frontier"))
+    rows.append(frontier("k4v4-sink4-z-hp16", 0.88, recent=16))
+    rows.append(frontier("k4v4-p8-sink4-z", 0.88, recent=16))
+    for keep, high in ((0.9, 8), (0.88, 8), (0.88, 16), (0.85, 16)):
+        rows.append(frontier(f"k4v4-p8-sink4-z-hp{high}", keep, recent=16))
+    for keep in (0.6, 0.5, 0.3, 0.28, 0.26, 0.2):
+        rows.append(frontier("k4v4-p8-sink4-z", keep, recent=64))
+    for keep in (0.25, 0.16, 0.08):
+        rows.append(frontier("k4v4-kt-p8-sink4-z", keep, recent=16))
+    rows.append(frontier("k4v4-p8-sink4-z", 0.28, seg=128, recent=64))
     # ... what look-ahead bought: the same specs scored by each block's causal window (SnapKV) ...
     rows.append(frontier("k4v4-sink4-z", 0.3, "causal", recent=64))
     for keep, recent in ((0.3, 64), (0.2, 96), (0.12, 48)):

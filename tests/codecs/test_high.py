@@ -1,0 +1,107 @@
+"""hp<N>: the newest tokens of the sequence at 8 bits, their count read back from the payload."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from codec_testlib import make_cache
+
+from deltastore.codecs import (
+    CodecSpec,
+    decode_block,
+    decode_blocks,
+    encode_block,
+    encoded_nbytes,
+    read_header,
+)
+from deltastore.errors import InvalidArgument
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+@pytest.mark.parametrize(
+    ("start", "n", "seq_end", "high"),
+    [
+        (0, 64, 64, 16),  # the block ends the sequence: its last 16 tokens
+        (64, 64, 138, 6),  # the window starts 10 tokens past the block: only its last 6
+        (0, 64, 200, 0),  # wholly before the window
+        (0, 8, 8, 4),  # the window reaches into the fp16 sink: those 4 stay fp16
+    ],
+)
+def test_newest_tokens_are_8_bit(start: int, n: int, seq_end: int, high: int) -> None:
+    spec = CodecSpec.parse("k4v4-sink4-hp16-keep50-r16")
+    assert spec.high_tokens(n, start, seq_end) == high
+    layers = make_cache(n_layers=2, tokens=n, seed=1)
+    payload = encode_block(layers, spec, start=start, seq_end=seq_end)
+    hdr = read_header(payload)
+    assert hdr.high_tokens == high
+    assert len(payload) == encoded_nbytes(
+        spec, n_layers=2, kv_heads=3, head_dim=64, n_tokens=n, start=start, seq_end=seq_end
+    )
+    blk = decode_block(payload, dtype=torch.float32)
+    for (k, v), (k0, v0), pos in zip(blk.layers, layers, blk.positions, strict=True):
+        assert (pos[:, k.shape[1] - high :] >= seq_end - 16).all()  # the newest positions, all kept
+        src_k = k0.float().gather(1, (pos - start)[..., None].expand(-1, -1, 64))
+        src_v = v0.float().gather(1, (pos - start)[..., None].expand(-1, -1, 64))
+        cut = k.shape[1] - high
+        if high:  # 8 bits: 16x finer steps than 4 bits
+            assert _rel(k[:, cut:], src_k[:, cut:]) < 0.01 and _rel(v[:, cut:], src_v[:, cut:]) < 0.01
+        sink = spec.fp16_sink_tokens(n, start)
+        if cut > sink:
+            assert _rel(v[:, sink:cut], src_v[:, sink:cut]) > 0.03  # the rest: still 4-bit
+
+
+def test_segments_before_the_window_do_not_depend_on_the_sequence_end() -> None:
+    """Dedup: a prefix block sealed by two sessions of different lengths is the same payload."""
+    layers = make_cache(n_layers=2, tokens=64, seed=2)
+    scores = [torch.rand(3, 64, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    spec = "k4v4-p8-sink4-z-hp16-keep50-r16"
+    a = encode_block(layers, spec, start=64, seq_end=200, scores=scores)
+    b = encode_block(layers, spec, start=64, seq_end=5000, scores=scores)
+    assert a == b and read_header(a).high_tokens == 0
+
+
+def test_a_snapshot_with_different_8_bit_counts_decodes_in_one_call() -> None:
+    cache = make_cache(n_layers=3, tokens=150, seed=4)
+    spec = "k4v4-p8-sink4-hp32-keep50-r32"
+    bounds = [(0, 64), (64, 128), (128, 150)]
+    payloads = [
+        encode_block([(k[:, a:b], v[:, a:b]) for k, v in cache], spec, start=a, seq_end=150)
+        for a, b in bounds
+    ]
+    assert [read_header(p).high_tokens for p in payloads] == [0, 10, 22]
+    together = decode_blocks(payloads)
+    for blk, p in zip(together, payloads, strict=True):
+        alone = decode_block(p)
+        assert all(
+            torch.equal(x, y)
+            for pair in zip(blk.layers, alone.layers, strict=True)
+            for x, y in zip(*pair, strict=True)
+        )
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        ("fp8-hp16", "kXvY codecs only"),
+        ("fp16-p8", "kXvY codecs only"),
+        ("k8v8-hp16", "already 8-bit"),
+        ("k4v4-hp16-pe30", "needs keep<P>"),
+        ("k4v4-hp32-keep50-r16", "exceeds the recent window"),
+        ("k4v4-hp0", "must be in"),
+        ("k4v4-p8-p8", "given twice"),
+        ("k4v4-hp8-hp16", "given twice"),
+    ],
+)
+def test_bad_specs_refused(text: str, match: str) -> None:
+    with pytest.raises(InvalidArgument, match=match):
+        CodecSpec.parse(text)
+
+
+def test_canonical_spelling() -> None:
+    spec = CodecSpec.parse("k4v4-keep88-hp16-z-sink4-p8")
+    assert spec.canonical() == "k4v4-g64-kc-p8-z-sink4-hp16-keep88-r16"
+    assert CodecSpec.parse(spec.canonical()) == spec
+    assert CodecSpec.parse("k4v4").canonical() == "k4v4-g64-kc"  # older specs are spelled as before

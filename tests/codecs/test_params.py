@@ -1,0 +1,74 @@
+"""p8: scales and zero-points as 8-bit codes on per-head grids."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from codec_testlib import DEVICES, make_cache
+
+from deltastore.codecs import decode_block, encode_block
+from deltastore.codecs.format import params_nbytes
+from deltastore.codecs.params import decode_params, encode_params
+from deltastore.codecs.quant import dequantize_groups, quantize_groups
+from deltastore.errors import CodecError
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+def test_p8_costs_little_accuracy_for_half_the_parameter_bytes() -> None:
+    """Per-token groups of rotated-KV-like data whose ranges vary 30x across tokens."""
+    x = torch.randn(6, 512, 64) * torch.logspace(-1, 0.5, 512)[None, :, None]
+    errors, sizes = {}, {}
+    for params8 in (False, True):
+        codes, params = quantize_groups(x, 4, 64, params8=params8)
+        errors[params8] = _rel(dequantize_groups(codes, params, 64, params8=params8), x)
+        sizes[params8] = params.numel()
+    assert sizes[True] == params_nbytes(6, 512, True) < 0.52 * sizes[False]
+    assert errors[True] < 1.03 * errors[False]
+
+
+def test_every_group_stays_within_half_a_stored_step_over_a_wide_range() -> None:
+    """Group ranges spanning 2**20 in one head: the table is chosen coarse enough to reach them."""
+    x = torch.randn(2, 40, 64) * torch.logspace(-3, 3, 40)[None, :, None]
+    codes, params = quantize_groups(x, 4, 64, params8=True)
+    scale, _ = decode_params(params, (2, 40, 1), True)
+    y = dequantize_groups(codes, params, 64, params8=True)
+    assert bool(((y - x).abs() <= scale / 2 * (1 + 1e-5) + 1e-6 * x.abs()).all())
+
+
+def test_constant_groups_and_constant_heads_decode_exactly() -> None:
+    x = torch.randn(3, 8, 64)
+    x[0, 2] = 1.5  # one constant group
+    x[1] = -0.25  # a whole constant head
+    x[2] = 0.0
+    codes, params = quantize_groups(x, 4, 64, params8=True)
+    y = dequantize_groups(codes, params, 64, params8=True)
+    assert torch.equal(y[1], x[1]) and torch.equal(y[2], x[2])
+    assert torch.allclose(y[0, 2], x[0, 2], atol=1e-6)
+
+
+def test_non_finite_input_refused() -> None:
+    x = torch.randn(2, 4, 64)
+    x[1, 2, 3] = float("nan")
+    with pytest.raises(CodecError, match="non-finite"):
+        encode_params(*torch.aminmax(x, dim=-1), 15, True)
+
+
+def test_hostile_table_index_decodes_to_garbage_not_an_error() -> None:
+    _, params = quantize_groups(torch.randn(2, 4, 64), 4, 64, params8=True)
+    bad = params.clone()
+    bad[12:16] = torch.tensor([0x7F, 0x7F, 0x7F, 0x7F], dtype=torch.uint8)  # head 0's table index: NaN
+    scale, zero = decode_params(bad, (2, 4, 1), True)
+    assert scale.shape == zero.shape == (2, 4, 1)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_p8_blocks_round_trip_on_every_device(device: str) -> None:
+    layers = make_cache(n_layers=2, tokens=70, device=device)
+    for spec in ("k4v4-p8", "k4v2-kt-p8-sink4-z", "k2v2-p8-g32"):
+        plain = decode_block(encode_block(layers, spec.replace("-p8", "")), device=device)
+        p8 = decode_block(encode_block(layers, spec), device=device)
+        for (k, v), (k8, v8), (k0, v0) in zip(plain.layers, p8.layers, layers, strict=True):
+            assert _rel(k8, k0) < 1.1 * _rel(k, k0) and _rel(v8, v0) < 1.1 * _rel(v, v0)
