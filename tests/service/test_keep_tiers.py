@@ -40,3 +40,24 @@ def test_keep_tier_round_trips_and_the_next_turn_stores_only_new_tokens(client: 
     # The last segment's tokens are the newest: all kept.
     for (k, _), (ref, _) in zip(again.layers, cache, strict=True):
         assert torch.allclose(k[:, -4:].float(), ref[:, -4:].float(), atol=0.5)
+
+
+def test_newest_tokens_come_back_at_8_bits(client: DeltaStoreClient) -> None:
+    """hp<N> through the service: the segments under the window carry the newest tokens at 8 bits,
+    and a prefix block sealed by a longer session is the one already stored (dedup)."""
+    spec = "k4v4-p8-sink4-z-hp16-keep88-r16"
+    n = 150
+    longer = make_cache(n + 64, seed=5)
+    more = list(range(7000, 7000 + n + 64))
+    cache, tokens = [(k[:, :n], v[:, :n]) for k, v in longer], more[:n]
+    client.put_snapshot("hp", 0, tokens, cache, model=MODEL, codec=spec)
+    got = client.get_snapshot("hp", 0, as_cache=False)
+    for (k, v), (k0, v0), pos in zip(got.layers, cache, got.positions, strict=True):
+        assert (pos[:, -16:] == torch.arange(n - 16, n)).all()
+        for x, ref, old in ((k, k0, slice(8, 40)), (v, v0, slice(8, 40))):
+            src = ref.float().gather(1, pos[..., None].expand(-1, -1, ref.shape[-1]))
+            newest = (x[:, -16:].float() - src[:, -16:]).norm() / src[:, -16:].norm()
+            older = (x[:, old].float() - src[:, old]).norm() / src[:, old].norm()
+            assert newest < 0.01 < older  # 8 bits against 4 bits
+    put = client.put_snapshot("hp-longer", 0, more, longer, model=MODEL, codec=spec)
+    assert put.reused_shared_bytes > 0 and put.reused_segments >= 1  # [0, 64): before both windows
