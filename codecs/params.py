@@ -12,9 +12,10 @@ for the scale:
 - ``scale = scale_base * 2 ** (code * step)``, the smallest grid scale at least
   ``(max - zero) / levels``; ``scale_base`` is the head's smallest such need and ``step`` the
   finest of 1/256 .. 1/4 octave whose 255 steps reach its largest (the powers of two are fixed
-  tables, so encoding and decoding use only exact lookups, multiplications and comparisons: the
-  same bytes and values on any device and in any batching, which a log2/exp2 per group would not
-  give).
+  tables, so the parameters are computed by exact lookups, multiplications and comparisons only:
+  a log2/exp2 per group differed by one ulp between batch sizes and devices. The rotation's
+  matmul before quantization can still differ in the last bit between batch sizes, as it does
+  without p8).
 
 So every group's codes still span its ``[min, max]``: the per-element error stays at most
 ``scale / 2``, with the scale at most ``2 ** step`` times what fp16 would store, plus one zero
@@ -89,7 +90,8 @@ def encode_params(
     zero = zero_min.view(bcast) + zero_code * zero_step.view(bcast)
     need = ((hi - zero) / levels).clamp(min=0).reshape(per_head)
     top = need.amax(dim=1)
-    base = torch.maximum(need.amin(dim=1), torch.where(top > 0, top * _MIN_SCALE, torch.ones_like(top)))
+    floor = (top * _MIN_SCALE).clamp(min=torch.finfo(torch.float32).tiny)  # never 0, even for tiny heads
+    base = torch.maximum(need.amin(dim=1), torch.where(top > 0, floor, torch.ones_like(top)))
     tables = _scale_tables(lo.device)
     reach = (top / base)[:, None] > tables[:, -1][None, :]  # (heads, tables): too coarse to reach
     table = reach.sum(dim=1).clamp_(max=len(_SCALE_STEPS) - 1)
@@ -100,6 +102,8 @@ def encode_params(
     header_bytes = header.view(-1).view(torch.uint8).view(heads, GRID_HEADER_NBYTES)
     stored = torch.cat([header_bytes, codes.to(torch.uint8).reshape(heads, -1)], dim=1)
     scale, zero = _from_codes(header, codes)
+    check_finite(header)  # values near the float32 limit overflow the grids: refuse, as fp16 pairs do
+    check_finite(scale)
     return scale.view(lo.shape), zero.view(lo.shape), stored.view(-1)
 
 
@@ -123,6 +127,8 @@ def decode_params(
     stored: torch.Tensor, grid: tuple[int, ...], params8: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Inverse of :func:`encode_params`: flat uint8 ``stored`` -> (scale, zero) float32 of ``grid``."""
+    if stored.storage_offset() % 4:  # a slice of a bigger buffer: realign before reinterpreting
+        stored = stored.clone()
     if not params8:
         pairs = stored.view(torch.float16).view(*grid, 2).float()
         return pairs[..., 0], pairs[..., 1]
@@ -131,6 +137,7 @@ def decode_params(
         empty = torch.empty(grid, dtype=torch.float32, device=stored.device)
         return empty, empty
     per_head = stored.view(heads, -1)
-    header = per_head[:, :GRID_HEADER_NBYTES].contiguous().view(-1).view(torch.float32).view(heads, 4)
+    # a copy: each head's bytes start 16 + 2 * groups apart, not always at a multiple of 4
+    header = per_head[:, :GRID_HEADER_NBYTES].clone().view(-1).view(torch.float32).view(heads, 4)
     scale, zero = _from_codes(header, per_head[:, GRID_HEADER_NBYTES:].float().view(heads, 2, -1))
     return scale.view(grid), zero.view(grid)

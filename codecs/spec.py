@@ -305,10 +305,16 @@ class CodecSpec:
     def high_tokens(self, n_tokens: int, start: int = 0, seq_end: int | None = None) -> int:
         """Trailing tokens of the block that hp<N> stores at 8 bits: absolute positions >=
         ``seq_end - N`` (``seq_end`` None: the block's end) and >= the fp16 sink. All are kept
-        (hp<N> is at most keep<P>'s recent window)."""
+        (hp<N> is at most keep<P>'s recent window).
+
+        Raises:
+            InvalidArgument: ``seq_end`` is before the block's end.
+        """
+        end = start + n_tokens
+        if seq_end is not None and seq_end < end:
+            raise InvalidArgument(f"seq_end {seq_end} is before the block's end {end}")
         if not self.high:
             return 0
-        end = start + n_tokens
         first = max((end if seq_end is None else seq_end) - self.high, self.sink, start)
         return max(end - first, 0)
 

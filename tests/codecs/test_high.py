@@ -105,3 +105,9 @@ def test_canonical_spelling() -> None:
     assert spec.canonical() == "k4v4-g64-kc-p8-z-sink4-hp16-keep88-r16"
     assert CodecSpec.parse(spec.canonical()) == spec
     assert CodecSpec.parse("k4v4").canonical() == "k4v4-g64-kc"  # older specs are spelled as before
+
+
+def test_a_sequence_end_before_the_block_is_refused_by_the_size_arithmetic() -> None:
+    """Found by review: encode_block refused it, encoded_nbytes returned a size."""
+    with pytest.raises(InvalidArgument, match="before the block's end"):
+        encoded_nbytes("k4v4-hp4", n_layers=1, kv_heads=1, head_dim=64, n_tokens=64, seq_end=10)

@@ -72,3 +72,45 @@ def test_p8_blocks_round_trip_on_every_device(device: str) -> None:
         p8 = decode_block(encode_block(layers, spec), device=device)
         for (k, v), (k8, v8), (k0, v0) in zip(plain.layers, p8.layers, layers, strict=True):
             assert _rel(k8, k0) < 1.1 * _rel(k, k0) and _rel(v8, v0) < 1.1 * _rel(v, v0)
+
+
+@pytest.mark.parametrize(
+    ("spec", "shape", "n_layers"),
+    [
+        ("k4v4-p8", (3, 683, 64), 2),  # 16 + 2 * 683 bytes a head: CPU chunks start 2 bytes off a float
+        ("k4v4-kt-p8-sink4-z-keep50-r8", (3, 53, 64), 2),
+        ("k2v2-nr-p8", (1, 5, 3), 2),
+        ("k4v4-nr-hp1", (1, 4, 3), 1),  # odd head_dim: the 8-bit tokens' fp16 parameters start at an odd byte
+        ("k4v4-nr-p8-hp4", (2, 7, 5), 1),
+    ],
+)
+def test_parameters_at_any_byte_offset_decode(spec: str, shape: tuple[int, int, int], n_layers: int) -> None:
+    """Found by review: a one-head chunk or a one-layer block can leave a head's parameter bytes at
+    an offset that is not a multiple of 4 (p8) or 2 (fp16 pairs); decoding must not care."""
+    gen = torch.Generator().manual_seed(0)
+    layers = [
+        (torch.randn(*shape, generator=gen).half(), torch.randn(*shape, generator=gen).half())
+        for _ in range(n_layers)
+    ]
+    blk = decode_block(encode_block(layers, spec))
+    for (k, v), (k0, _v0), pos in zip(blk.layers, layers, blk.positions, strict=True):
+        src = k0.float().gather(1, pos[..., None].expand(-1, -1, shape[-1]))
+        assert k.shape == src.shape and _rel(k, src) < 0.4 and bool(torch.isfinite(v).all())
+
+
+def test_values_near_the_float32_limit_refused_not_turned_into_nan() -> None:
+    layers = [(torch.randn(2, 8, 64), torch.randn(2, 8, 64))]
+    layers[0][1][0, 1, 0], layers[0][1][0, 1, 1] = 3e38, -3e38
+    with pytest.raises(CodecError, match="non-finite"):
+        encode_block(layers, "k4v4-nr-p8")
+
+
+def test_tiny_heads_keep_the_error_bound() -> None:
+    """A head of values around 1e-38: the scale floor must not underflow to 0."""
+    x = torch.randn(1, 16, 64) * 1e-38
+    x[0, 3] = 2e-38  # a constant group
+    codes, params = quantize_groups(x, 4, 64, params8=True)
+    scale, _ = decode_params(params, (1, 16, 1), True)
+    y = dequantize_groups(codes, params, 64, params8=True)
+    assert bool((scale > 0).all())
+    assert bool(((y - x).abs() <= scale / 2 * (1 + 1e-3) + 1e-45).all())
