@@ -96,6 +96,8 @@ def _pick(max_kl: float, as_json: bool) -> int:
         f"{point['top1']:.3f} (scores: {point['scores']}; {src['model']}, {src['windows']} windows, "
         f"{src['block']}-token blocks)"
     )
+    if "kl_by_text" in point:  # several texts: the figures above are the worst of them
+        print("worst of: " + ", ".join(f"{text} KL {kl:.4g}" for text, kl in point["kl_by_text"].items()))
     return 0
 
 

@@ -98,6 +98,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--recommend", type=Path, default=None, help="also write the recommended-tiers JSON here"
     )
+    parser.add_argument(
+        "--recommend-also",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="JSON",
+        help="with --recommend: a run on another text (same model and protocol) whose worst KL the "
+        "recommendations must also meet (repeatable)",
+    )
 
 
 @dataclass
@@ -171,8 +180,10 @@ def build_configs(quick: bool, block: int, peers: bool) -> list[Any]:
     rows.append(frontier("k4v4-p8-sink4-z", 0.88, recent=16))
     for keep, high in ((0.9, 8), (0.88, 8), (0.88, 16), (0.85, 16)):
         rows.append(frontier(f"k4v4-p8-sink4-z-hp{high}", keep, recent=16))
-    for keep in (0.6, 0.5, 0.3, 0.28, 0.26, 0.2):
+    for keep in (0.6, 0.55, 0.5, 0.4, 0.35, 0.3, 0.28, 0.26, 0.2):
         rows.append(frontier("k4v4-p8-sink4-z", keep, recent=64))
+    for keep in (0.4, 0.3):  # a wider recent window: what holds on copy-heavy text (quality-vimdoc)
+        rows.append(frontier("k4v4-p8-sink4-z", keep, recent=128))
     for keep in (0.25, 0.16, 0.08):
         rows.append(frontier("k4v4-kt-p8-sink4-z", keep, recent=16))
     rows.append(frontier("k4v4-p8-sink4-z", 0.28, seg=128, recent=64))
@@ -464,12 +475,24 @@ def plot(doc: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def _read_run(path: Path) -> dict[str, Any]:
+    """A quality run's JSON document (``--recommend-also``)."""
+    try:
+        doc = json.loads(path.read_text("utf-8"))
+    except (OSError, ValueError) as exc:
+        raise InvalidArgument(f"cannot read the quality run {path}: {exc}") from exc
+    if not isinstance(doc, dict) or not isinstance(doc.get("rows"), list):
+        raise InvalidArgument(f"{path} is not a `deltastore bench quality` JSON document")
+    return doc
+
+
 def run(args: argparse.Namespace) -> int:
     args.json.parent.mkdir(parents=True, exist_ok=True)
 
     def write(doc: dict[str, Any]) -> None:
         args.json.write_text(json.dumps(doc, indent=2) + "\n")
 
+    others = [_read_run(path) for path in args.recommend_also]  # a bad path fails now, not after the run
     doc = run_benchmark(args, checkpoint=write)
     write(doc)
     table = markdown(doc)
@@ -478,6 +501,6 @@ def run(args: argparse.Namespace) -> int:
     if args.recommend is not None:
         from deltastore.bench.quality_tiers import recommend
 
-        args.recommend.write_text(json.dumps(recommend(doc), indent=2) + "\n")
+        args.recommend.write_text(json.dumps(recommend(doc, *others), indent=2) + "\n")
     print(table)
     return 0

@@ -1,10 +1,13 @@
-"""Recommended tiers by quality budget, from a measured quality run.
+"""Recommended tiers by quality budget, from measured quality runs.
 
-``recommend(doc)`` keeps the dedup-safe rows of a full ``deltastore bench quality`` run (their
-eviction never depends on tokens after a stored block; stored in the run's block size; scored as
-``capture_scores`` scores by default, so a row's KL is what a worker gets) and writes them with the run's provenance
-to ``deltastore/bench/data/recommended_tiers.json``. ``pick_tier(max_kl)`` reads that table and
-returns the spec of the highest ratio measured with mean KL at most ``max_kl``.
+``recommend(doc, *others)`` keeps the dedup-safe rows of a full ``deltastore bench quality`` run
+(their eviction never depends on tokens after a stored block; stored in the run's block size;
+scored as ``capture_scores`` scores by default, so a row's KL is what a worker gets) and writes
+them with the runs' provenance to ``deltastore/bench/data/recommended_tiers.json``. With runs on
+other texts (same model and protocol), a row counts only if every run measured it, at its worst
+KL and lowest ratio over the texts: eviction that is harmless on prose can cost 3-5x the KL on
+copy-heavy technical text, and a budget should hold on both. ``pick_tier(max_kl)`` reads that
+table and returns the spec of the highest ratio measured with mean KL at most ``max_kl``.
 
 Specs the installed codec cannot parse (e.g. a table written by a newer version) are listed with
 ``"available": false`` and are only returned on request.
@@ -36,28 +39,54 @@ def _available(spec: str) -> bool:
     return True
 
 
-def recommend(doc: dict[str, Any]) -> dict[str, Any]:
-    """The recommended-tiers table from a quality-run JSON document."""
-    points = sorted(
-        (
-            {
-                "spec": r["spec"],
-                "config": r["config"],
-                "ratio": round(r["ratio"], 3),
-                "kl_mean": round(r["kl_mean"], 5),
-                "top1": round(r["top1"], 4),
-                "scores": r["scores"],
-                "available": _available(r["spec"]),
-            }
-            for r in doc["rows"]
-            if r["group"] != "peer"
-            and r["dedup_safe"]
-            and r.get("scores") in (None, "block")  # what capture_scores gives a worker by default
-            and r.get("segment_tokens", doc["block"]) == doc["block"]
-            and not r.get("whole_prefix")
-        ),
-        key=lambda p: (-p["ratio"], p["kl_mean"]),
-    )
+def _rows(doc: dict[str, Any]) -> dict[tuple[Any, ...], dict[str, Any]]:
+    """The rows of a run a worker gets, by (spec, scores)."""
+    return {
+        (r["spec"], r.get("scores")): r
+        for r in doc["rows"]
+        if r["group"] != "peer"
+        and r["dedup_safe"]
+        and r.get("scores") in (None, "block")  # what capture_scores gives a worker by default
+        and r.get("segment_tokens", doc["block"]) == doc["block"]
+        and not r.get("whole_prefix")
+    }
+
+
+_SOURCE_KEYS = ("model", "text", "windows", "ctx", "eval", "block", "seed")
+
+
+def recommend(doc: dict[str, Any], *others: dict[str, Any]) -> dict[str, Any]:
+    """The recommended-tiers table from a quality-run JSON document and, optionally, runs of the
+    same model and protocol on other texts (each point: worst KL and lowest ratio over all runs).
+
+    Raises:
+        InvalidArgument: the runs differ in model, context, continuation or block size.
+    """
+    docs = (doc, *others)
+    for other in others:
+        for key in ("model", "ctx", "eval", "block"):
+            if other[key] != doc[key]:
+                raise InvalidArgument(f"runs differ in {key}: {doc[key]!r} vs {other[key]!r}")
+    tables = [_rows(d) for d in docs]
+    points = []
+    for key, r in tables[0].items():
+        runs = [t[key] for t in tables if key in t]
+        if len(runs) < len(tables):
+            continue  # not measured on every text
+        worst = max(runs, key=lambda x: x["kl_mean"])
+        point = {
+            "spec": r["spec"],
+            "config": r["config"],
+            "ratio": round(min(x["ratio"] for x in runs), 3),
+            "kl_mean": round(worst["kl_mean"], 5),
+            "top1": round(min(x["top1"] for x in runs), 4),
+            "scores": r["scores"],
+            "available": _available(r["spec"]),
+        }
+        if others:
+            point["kl_by_text"] = {d["text"]: round(x["kl_mean"], 5) for d, x in zip(docs, runs, strict=True)}
+        points.append(point)
+    points.sort(key=lambda p: (-p["ratio"], p["kl_mean"]))
     by_budget = {}
     for budget in BUDGETS:
         best = {}
@@ -65,8 +94,11 @@ def recommend(doc: dict[str, Any]) -> dict[str, Any]:
             fit = [p for p in points if p["kl_mean"] <= budget and (p["available"] or not available_only)]
             best["available" if available_only else "any"] = fit[0]["spec"] if fit else None
         by_budget[str(budget)] = best
-    source = {k: doc[k] for k in ("model", "text", "windows", "ctx", "eval", "block", "seed")}
-    return {"source": source, "budgets": by_budget, "points": points}
+    source = {k: doc[k] for k in _SOURCE_KEYS}
+    table: dict[str, Any] = {"source": source, "budgets": by_budget, "points": points}
+    if others:
+        table["texts"] = [{k: d[k] for k in _SOURCE_KEYS} for d in docs]
+    return table
 
 
 def load_table() -> dict[str, Any]:
