@@ -12,6 +12,8 @@ import importlib
 import sys
 from collections.abc import Sequence
 
+from deltastore.errors import DeltaStoreError
+
 # (command, module, one-line help). "bench X" commands are nested under "bench".
 COMMANDS: tuple[tuple[str, str, str], ...] = (
     ("serve", "deltastore.server.app", "run the gRPC service and the ops HTTP API over one store"),
@@ -60,7 +62,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not hasattr(args, "_run"):
         parser.print_help()
         return 2
-    return int(args._run(args) or 0)
+    try:
+        return int(args._run(args) or 0)
+    except DeltaStoreError as exc:  # bad input or a refused operation: a message, not a traceback
+        print(f"deltastore: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -104,25 +104,29 @@ def test_recommend_from_quick_run(quick: tuple[dict[str, Any], Path]) -> None:
     assert table["budgets"]["0.2"]["available"] is not None
 
 
+def _row(spec: str, ratio: float, kl: float, scores: str | None, dedup_safe: bool = True) -> dict[str, Any]:
+    return {
+        "spec": spec,
+        "config": f"{spec} {scores}",
+        "group": "frontier",
+        "ratio": ratio,
+        "kl_mean": kl,
+        "top1": 0.9,
+        "scores": scores,
+        "dedup_safe": dedup_safe,
+        "segment_tokens": 64,
+    }
+
+
+def _run(text: str, rows: list[dict[str, Any]], model: str = "m") -> dict[str, Any]:
+    doc = {"model": model, "text": text, "windows": 8, "ctx": 512, "eval": 64, "block": 64, "seed": 0}
+    return {**doc, "rows": rows}
+
+
 def test_recommend_keeps_what_a_worker_gets() -> None:
     """Rows scored other than by the default capture (causal windows, the key-norm proxy, a window
     over the whole prompt) are measurements, never recommendations."""
-
-    def row(
-        spec: str, ratio: float, kl: float, scores: str | None, dedup_safe: bool = True
-    ) -> dict[str, Any]:
-        return {
-            "spec": spec,
-            "config": f"{spec} {scores}",
-            "group": "frontier",
-            "ratio": ratio,
-            "kl_mean": kl,
-            "top1": 0.9,
-            "scores": scores,
-            "dedup_safe": dedup_safe,
-            "segment_tokens": 64,
-        }
-
+    row = _row
     doc = {"model": "m", "text": "t", "windows": 8, "ctx": 512, "eval": 64, "block": 64, "seed": 0}
     doc["rows"] = [
         row("k4v4-kt-sink4-z-keep30-r64", 9.07, 0.05, "causal"),
@@ -135,3 +139,42 @@ def test_recommend_keeps_what_a_worker_gets() -> None:
     assert [p["scores"] for p in table["points"]] == ["block", "block"]
     assert pick_tier(0.05, table=table) == "k4v4-kt-sink4-z-keep30-r64"
     assert pick_tier(0.01, table=table) == "k4v4"
+
+
+def test_a_budget_must_hold_on_every_measured_text() -> None:
+    """Eviction harmless on prose can cost several times the KL on copy-heavy text: with runs on
+    two texts a point counts at its worst KL, and only if both measured it."""
+    prose = _run(
+        "prose",
+        [
+            _row("k4v4-sink4-z-keep30-r64", 8.3, 0.036, "block"),
+            _row("k4v4-sink4-z-keep50-r64", 6.2, 0.027, "block"),
+            _row("k4v4-sink4-z", 3.72, 0.002, "block"),
+            _row("k4v4-sink4-z-keep20-r64", 10.3, 0.049, "block"),  # not measured on the other text
+        ],
+    )
+    code = _run(
+        "code",
+        [
+            _row("k4v4-sink4-z-keep30-r64", 8.28, 0.12, "block"),
+            _row("k4v4-sink4-z-keep50-r64", 6.18, 0.028, "block"),
+            _row("k4v4-sink4-z", 3.72, 0.002, "block"),
+        ],
+    )
+    assert pick_tier(0.05, table=recommend(prose)) == "k4v4-sink4-z-keep20-r64"
+    table = recommend(prose, code)
+    assert pick_tier(0.05, table=table) == "k4v4-sink4-z-keep50-r64"
+    point = next(p for p in table["points"] if p["spec"] == "k4v4-sink4-z-keep30-r64")
+    assert point["kl_mean"] == 0.12 and point["ratio"] == 8.28
+    assert point["kl_by_text"] == {"prose": 0.036, "code": 0.12}
+    assert [t["text"] for t in table["texts"]] == ["prose", "code"]
+    with pytest.raises(InvalidArgument, match="model"):
+        recommend(prose, _run("code", [], model="other"))
+
+
+def test_recommend_also_needs_a_readable_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A bad --recommend-also path fails before the (long) run starts, with a message, not a traceback."""
+    out = tmp_path / "q.json"
+    argv = ["bench", "quality", "--quick", "--json", str(out), "--recommend", str(tmp_path / "r.json")]
+    assert main([*argv, "--recommend-also", str(tmp_path / "missing.json")]) == 2
+    assert "cannot read the quality run" in capsys.readouterr().err and not out.exists()
