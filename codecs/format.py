@@ -80,7 +80,7 @@ class Section(IntEnum):
     """Section kinds. A payload holds them in this order, except that HIGH comes before MASK."""
 
     K_DATA = 1  # fp16 / lossless byte planes / fp8 codes / packed integer codes
-    K_PARAMS = 2  # fp8: fp16 scale per group; quant: fp16 (scale, zero) per group
+    K_PARAMS = 2  # fp8: fp16 scale per group; quant: fp16 (scale, zero) per group, or p8 grids and codes
     V_DATA = 3
     V_PARAMS = 4
     SINK = 5  # fp16 K then V of the leading sink tokens
