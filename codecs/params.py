@@ -95,8 +95,8 @@ def encode_params(
     tables = _scale_tables(lo.device)
     reach = (top / base)[:, None] > tables[:, -1][None, :]  # (heads, tables): too coarse to reach
     table = reach.sum(dim=1).clamp_(max=len(_SCALE_STEPS) - 1)
-    grid = tables[table] * base[:, None]  # (heads, 256), ascending
-    scale_code = torch.searchsorted(grid, need.contiguous()).clamp_(max=_STEPS)
+    grid = tables[table] * base[:, None]  # (heads, 256), strictly ascending
+    scale_code = _first_at_least(grid, need, base, table)
     header = torch.stack([zero_min, zero_step, base, table.float()], dim=1).contiguous()
     codes = torch.stack([zero_code.reshape(per_head), scale_code.float()], dim=1)
     header_bytes = header.view(-1).view(torch.uint8).view(heads, GRID_HEADER_NBYTES)
@@ -105,6 +105,23 @@ def encode_params(
     check_finite(header)  # values near the float32 limit overflow the grids: refuse, as fp16 pairs do
     check_finite(scale)
     return scale.view(lo.shape), zero.view(lo.shape), stored.view(-1)
+
+
+def _first_at_least(
+    grid: torch.Tensor, need: torch.Tensor, base: torch.Tensor, table: torch.Tensor
+) -> torch.Tensor:
+    """Per row, the index of the first grid scale >= each need (255 where none is): what
+    ``torch.searchsorted(grid, need)`` gives, at a fraction of its cost on CPU. log2 estimates
+    the index to within one step; two exact comparisons settle it, so float error in the
+    estimate never changes the result."""
+    steps = torch.tensor(_SCALE_STEPS, dtype=torch.float32, device=grid.device)[table]
+    estimate = torch.ceil(torch.log2(need / base[:, None]) / steps[:, None])
+    code = estimate.nan_to_num_(0.0).clamp_(0, _STEPS).long()
+    code += (grid.gather(1, code) < need).long()  # one step short: up
+    code.clamp_(max=_STEPS)
+    below = (code - 1).clamp(min=0)
+    code -= ((code > 0) & (grid.gather(1, below) >= need)).long()  # one step over: down
+    return code
 
 
 @functools.cache

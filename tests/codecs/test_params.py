@@ -114,3 +114,25 @@ def test_tiny_heads_keep_the_error_bound() -> None:
     y = dequantize_groups(codes, params, 64, params8=True)
     assert bool((scale > 0).all())
     assert bool(((y - x).abs() <= scale / 2 * (1 + 1e-3) + 1e-45).all())
+
+
+def test_scale_codes_are_what_a_binary_search_gives() -> None:
+    """The scale code is the first grid scale >= the group's need, whatever the float error of
+    the log2 estimate: checked against torch.searchsorted, exact grid points included."""
+    from deltastore.codecs import params
+
+    gen = torch.Generator().manual_seed(1)
+    tables = params._scale_tables(torch.device("cpu"))
+    for _ in range(50):
+        heads, groups = 7, 97
+        need = torch.rand(heads, groups, generator=gen) ** 4 * 10 ** (
+            torch.rand(heads, 1, generator=gen) * 8 - 4
+        )
+        need[0, 0] = 0.0
+        top = need.amax(dim=1)
+        base = torch.maximum(need.amin(dim=1), top * 2.0**-24)
+        table = ((top / base)[:, None] > tables[:, -1][None, :]).sum(dim=1).clamp_(max=tables.shape[0] - 1)
+        grid = tables[table] * base[:, None]
+        need[:, 1:6] = grid.gather(1, torch.randint(0, 256, (heads, 5), generator=gen))  # exact grid points
+        want = torch.searchsorted(grid, need.contiguous()).clamp_(max=255)
+        assert torch.equal(params._first_at_least(grid, need, base, table), want)
