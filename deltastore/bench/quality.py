@@ -182,7 +182,12 @@ def build_configs(quick: bool, block: int, peers: bool) -> list[Any]:
         rows.append(frontier(f"k4v4-p8-sink4-z-hp{high}", keep, recent=16))
     for keep in (0.6, 0.55, 0.5, 0.4, 0.35, 0.3, 0.28, 0.26, 0.2):
         rows.append(frontier("k4v4-p8-sink4-z", keep, recent=64))
-    for keep in (0.4, 0.3, 0.25, 0.2):  # a wider recent window: what holds on copy-heavy text (quality-vimdoc)
+    for keep in (
+        0.4,
+        0.3,
+        0.25,
+        0.2,
+    ):  # a wider recent window: what holds on copy-heavy text (quality-vimdoc)
         rows.append(frontier("k4v4-p8-sink4-z", keep, recent=128))
     for keep in (0.12, 0.08):
         rows.append(frontier("k4v4-kt-p8-sink4-z", keep, recent=128))
