@@ -42,7 +42,7 @@ beats pe<X>/adapt<X>, whose half-of-the-rest budget cannot go below 50%.
 
 hp<N>: the newest tokens draw most of the attention of the tokens that follow, so their
 quantization error costs the most: on SmolLM2 the newest 16 at 8 bits cut
-``k4v4-sink4-z-keep88-r16``'s KL from 0.0024 to 0.0016 for 3% of the ratio. Like keep<P>'s
+``k4v4-sink4-z-keep88-r16``'s KL from 0.0024 to 0.0016 for 3.6% of the ratio. Like keep<P>'s
 recent window, it depends on where the sequence ended when the segment was sealed, so only the
 segments under the window differ between sessions; the count is read back from the length of
 their 8-bit section (format.py).
