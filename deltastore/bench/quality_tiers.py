@@ -5,7 +5,7 @@
 scored as ``capture_scores`` scores by default, so a row's KL is what a worker gets) and writes
 them with the runs' provenance to ``deltastore/bench/data/recommended_tiers.json``. With runs on
 other texts (same model and protocol), a row counts only if every run measured it, at its worst
-KL and lowest ratio over the texts: eviction that is harmless on prose can cost 3-5x the KL on
+KL and lowest ratio over the texts: eviction that is harmless on prose can cost 2-5x the KL on
 copy-heavy technical text, and a budget should hold on both. ``pick_tier(max_kl)`` reads that
 table and returns the spec of the highest ratio measured with mean KL at most ``max_kl``.
 
