@@ -271,6 +271,9 @@ def pack_header(
     return fixed + spec_text + b"".join(_ENTRY.pack(int(k), f, n) for k, f, n in table)
 
 
+_Entry = tuple[int, int, int]  # (kind, flags, stored length) of one section table entry
+
+
 def _kept_from_mask(
     view: memoryview,
     spec: CodecSpec,
@@ -279,15 +282,13 @@ def _kept_from_mask(
     n_tokens: int,
     start: int,
     header_nbytes: int,
-    n_sect: int,
+    entries: list[_Entry],
 ) -> int:
     """Tokens per head after eviction: for keep<P> counted in the raw keep mask (the last section)."""
     if spec.eviction != "keep":
         return spec.kept_tokens(n_tokens, start)
-    if n_sect < 1:
+    if not entries:
         raise FormatError(f"spec {spec.canonical()} needs a keep mask section; the table lists none")
-    entry_at = _FIXED.size + len(spec.canonical())
-    entries = [_ENTRY.unpack_from(view, entry_at + i * _ENTRY.size) for i in range(n_sect)]
     code, flags, length = entries[-1]
     n_bits = n_layers * kv_heads * n_tokens
     if code != Section.MASK or flags or length != _groups(n_bits, 8):
@@ -308,20 +309,21 @@ def _kept_from_mask(
 
 
 def _high_from_table(
-    view: memoryview,
     spec: CodecSpec,
     n_layers: int,
     kv_heads: int,
     head_dim: int,
-    n_sect: int,
+    entries: list[_Entry],
 ) -> int:
     """Tokens per head at 8 bits (hp<N>): the raw HIGH section's length over one token's bytes."""
     if not spec.high:
         return 0
-    index = n_sect - (2 if spec.evicts else 1)  # HIGH is last, or just before the keep mask
+    index = len(entries) - (2 if spec.evicts else 1)  # HIGH is last, or just before the keep mask
     if index < 0:
-        raise FormatError(f"spec {spec.canonical()} needs a HIGH section; the table lists {n_sect} sections")
-    code, flags, length = _ENTRY.unpack_from(view, _FIXED.size + len(spec.canonical()) + index * _ENTRY.size)
+        raise FormatError(
+            f"spec {spec.canonical()} needs a HIGH section; the table lists {len(entries)} sections"
+        )
+    code, flags, length = entries[index]
     per_token = n_layers * kv_heads * high_token_nbytes(spec, head_dim)
     high, rest = divmod(length, per_token)
     if code != Section.HIGH or flags or rest or high > spec.high:
@@ -374,8 +376,10 @@ def read_header(payload: bytes | bytearray | memoryview) -> BlockHeader:
         raise FormatError(
             f"spec {spec_text} rotates keys, which needs a power-of-two head_dim, not {head_dim}"
         )
-    high = _high_from_table(view, spec, n_layers, kv_heads, head_dim, n_sect)
-    kept = _kept_from_mask(view, spec, n_layers, kv_heads, n_tokens, start, header_nbytes, n_sect)
+    entry_at = _FIXED.size + spec_len
+    entries = [_ENTRY.unpack_from(view, entry_at + i * _ENTRY.size) for i in range(n_sect)]
+    high = _high_from_table(spec, n_layers, kv_heads, head_dim, entries)
+    kept = _kept_from_mask(view, spec, n_layers, kv_heads, n_tokens, start, header_nbytes, entries)
     if high > kept - spec.fp16_sink_tokens(n_tokens, start):
         raise FormatError(f"{high} tokens at 8 bits, more than the {kept} kept tokens past the fp16 sink")
     expected = section_sizes(spec, n_layers, kv_heads, head_dim, n_tokens, start, dtype, kept, high)
@@ -383,9 +387,8 @@ def read_header(payload: bytes | bytearray | memoryview) -> BlockHeader:
         raise FormatError(f"spec {spec_text} has {len(expected)} sections, the table lists {n_sect}")
     sections = []
     offset = header_nbytes
-    entry_at = _FIXED.size + spec_len
     for i, (kind, raw_size) in enumerate(expected):
-        code, flags, length = _ENTRY.unpack_from(view, entry_at + i * _ENTRY.size)
+        code, flags, length = entries[i]
         if code != kind:
             raise FormatError(f"section {i} is of kind {code}, expected {int(kind)} ({kind.name})")
         if flags & ~FLAG_ZSTD:
