@@ -98,6 +98,7 @@ class ScoreCapture:
     scores: dict[int, torch.Tensor] = field(default_factory=dict)
     _rotary: Any = field(default=None, init=False, repr=False)
     _queries: dict[int, torch.Tensor] = field(default_factory=dict, init=False, repr=False)
+    _rope: dict[tuple[Any, ...], Any] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.window < 1:
@@ -123,6 +124,7 @@ class ScoreCapture:
         finally:
             for hook in hooks:
                 hook.remove()
+            self._rope.clear()
 
     def layer_scores(self, n_layers: int) -> list[torch.Tensor]:
         """Scores of every layer, in layer order; raises if a layer was not captured."""
@@ -201,8 +203,12 @@ def _window_scores(
         if cfg.lookahead is None:
             q, _ = rope(q, q, cos[:, q0:end], sin[:, q0:end])
         else:
-            ahead = torch.arange(w, device=keys.device) + end + cfg.lookahead
-            q, _ = rope(q, q, *_rope_tables(cfg._rotary, module, q, ahead[None]))
+            # the same positions for every layer (of one RoPE type): their tables are computed once
+            key = (end, w, getattr(module, "layer_type", None), q.dtype, q.device)
+            if key not in cfg._rope:
+                ahead = torch.arange(w, device=keys.device) + end + cfg.lookahead
+                cfg._rope[key] = _rope_tables(cfg._rotary, module, q, ahead[None])
+            q, _ = rope(q, q, *cfg._rope[key])
         k = keys[0, :, :end].float()  # (kv_heads, end, d)
         q = q[0].float().view(kv_heads, groups, w, head_dim)
         logits = torch.einsum("hgqd,htd->hgqt", q, k) * module.scaling
