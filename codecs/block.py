@@ -2,7 +2,8 @@
 
 A block is the KV of ``n_tokens`` consecutive tokens starting at absolute position ``start``,
 for every layer. Steps, all in torch on the tensors' device: eviction (optional) -> fp16 sink
-tokens and the 8-bit newest tokens (hp<N>) split off (optional) -> per-tensor codec (fp16,
+tokens, the 8-bit newest tokens (hp<N>) and the 2-bit demoted ones (lo<L>) split off (optional)
+-> per-tensor codec (fp16,
 lossless byte planes, fp8, integer codes) -> one device-to-host copy of all sections -> zstd per
 section (lossless, or option z) -> header. ``len(payload)`` is every byte stored for the block.
 """
@@ -18,7 +19,7 @@ import torch
 
 from deltastore.codecs.base import Fp16Codec, TensorCodec, as_bytes, to_fp16
 from deltastore.codecs.entropy import compress, decompress
-from deltastore.codecs.eviction import gather_tokens, keep_indices, mask_from_indices
+from deltastore.codecs.eviction import gather_tokens, importance, keep_indices, low_slots, mask_from_indices
 from deltastore.codecs.format import (
     DTYPE_CODES,
     FLAG_ZSTD,
@@ -27,6 +28,7 @@ from deltastore.codecs.format import (
     check_dims,
     high_token_nbytes,
     pack_header,
+    quant_part_sizes,
     read_header,
     section_sizes,
 )
@@ -87,6 +89,14 @@ def _codecs(spec: CodecSpec, dtype: torch.dtype) -> tuple[TensorCodec, TensorCod
 def _high_codec(spec: CodecSpec) -> IntCodec:
     """hp<N>'s codec for both keys and values of the newest tokens: 8 bits, per-token groups."""
     return IntCodec(8, spec.group_size, "token", spec.rotate)
+
+
+def _low_codecs(spec: CodecSpec) -> tuple[IntCodec, IntCodec]:
+    """lo<L>'s codecs for the demoted tokens: the spec's integer codecs at 2 bits."""
+    return (
+        IntCodec(2, spec.group_size, spec.key_axis, spec.rotate, spec.params8),
+        IntCodec(2, spec.group_size, "token", spec.rotate, spec.params8),
+    )
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -162,6 +172,15 @@ def _encode_tensors(codec: TensorCodec, x: torch.Tensor) -> list[torch.Tensor]:
     return [torch.cat(parts) for parts in zip(*per_layer, strict=True)]
 
 
+@dataclass
+class _Encoded:
+    """What one call of :func:`_encode_layers` produced for its layers."""
+
+    sections: list[torch.Tensor]  # flat: the coded K and V parts, SINK, the LOW parts, HIGH
+    mask: torch.Tensor | None  # (layers * kv_heads, n_tokens) bool keep mask
+    low_mask: torch.Tensor | None  # (layers * kv_heads, kept) bool: which kept tokens are in LOW
+
+
 def _encode_layers(
     pairs: list[tuple[torch.Tensor, torch.Tensor]],
     spec: CodecSpec,
@@ -169,26 +188,43 @@ def _encode_layers(
     seq_end: int | None,
     score: torch.Tensor | None,
     codecs: tuple[TensorCodec, TensorCodec],
-    sink: int,
-    high: int,
-) -> tuple[list[torch.Tensor], torch.Tensor | None]:
-    """Evict and encode consecutive layers -> (their sections, flat, in format order; the keep mask).
+    counts: tuple[int, int, int],
+) -> _Encoded:
+    """Evict and encode consecutive layers.
 
-    Of the kept tokens, the first ``sink`` go to fp16 and the last ``high`` to 8 bits (hp<N>).
+    counts: (sink, high, low): of the kept tokens, the first ``sink`` go to fp16, the last
+    ``high`` to 8 bits (hp<N>) and the ``low`` lowest-scored of the others to 2 bits (lo<L>).
     """
+    sink, high, low = counts
     n_layers, (h, n, d) = len(pairs), pairs[0][0].shape
     ks = torch.stack([k for k, _ in pairs]).view(n_layers * h, n, d)
     vs = torch.stack([v for _, v in pairs]).view(n_layers * h, n, d)
-    mask = None
+    mask = low_mask = None
     if spec.evicts:
         idx = keep_indices(ks, spec, start, score, seq_end)
+        if spec.low:
+            low_mask = low_slots(importance(ks, spec, start, score, seq_end), idx, low)
         ks, vs = gather_tokens(ks, idx), gather_tokens(vs, idx)
         mask = mask_from_indices(idx, n)
-    ks, vs = ks.view(n_layers, h, -1, d), vs.view(n_layers, h, -1, d)
-    mid = slice(sink, ks.shape[2] - high)
-    sections = [*_encode_tensors(codecs[0], ks[:, :, mid]), *_encode_tensors(codecs[1], vs[:, :, mid])]
+    kept = ks.shape[1]
+    mid = slice(sink, kept - high)
+    k_mid, v_mid = ks[:, mid], vs[:, mid]
+    low_parts: list[torch.Tensor] = []
+    if low_mask is not None:
+        coded = ~low_mask[:, mid]
+        rows = (n_layers, h, -1, d)
+        k_low, v_low = k_mid[~coded].view(rows), v_mid[~coded].view(rows)
+        k_mid, v_mid = k_mid[coded].view(n_layers * h, -1, d), v_mid[coded].view(n_layers * h, -1, d)
+        low_k, low_v = _low_codecs(spec)
+        low_parts = [*_encode_tensors(low_k, k_low), *_encode_tensors(low_v, v_low)]
+    ks, vs = ks.view(n_layers, h, kept, d), vs.view(n_layers, h, kept, d)
+    sections = [
+        *_encode_tensors(codecs[0], k_mid.view(n_layers, h, -1, d)),
+        *_encode_tensors(codecs[1], v_mid.view(n_layers, h, -1, d)),
+    ]
     if sink:  # per layer: fp16 K then V of the sink tokens
         sections.append(as_bytes(to_fp16(torch.stack([ks[:, :, :sink], vs[:, :, :sink]], dim=1))))
+    sections += low_parts
     if spec.high:  # per layer: 8-bit K codes, K params, V codes, V params of the newest tokens
         parts = []
         if high:
@@ -199,7 +235,7 @@ def _encode_layers(
             if parts
             else ks.new_empty(0, dtype=torch.uint8)
         )
-    return sections, mask
+    return _Encoded(sections, mask, low_mask)
 
 
 def encode_block(
@@ -241,7 +277,8 @@ def encode_block(
     key_codec, value_codec = _codecs(spec, pairs[0][0].dtype)
     sink = spec.fp16_sink_tokens(n, start)
     high = spec.high_tokens(n, start, seq_end)
-    expected = section_sizes(spec, n_layers, h, d, n, start, dtype, kept, high)
+    low = spec.low_tokens(n, start, seq_end)
+    expected = section_sizes(spec, n_layers, h, d, n, start, dtype, kept, high, low)
 
     # Layers go together, as layers * kv_heads heads (eviction and codecs work per head), up to
     # _STACK_ELEMENTS per call: many small calls cost more than the work of small blocks, and
@@ -255,16 +292,22 @@ def encode_block(
             seq_end,
             None if score is None else score[i * h : (i + per_call) * h],
             (key_codec, value_codec),
-            sink,
-            high,
+            (sink, high, low),
         )
         for i in range(0, n_layers, per_call)
     ]
     sections = [
-        torch.cat(parts) if len(parts) > 1 else parts[0] for parts in zip(*(c for c, _ in calls), strict=True)
+        torch.cat(parts) if len(parts) > 1 else parts[0]
+        for parts in zip(*(c.sections for c in calls), strict=True)
     ]
+    if spec.low:  # the four LOW parts (each of every layer) make one section, then its mask
+        at = 4 + bool(sink)
+        sections[at : at + 4] = [
+            torch.cat(sections[at : at + 4]),
+            pack_bits(torch.cat([c.low_mask for c in calls if c.low_mask is not None]), 1),
+        ]
     if spec.evicts:
-        sections.append(pack_bits(torch.cat([m for _, m in calls if m is not None]), 1))
+        sections.append(pack_bits(torch.cat([c.mask for c in calls if c.mask is not None]), 1))
 
     sizes = [p.numel() for p in sections]
     if sizes != [size for _, size in expected]:  # a codec broke the format's arithmetic: a bug, not input
@@ -274,8 +317,11 @@ def encode_block(
     for (kind, _), size in zip(expected, sizes, strict=True):
         raw = body[offset : offset + size]
         offset += size
-        # read_header counts the keep mask's bits and derives hp<N>'s count from the HIGH length
-        counted = (kind == Section.MASK and spec.eviction == "keep") or kind == Section.HIGH
+        # read_header counts the masks' bits and derives hp<N>'s count from the HIGH length
+        counted = (kind == Section.MASK and spec.eviction == "keep") or kind in (
+            Section.HIGH,
+            Section.LOW_MASK,
+        )
         packed = compress(raw) if (spec.entropy or spec.kind == "lossless") and not counted else None
         table.append(
             (kind, FLAG_ZSTD if packed is not None else 0, len(packed if packed is not None else raw))
@@ -317,6 +363,7 @@ class _Parsed:
             h.n_tokens,
             h.kept_tokens,
             h.high_tokens,
+            h.low_tokens,
             h.dtype,
             self.sink,
         )
@@ -334,6 +381,7 @@ def _parse(payload: bytes | bytearray | memoryview, target: torch.device) -> _Pa
         hdr.dtype,
         hdr.kept_tokens,
         hdr.high_tokens,
+        hdr.low_tokens,
     )
     view = memoryview(payload).cast("B")
     sections = []
@@ -403,6 +451,46 @@ def _decode_high(
     return k, v
 
 
+def _merge_low(
+    coded: tuple[torch.Tensor, torch.Tensor], run: list[_Parsed], kinds: list[Section], dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """lo<L>: decode the LOW sections of a run and put their tokens between the coded ones, where
+    each LOW_MASK says -> K and V, each (blocks, n_layers, kv_heads, kept - sink - high, head_dim).
+
+    coded: K and V of the other tokens past the sink and before the 8-bit ones.
+    """
+    hdr, sink = run[0].hdr, run[0].sink
+    spec, n_layers, h, d, kept, low = (
+        hdr.spec,
+        hdr.n_layers,
+        hdr.kv_heads,
+        hdr.head_dim,
+        hdr.kept_tokens,
+        hdr.low_tokens,
+    )
+    sizes = [n_layers * size for size in quant_part_sizes(spec, h, d, low, 2, 2)]
+    parts = [list(b.sections[kinds.index(Section.LOW)].split(sizes)) for b in run]
+    low_k, low_v = _low_codecs(spec)
+    shape = (h, low, d)
+    k_low = _decode_tensors(low_k, [p[:2] for p in parts], n_layers, shape, dtype)
+    v_low = _decode_tensors(low_v, [p[2:] for p in parts], n_layers, shape, dtype)
+    n_bits = n_layers * h * kept  # each block's mask is packed on its own
+    slots = torch.stack(
+        [unpack_bits(b.sections[kinds.index(Section.LOW_MASK)], 1, n_bits) for b in run]
+    ).view(len(run), n_layers, h, kept)
+    slots = slots.bool()
+    mid = slots[..., sink : kept - hdr.high_tokens]
+    if not bool((mid.sum(dim=-1) == low).all()) or int(mid.sum()) != int(slots.sum()):
+        raise FormatError(f"LOW_MASK does not mark exactly {low} coded tokens per head")
+    out = []
+    for main, demoted in zip(coded, (k_low, v_low), strict=True):
+        merged = main.new_empty(*mid.shape, d)
+        merged[mid] = demoted.reshape(-1, d)
+        merged[~mid] = main.reshape(-1, d)
+        out.append(merged)
+    return out[0], out[1]
+
+
 def _decode_run(run: list[_Parsed], target: torch.device, dtype: torch.dtype | None) -> list[DecodedBlock]:
     """Decode blocks of one run key together."""
     hdr, sink = run[0].hdr, run[0].sink
@@ -414,11 +502,13 @@ def _decode_run(run: list[_Parsed], target: torch.device, dtype: torch.dtype | N
     n_key = sum(1 for kind in kinds if kind in (Section.K_DATA, Section.K_PARAMS))
     n_value = sum(1 for kind in kinds if kind in (Section.V_DATA, Section.V_PARAMS))
     high = hdr.high_tokens
-    shape = (h, kept - sink - high, d)
+    shape = (h, kept - sink - high - hdr.low_tokens, d)
     k = _decode_tensors(key_codec, [b.sections[:n_key] for b in run], n_layers, shape, out_dtype)
     v = _decode_tensors(
         value_codec, [b.sections[n_key : n_key + n_value] for b in run], n_layers, shape, out_dtype
     )
+    if spec.low:
+        k, v = _merge_low((k, v), run, kinds, out_dtype)
     if high:  # per block, per layer: 8-bit K codes, K params, V codes, V params; after the coded ones
         k_high, v_high = _decode_high(
             spec, [b.sections[kinds.index(Section.HIGH)] for b in run], hdr, out_dtype

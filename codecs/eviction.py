@@ -11,6 +11,9 @@ Scores are importance, higher = keep: the engine's attention mass from an observ
 (SnapKV, Li et al. 2024; H2O) when given, else the key-norm proxy ``-||k||_2`` (tokens with small
 key norms draw the most attention: Devoto et al. 2024, kvpress ``KnormPress``).
 
+lo<L> demotes, of the kept tokens, the lowest-scored to 2 bits (:func:`low_slots`): the same
+ranking decides both, so a token is demoted before it is dropped.
+
 Evicted tokens are absent from the decoded block: ``DecodedBlock.layers`` holds only kept
 tokens, in position order, and ``positions`` their absolute positions. A caller rebuilding an HF
 cache uses the kept tensors as they are and continues generating at position ``n_tokens``
@@ -24,17 +27,17 @@ import torch
 from deltastore.codecs.spec import CodecSpec
 from deltastore.errors import CodecError
 
-__all__ = ["gather_tokens", "keep_indices", "mask_from_indices"]
+__all__ = ["gather_tokens", "importance", "keep_indices", "low_slots", "mask_from_indices"]
 
 
-def keep_indices(
+def importance(
     keys: torch.Tensor,
     spec: CodecSpec,
     start: int,
     scores: torch.Tensor | None = None,
     seq_end: int | None = None,
 ) -> torch.Tensor:
-    """Kept token indices per head, ascending.
+    """(kv_heads, n_tokens) float32 importance, +inf where eviction must keep the token.
 
     Args:
         keys: (kv_heads, n_tokens, head_dim), used for the key-norm proxy when ``scores`` is None.
@@ -42,13 +45,8 @@ def keep_indices(
         start: absolute position of the block's first token.
         scores: optional (kv_heads, n_tokens) importance; NaN counts as least important.
         seq_end: absolute end of the sequence (keep<P>'s recent window; None: the block's end).
-    Returns:
-        (kv_heads, kept) int64, kept = spec.kept_tokens(n_tokens, start, seq_end).
     """
     h, n, _ = keys.shape
-    kept = spec.kept_tokens(n, start, seq_end)
-    if kept == n:
-        return torch.arange(n, device=keys.device).expand(h, n)
     if scores is None:
         score = -torch.linalg.vector_norm(keys.float(), dim=-1)
     else:
@@ -61,7 +59,37 @@ def keep_indices(
     prefix, tail = spec.forced_range(n, start, seq_end)
     score[:, :prefix] = torch.inf
     score[:, tail:] = torch.inf
+    return score
+
+
+def keep_indices(
+    keys: torch.Tensor,
+    spec: CodecSpec,
+    start: int,
+    scores: torch.Tensor | None = None,
+    seq_end: int | None = None,
+) -> torch.Tensor:
+    """Kept token indices per head, ascending: (kv_heads, kept) int64, kept =
+    ``spec.kept_tokens(n_tokens, start, seq_end)``; arguments as for :func:`importance`."""
+    h, n, _ = keys.shape
+    kept = spec.kept_tokens(n, start, seq_end)
+    if kept == n:
+        return torch.arange(n, device=keys.device).expand(h, n)
+    score = importance(keys, spec, start, scores, seq_end)
     return torch.topk(score, kept, dim=-1, sorted=False).indices.sort(dim=-1).values
+
+
+def low_slots(score: torch.Tensor, idx: torch.Tensor, low: int) -> torch.Tensor:
+    """lo<L>: (kv_heads, kept) bool, set on the ``low`` lowest-``score`` kept tokens of each head.
+
+    score: :func:`importance` of the block; idx: :func:`keep_indices`. Forced tokens (+inf) are
+    never picked while ``low`` is at most the kept tokens that are not forced (the spec's count).
+    """
+    slots = torch.zeros(idx.shape, dtype=torch.bool, device=idx.device)
+    if low:
+        lowest = torch.topk(score.gather(1, idx), low, dim=-1, largest=False, sorted=False).indices
+        slots.scatter_(1, lowest, True)
+    return slots
 
 
 def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:

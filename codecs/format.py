@@ -26,7 +26,11 @@ it is read from the keep mask (the last section, never compressed for keep<P>): 
 the (n_layers, kv_heads, n_tokens) mask, divided by n_layers * kv_heads, checked against the spec's
 budget. Likewise hp<N>'s count of 8-bit tokens is read from the length of the HIGH section (never
 compressed), a whole multiple of one token's 8-bit bytes in every layer and head, at most N and
-at most the kept tokens past the sink. Everything else is derived as above.
+at most the kept tokens past the sink. lo<L>'s count of 2-bit tokens is read from the LOW_MASK
+section (never compressed), one bit per kept token of every layer and head (set: stored in LOW),
+whose set bits, divided by n_layers * kv_heads, must be a whole number, at most
+``ceil(n_tokens * L / 100)`` and at most the kept tokens past the sink and the 8-bit ones.
+Everything else is derived as above.
 Each section holds one part (codes, scales, ...) of every layer, layer after layer.
 """
 
@@ -51,6 +55,7 @@ __all__ = [
     "high_token_nbytes",
     "pack_header",
     "params_nbytes",
+    "quant_part_sizes",
     "read_header",
     "section_sizes",
 ]
@@ -77,7 +82,8 @@ MAX_FP16_NBYTES = 1 << 36  # 64 GiB of FP16 KV in one block
 
 
 class Section(IntEnum):
-    """Section kinds. A payload holds them in this order, except that HIGH comes before MASK."""
+    """Section kinds. A payload holds those its spec has in this order: K_DATA, K_PARAMS, V_DATA,
+    V_PARAMS, SINK, LOW, LOW_MASK, HIGH, MASK."""
 
     K_DATA = 1  # fp16 / lossless byte planes / fp8 codes / packed integer codes
     K_PARAMS = 2  # fp8: fp16 scale per group; quant: fp16 (scale, zero) per group, or p8 grids and codes
@@ -86,6 +92,8 @@ class Section(IntEnum):
     SINK = 5  # fp16 K then V of the leading sink tokens
     MASK = 6  # eviction keep mask, (n_layers, kv_heads, n_tokens) bits, LSB first
     HIGH = 7  # hp<N>: per layer 8-bit K codes, K fp16 (scale, zero), V codes, V params of the newest tokens
+    LOW = 8  # lo<L>: 2-bit K codes, K params, V codes, V params of the demoted tokens (each of every layer)
+    LOW_MASK = 9  # lo<L>: (n_layers, kv_heads, kept) bits, LSB first: which kept tokens are in LOW
 
 
 @dataclass(frozen=True)
@@ -101,6 +109,7 @@ class BlockHeader:
         header_nbytes: bytes before the first section.
         kept_tokens: tokens per head after eviction.
         high_tokens: trailing kept tokens per head stored at 8 bits (hp<N>).
+        low_tokens: kept tokens per head stored at 2 bits (lo<L>).
     """
 
     spec: CodecSpec
@@ -114,6 +123,7 @@ class BlockHeader:
     header_nbytes: int
     kept_tokens: int
     high_tokens: int = 0
+    low_tokens: int = 0
 
     @property
     def fp16_nbytes(self) -> int:
@@ -162,6 +172,21 @@ def high_token_nbytes(spec: CodecSpec, head_dim: int) -> int:
     return 2 * (head_dim + 4 * _groups(head_dim, spec.group_size))
 
 
+def quant_part_sizes(
+    spec: CodecSpec, kv_heads: int, head_dim: int, tokens: int, key_bits: int, value_bits: int
+) -> list[int]:
+    """Bytes of one layer's K codes, K params, V codes and V params of ``tokens`` tokens per head,
+    coded with ``spec``'s integer codec at the given bits."""
+    h, d, g = kv_heads, head_dim, spec.group_size
+    k_groups = _groups(tokens, g) * d if spec.key_axis == "channel" else tokens * _groups(d, g)
+    return [
+        _groups(h * tokens * d * key_bits, 8),
+        params_nbytes(h, k_groups, spec.params8),
+        _groups(h * tokens * d * value_bits, 8),
+        params_nbytes(h, tokens * _groups(d, g), spec.params8),
+    ]
+
+
 def section_sizes(
     spec: CodecSpec,
     n_layers: int,
@@ -172,16 +197,18 @@ def section_sizes(
     dtype: str,
     kept: int | None = None,
     high: int = 0,
+    low: int = 0,
 ) -> list[tuple[Section, int]]:
     """Raw (pre-zstd) byte size of every section, by exact arithmetic. Pure, no torch.
 
     ``kept`` (tokens per head after eviction) defaults to ``spec.kept_tokens(n_tokens, start)``;
-    ``high``: trailing kept tokens at 8 bits (hp<N>), not in the other sections.
+    ``high``: trailing kept tokens at 8 bits (hp<N>), ``low``: kept tokens at 2 bits (lo<L>), not
+    in the other sections.
     """
     h, d, g = kv_heads, head_dim, spec.group_size
     kept = spec.kept_tokens(n_tokens, start) if kept is None else kept
     sink = spec.fp16_sink_tokens(n_tokens, start)
-    q = kept - sink - high
+    q = kept - sink - high - low
     if spec.kind == "fp16":
         per = [(Section.K_DATA, h * kept * d * 2), (Section.V_DATA, h * kept * d * 2)]
     elif spec.kind == "lossless":
@@ -196,16 +223,14 @@ def section_sizes(
             (Section.V_PARAMS, scales),
         ]
     else:
-        k_groups = _groups(q, g) * d if spec.key_axis == "channel" else q * _groups(d, g)
-        per = [
-            (Section.K_DATA, _groups(h * q * d * spec.key_bits, 8)),
-            (Section.K_PARAMS, params_nbytes(h, k_groups, spec.params8)),
-            (Section.V_DATA, _groups(h * q * d * spec.value_bits, 8)),
-            (Section.V_PARAMS, params_nbytes(h, q * _groups(d, g), spec.params8)),
-        ]
+        kinds = (Section.K_DATA, Section.K_PARAMS, Section.V_DATA, Section.V_PARAMS)
+        per = list(zip(kinds, quant_part_sizes(spec, h, d, q, spec.key_bits, spec.value_bits), strict=True))
     out = [(kind, n_layers * size) for kind, size in per]
     if sink:
         out.append((Section.SINK, n_layers * 2 * h * sink * d * 2))
+    if spec.low:
+        out.append((Section.LOW, n_layers * sum(quant_part_sizes(spec, h, d, low, 2, 2))))
+        out.append((Section.LOW_MASK, _groups(n_layers * h * kept, 8)))
     if spec.high:
         out.append((Section.HIGH, n_layers * h * high * high_token_nbytes(spec, d)))
     if spec.evicts:
@@ -239,7 +264,8 @@ def encoded_nbytes(
     check_dims(n_layers, kv_heads, head_dim, n_tokens, start, InvalidArgument)
     kept = spec.kept_tokens(n_tokens, start, seq_end)
     high = spec.high_tokens(n_tokens, start, seq_end)
-    sizes = section_sizes(spec, n_layers, kv_heads, head_dim, n_tokens, start, dtype, kept, high)
+    low = spec.low_tokens(n_tokens, start, seq_end)
+    sizes = section_sizes(spec, n_layers, kv_heads, head_dim, n_tokens, start, dtype, kept, high, low)
     return _header_nbytes(spec.canonical(), len(sizes)) + sum(size for _, size in sizes)
 
 
@@ -274,6 +300,31 @@ def pack_header(
 _Entry = tuple[int, int, int]  # (kind, flags, stored length) of one section table entry
 
 
+def _count_bits(
+    view: memoryview,
+    entries: list[_Entry],
+    index: int,
+    kind: Section,
+    n_bits: int,
+    header_nbytes: int,
+    spec: CodecSpec,
+) -> int:
+    """Set bits of the raw bit-mask section ``kind`` that the table must list at ``index``."""
+    if not 0 <= index < len(entries):
+        raise FormatError(
+            f"spec {spec.canonical()} needs a {kind.name} section; the table lists {len(entries)}"
+        )
+    code, flags, length = entries[index]
+    if code != kind or flags or length != _groups(n_bits, 8):
+        raise FormatError(
+            f"spec {spec.canonical()} needs a raw {kind.name} section of {_groups(n_bits, 8)} bytes at index {index}"
+        )
+    offset = header_nbytes + sum(e[2] for e in entries[:index])
+    if offset + length > len(view):
+        raise FormatError(f"payload of {len(view)} bytes is truncated inside its {kind.name} section")
+    return (int.from_bytes(view[offset : offset + length], "little") & ((1 << n_bits) - 1)).bit_count()
+
+
 def _kept_from_mask(
     view: memoryview,
     spec: CodecSpec,
@@ -287,25 +338,47 @@ def _kept_from_mask(
     """Tokens per head after eviction: for keep<P> counted in the raw keep mask (the last section)."""
     if spec.eviction != "keep":
         return spec.kept_tokens(n_tokens, start)
-    if not entries:
-        raise FormatError(f"spec {spec.canonical()} needs a keep mask section; the table lists none")
-    code, flags, length = entries[-1]
     n_bits = n_layers * kv_heads * n_tokens
-    if code != Section.MASK or flags or length != _groups(n_bits, 8):
-        raise FormatError(f"spec {spec.canonical()} needs a raw keep mask of {_groups(n_bits, 8)} bytes last")
-    offset = header_nbytes + sum(e[2] for e in entries[:-1])
-    if offset + length > len(view):
-        raise FormatError(f"payload of {len(view)} bytes is truncated inside its keep mask")
-    bits = int.from_bytes(view[offset : offset + length], "little") & ((1 << n_bits) - 1)
-    kept, rest = divmod(bits.bit_count(), n_layers * kv_heads)
+    bits = _count_bits(view, entries, len(entries) - 1, Section.MASK, n_bits, header_nbytes, spec)
+    kept, rest = divmod(bits, n_layers * kv_heads)
     low = spec.kept_tokens(n_tokens, start, start + n_tokens + spec.recent)  # recent window past the block
     if rest or not low <= kept <= n_tokens:
         raise FormatError(
-            f"keep mask sets {bits.bit_count()} bits; a block of {n_tokens} tokens with spec "
+            f"keep mask sets {bits} bits; a block of {n_tokens} tokens with spec "
             f"{spec.canonical()} keeps between {low} and {n_tokens} tokens per head on each of "
             f"{n_layers * kv_heads} heads"
         )
     return kept
+
+
+def _low_from_mask(
+    view: memoryview,
+    spec: CodecSpec,
+    dims: tuple[int, int, int],
+    kept: int,
+    coded: int,
+    header_nbytes: int,
+    entries: list[_Entry],
+) -> int:
+    """Tokens per head at 2 bits (lo<L>): the raw LOW_MASK's set bits over the heads.
+
+    dims: (n_layers, kv_heads, n_tokens); coded: kept tokens past the fp16 sink and the 8-bit ones.
+    """
+    if not spec.low:
+        return 0
+    n_layers, kv_heads, n_tokens = dims
+    index = len(entries) - 2 - (1 if spec.high else 0)  # before HIGH (if any) and the keep mask
+    bits = _count_bits(
+        view, entries, index, Section.LOW_MASK, n_layers * kv_heads * kept, header_nbytes, spec
+    )
+    low, rest = divmod(bits, n_layers * kv_heads)
+    most = min(-(-n_tokens * spec.low // 100), coded)
+    if rest or low > most:
+        raise FormatError(
+            f"LOW_MASK sets {bits} bits; spec {spec.canonical()} stores at most {most} of the {kept} kept "
+            f"tokens at 2 bits on each of {n_layers * kv_heads} heads"
+        )
+    return low
 
 
 def _high_from_table(
@@ -380,9 +453,13 @@ def read_header(payload: bytes | bytearray | memoryview) -> BlockHeader:
     entries = [_ENTRY.unpack_from(view, entry_at + i * _ENTRY.size) for i in range(n_sect)]
     high = _high_from_table(spec, n_layers, kv_heads, head_dim, entries)
     kept = _kept_from_mask(view, spec, n_layers, kv_heads, n_tokens, start, header_nbytes, entries)
-    if high > kept - spec.fp16_sink_tokens(n_tokens, start):
+    coded = kept - spec.fp16_sink_tokens(n_tokens, start)
+    if high > coded:
         raise FormatError(f"{high} tokens at 8 bits, more than the {kept} kept tokens past the fp16 sink")
-    expected = section_sizes(spec, n_layers, kv_heads, head_dim, n_tokens, start, dtype, kept, high)
+    low = _low_from_mask(
+        view, spec, (n_layers, kv_heads, n_tokens), kept, coded - high, header_nbytes, entries
+    )
+    expected = section_sizes(spec, n_layers, kv_heads, head_dim, n_tokens, start, dtype, kept, high, low)
     if n_sect != len(expected):
         raise FormatError(f"spec {spec_text} has {len(expected)} sections, the table lists {n_sect}")
     sections = []
@@ -407,5 +484,16 @@ def read_header(payload: bytes | bytearray | memoryview) -> BlockHeader:
     if offset != total:
         raise FormatError(f"{total - offset} trailing bytes after the last section (ends at byte {offset})")
     return BlockHeader(
-        spec, n_layers, kv_heads, head_dim, n_tokens, start, dtype, tuple(sections), header_nbytes, kept, high
+        spec,
+        n_layers,
+        kv_heads,
+        head_dim,
+        n_tokens,
+        start,
+        dtype,
+        tuple(sections),
+        header_nbytes,
+        kept,
+        high,
+        low,
     )

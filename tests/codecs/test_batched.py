@@ -25,6 +25,8 @@ SPECS = [
     "k4v2-sink64",  # the first block is all sink: nothing coded
     "k4v4-p8-sink4-hp32-keep50-r32",  # 0, 10 and 22 newest tokens at 8 bits: three run keys
     "k4v2-kt-p8-hp8",
+    "k4v4-p8-sink4-z-hp16-keep88-lo72-r32",  # 47, 39 and 0 tokens at 2 bits
+    "k4v2-kt-keep60-lo30-r16",
 ]
 
 

@@ -130,6 +130,8 @@ def test_k4v2_realistic_block_ratio() -> None:
         "k4v2-kt-p8-sink4",
         "k4v4-sink4-hp8",
         "k4v4-p8-sink4-hp16-keep50-r16",
+        "k4v4-p8-sink4-hp16-keep88-lo72-r16",
+        "k4v2-nr-g32-keep100-lo50-r4",
     ],
 )
 @pytest.mark.parametrize(("tokens", "start"), [(1, 0), (3, 0), (70, 0), (70, 2), (100, 500)])

@@ -28,7 +28,14 @@ from deltastore.errors import FormatError
 @pytest.fixture(scope="module")
 def payloads() -> dict[str, bytes]:
     layers = make_cache(n_layers=2, tokens=20)
-    specs = ("k4v2", "lossless", "k4v2-pe50-sink4", "fp8-z", "k4v4-p8-sink4-z-hp8-keep50-r8")
+    specs = (
+        "k4v2",
+        "lossless",
+        "k4v2-pe50-sink4",
+        "fp8-z",
+        "k4v4-p8-sink4-z-hp8-keep50-r8",
+        "k4v4-p8-sink4-z-hp8-keep80-lo50-r8",
+    )
     return {s: encode_block(layers, s, start=3) for s in specs}
 
 
@@ -61,7 +68,15 @@ def test_read_header_needs_no_torch() -> None:
 
 
 @pytest.mark.parametrize(
-    "name", ["k4v2", "lossless", "k4v2-pe50-sink4", "fp8-z", "k4v4-p8-sink4-z-hp8-keep50-r8"]
+    "name",
+    [
+        "k4v2",
+        "lossless",
+        "k4v2-pe50-sink4",
+        "fp8-z",
+        "k4v4-p8-sink4-z-hp8-keep50-r8",
+        "k4v4-p8-sink4-z-hp8-keep80-lo50-r8",
+    ],
 )
 def test_every_truncation_and_extension_rejected(payloads: dict[str, bytes], name: str) -> None:
     payload = payloads[name]
@@ -156,7 +171,13 @@ def test_decode_after_header_roundtrip_types(payloads: dict[str, bytes]) -> None
 
 _FUZZ_PAYLOADS = {
     s: encode_block(make_cache(n_layers=2, tokens=20), s, start=3)
-    for s in ("k4v2-pe50-sink4", "lossless", "fp8-z", "k4v4-p8-sink4-z-hp8-keep50-r8")
+    for s in (
+        "k4v2-pe50-sink4",
+        "lossless",
+        "fp8-z",
+        "k4v4-p8-sink4-z-hp8-keep50-r8",
+        "k4v4-p8-sink4-z-hp8-keep80-lo50-r8",
+    )
 }
 
 
@@ -210,3 +231,43 @@ def test_lying_high_section_rejected(payloads: dict[str, bytes]) -> None:
         read_header(_patch(payload, at + 1, "<B", 1))  # compressed: its length would not count tokens
     with pytest.raises(FormatError, match="raw HIGH"):
         read_header(_patch(payload, at, "<B", int(Section.SINK)))
+
+
+def test_lying_low_mask_rejected(payloads: dict[str, bytes]) -> None:
+    """lo<L>'s 2-bit tokens are where LOW_MASK says: it must be raw, mark a whole number of tokens
+    per head, at most what the spec demotes, only past the fp16 sink and before the 8-bit tokens."""
+    payload = payloads["k4v4-p8-sink4-z-hp8-keep80-lo50-r8"]
+    hdr = read_header(payload)
+    kinds = [kind for kind, *_ in hdr.sections]
+    assert kinds[-4:] == [Section.LOW, Section.LOW_MASK, Section.HIGH, Section.MASK]
+    assert (hdr.kept_tokens, hdr.low_tokens, hdr.high_tokens) == (18, 6, 8)
+    index = kinds.index(Section.LOW_MASK)
+    _, _, offset, length = hdr.sections[index]
+    at = _entry_offset(payload, index)
+    with pytest.raises(FormatError, match="raw LOW_MASK"):
+        read_header(_patch(payload, at + 1, "<B", 1))
+    for bad in (length - 1, length + 1):  # its length is fixed by the kept tokens
+        with pytest.raises(FormatError):
+            read_header(_patch(payload, at + 2, "<Q", bad))
+    bits = [(payload[offset + i // 8] >> (i % 8)) & 1 for i in range(2 * 3 * 18)]
+    assert all(sum(bits[r * 18 : r * 18 + 18]) == 6 for r in range(6))
+
+    def forged(new_bits: list[int]) -> bytes:
+        buf = bytearray(payload)
+        buf[offset : offset + length] = sum(b << i for i, b in enumerate(new_bits)).to_bytes(length, "little")
+        return bytes(buf)
+
+    odd = bits.copy()
+    odd[bits.index(0)] = 1  # one more bit: not a whole number of tokens per head
+    with pytest.raises(FormatError, match="LOW_MASK sets"):
+        read_header(forged(odd))
+    uneven = bits.copy()  # head 0 one more, head 1 one fewer: the count is right, the heads are not
+    uneven[bits[:18].index(0)] = 1
+    uneven[18 + bits[18:36].index(1)] = 0
+    with pytest.raises(FormatError, match="exactly 6"):
+        decode_block(forged(uneven))
+    in_sink = bits.copy()  # slot 0 is the fp16 sink token: never a 2-bit one
+    first = bits[:18].index(1)
+    in_sink[0], in_sink[first] = 1, 0
+    with pytest.raises(FormatError, match="exactly 6"):
+        decode_block(forged(in_sink))

@@ -1,0 +1,120 @@
+"""lo<L>: the lowest-scored kept tokens at 2 bits instead of dropped, their count and places read
+back from the payload's LOW_MASK."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from codec_testlib import DEVICES, make_cache
+
+from deltastore.codecs import (
+    CodecSpec,
+    decode_block,
+    decode_blocks,
+    encode_block,
+    encoded_nbytes,
+    read_header,
+)
+from deltastore.errors import InvalidArgument
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(
+    ("tokens", "start", "seq_end"),
+    [(64, 0, 64), (64, 0, 600), (64, 64, 140), (64, 448, 512), (20, 2, 22), (1, 0, 1)],
+)
+def test_the_lowest_scored_kept_tokens_are_2_bit(tokens: int, start: int, seq_end: int, device: str) -> None:
+    """Per-token groups (kt, fp16 params): every token's codes depend on that token alone, so the
+    tokens lo<L> leaves at 4 bits decode bit-identical to the spec without lo<L>."""
+    spec = CodecSpec.parse("k4v4-kt-sink4-keep75-lo50-r16")
+    base = CodecSpec.parse("k4v4-kt-sink4-keep75-r16")
+    layers = make_cache(n_layers=2, tokens=tokens, device=device, seed=5)
+    gen = torch.Generator().manual_seed(7)
+    scores = [torch.rand(3, tokens, generator=gen).to(device) for _ in layers]
+    payload = encode_block(layers, spec, start=start, scores=scores, seq_end=seq_end)
+    hdr = read_header(payload)
+    forced = [p < spec.eviction_sink or p >= seq_end - spec.recent for p in range(start, start + tokens)]
+    older = sum(p < seq_end - spec.recent for p in range(start, start + tokens))
+    low = min(math.ceil(older * 50 / 100), hdr.kept_tokens - sum(forced))
+    assert hdr.low_tokens == low == spec.low_tokens(tokens, start, seq_end)
+    assert len(payload) == encoded_nbytes(
+        spec, n_layers=2, kv_heads=3, head_dim=64, n_tokens=tokens, start=start, seq_end=seq_end
+    )
+    plain = encode_block(layers, base, start=start, scores=scores, seq_end=seq_end)
+    assert len(payload) < len(plain) or low == 0
+    got, want = decode_block(payload, device=device), decode_block(plain, device=device)
+    for (k, v), (kb, vb), (_, v0), pos, pos_b, sc in zip(
+        got.layers, want.layers, layers, got.positions, want.positions, scores, strict=True
+    ):
+        assert torch.equal(pos, pos_b)  # lo<L> demotes, it never changes which tokens are kept
+        for head in range(3):
+            kept = (pos[head] - start).tolist()
+            ranked = sorted((i for i in kept if not forced[i]), key=lambda i: float(sc[head, i]))
+            demoted = set(ranked[:low])
+            for j, i in enumerate(kept):
+                same = torch.equal(k[head, j], kb[head, j]) and torch.equal(v[head, j], vb[head, j])
+                assert same == (i not in demoted), (head, i)
+        if low:  # 2-bit codes: several times the 4-bit error of the same tokens
+            changed = ~(v == vb).all(-1)  # (kv_heads, kept): the demoted slots
+            at = changed.nonzero()[:, 1].view(3, low)
+            src = v0.float().gather(1, pos.gather(1, at).sub(start)[..., None].expand(-1, -1, 64))
+            rows = at[..., None].expand(-1, -1, 64)
+            assert _rel(v.gather(1, rows), src) > 2 * _rel(vb.gather(1, rows), src)
+
+
+def test_segments_before_the_window_do_not_depend_on_the_sequence_end() -> None:
+    """Dedup: a prefix block sealed by two sessions of different lengths is the same payload."""
+    layers = make_cache(n_layers=2, tokens=64, seed=2)
+    scores = [torch.rand(3, 64, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    spec = "k4v4-p8-sink4-z-hp16-keep88-lo72-r32"
+    a = encode_block(layers, spec, start=64, seq_end=200, scores=scores)
+    b = encode_block(layers, spec, start=64, seq_end=5000, scores=scores)
+    assert a == b and read_header(a).low_tokens == 47
+
+
+def test_a_snapshot_with_different_2_bit_counts_decodes_in_one_call() -> None:
+    cache = make_cache(n_layers=3, tokens=150, seed=4)
+    spec = "k4v4-p8-sink4-z-hp16-keep88-lo72-r32"
+    bounds = [(0, 64), (64, 128), (128, 150)]
+    payloads = [
+        encode_block([(k[:, a:b], v[:, a:b]) for k, v in cache], spec, start=a, seq_end=150)
+        for a, b in bounds
+    ]
+    assert [read_header(p).low_tokens for p in payloads] == [47, 39, 0]
+    together = decode_blocks(payloads)
+    for blk, p in zip(together, payloads, strict=True):
+        alone = decode_block(p)
+        assert all(
+            torch.equal(x, y)
+            for pair in zip(blk.layers, alone.layers, strict=True)
+            for x, y in zip(*pair, strict=True)
+        )
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        ("k4v4-lo50", "needs a kXvY codec with keep"),
+        ("k4v4-pe50-lo20", "needs a kXvY codec with keep"),
+        ("fp8-keep50-lo20", "needs a kXvY codec with keep"),
+        ("k4v4-keep50-lo60", "L must be in"),
+        ("k4v4-keep50-lo0", "at least 1"),
+        ("k2v2-keep50-lo20", "already 2-bit"),
+        ("k4v4-keep50-lo20-lo10", "given twice"),
+    ],
+)
+def test_bad_specs_refused(text: str, match: str) -> None:
+    with pytest.raises(InvalidArgument, match=match):
+        CodecSpec.parse(text)
+
+
+def test_canonical_spelling() -> None:
+    spec = CodecSpec.parse("k4v4-lo72-keep88-r32-z-sink4-p8")
+    assert spec.canonical() == "k4v4-g64-kc-p8-z-sink4-keep88-lo72-r32"
+    assert CodecSpec.parse(spec.canonical()) == spec
