@@ -201,9 +201,10 @@ def _encode_layers(
     vs = torch.stack([v for _, v in pairs]).view(n_layers * h, n, d)
     mask = low_mask = None
     if spec.evicts:
-        idx = keep_indices(ks, spec, start, score, seq_end)
+        ranked = importance(ks, spec, start, score, seq_end)
+        idx = keep_indices(ranked, spec.kept_tokens(n, start, seq_end))
         if spec.low:
-            low_mask = low_slots(importance(ks, spec, start, score, seq_end), idx, low)
+            low_mask = low_slots(ranked, idx, low)
         ks, vs = gather_tokens(ks, idx), gather_tokens(vs, idx)
         mask = mask_from_indices(idx, n)
     kept = ks.shape[1]

@@ -62,20 +62,12 @@ def importance(
     return score
 
 
-def keep_indices(
-    keys: torch.Tensor,
-    spec: CodecSpec,
-    start: int,
-    scores: torch.Tensor | None = None,
-    seq_end: int | None = None,
-) -> torch.Tensor:
-    """Kept token indices per head, ascending: (kv_heads, kept) int64, kept =
-    ``spec.kept_tokens(n_tokens, start, seq_end)``; arguments as for :func:`importance`."""
-    h, n, _ = keys.shape
-    kept = spec.kept_tokens(n, start, seq_end)
+def keep_indices(score: torch.Tensor, kept: int) -> torch.Tensor:
+    """Kept token indices per head, ascending: (kv_heads, kept) int64, the ``kept`` highest of
+    :func:`importance`'s ``score`` (``spec.kept_tokens(n_tokens, start, seq_end)``)."""
+    h, n = score.shape
     if kept == n:
-        return torch.arange(n, device=keys.device).expand(h, n)
-    score = importance(keys, spec, start, scores, seq_end)
+        return torch.arange(n, device=score.device).expand(h, n)
     return torch.topk(score, kept, dim=-1, sorted=False).indices.sort(dim=-1).values
 
 

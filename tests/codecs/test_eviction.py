@@ -7,7 +7,7 @@ import torch
 from codec_testlib import DEVICES, make_cache
 
 from deltastore.codecs import CodecSpec, decode_block, encode_block
-from deltastore.codecs.eviction import keep_indices
+from deltastore.codecs.eviction import importance, keep_indices
 from deltastore.errors import CodecError
 
 
@@ -63,7 +63,7 @@ def test_key_norm_proxy_keeps_small_norm_keys() -> None:
     k = torch.ones(1, 60, 8)
     k[0, 10:30] *= 10  # large keys: evicted first by the proxy
     spec = CodecSpec.parse("fp16-adapt50-r0")
-    idx = keep_indices(k, spec, start=100)
+    idx = keep_indices(importance(k, spec, start=100), spec.kept_tokens(60, 100))
     assert idx.shape == (1, spec.kept_tokens(60, 100)) == (1, 45)
     kept = set(idx[0].tolist())
     assert kept >= set(range(10)) | set(range(30, 60)) and len(kept & set(range(10, 30))) == 5
@@ -73,10 +73,11 @@ def test_nan_scores_least_important_and_shape_checked() -> None:
     k = torch.randn(2, 40, 8)
     scores = torch.rand(2, 40)
     scores[:, 20:30] = float("nan")
-    idx = keep_indices(k, CodecSpec.parse("fp16-adapt0-r0"), start=50, scores=scores)
+    spec = CodecSpec.parse("fp16-adapt0-r0")
+    idx = keep_indices(importance(k, spec, start=50, scores=scores), spec.kept_tokens(40, 50))
     assert not set(range(20, 30)) & set(idx.flatten().tolist())
     with pytest.raises(CodecError, match="shape"):
-        keep_indices(k, CodecSpec.parse("fp16-adapt0"), start=0, scores=torch.rand(2, 39))
+        importance(k, CodecSpec.parse("fp16-adapt0"), start=0, scores=torch.rand(2, 39))
     with pytest.raises(CodecError, match="layers"):
         encode_block([(k, k)], "fp16-pe50", scores=[scores, scores])
 

@@ -24,6 +24,15 @@ from deltastore.codecs.format import (
 )
 from deltastore.errors import FormatError
 
+_SPECS = (
+    "lossless",
+    "k4v2-pe50-sink4",
+    "fp8-z",
+    "k4v4-p8-sink4-z-hp8-keep50-r8",
+    "k4v4-p8-sink4-z-hp8-keep80-lo50-r8",
+)
+"""Specs whose payloads the hostile-input tests cut, patch and fuzz: every section kind."""
+
 
 @pytest.fixture(scope="module")
 def payloads() -> dict[str, bytes]:
@@ -67,17 +76,7 @@ def test_read_header_needs_no_torch() -> None:
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-@pytest.mark.parametrize(
-    "name",
-    [
-        "k4v2",
-        "lossless",
-        "k4v2-pe50-sink4",
-        "fp8-z",
-        "k4v4-p8-sink4-z-hp8-keep50-r8",
-        "k4v4-p8-sink4-z-hp8-keep80-lo50-r8",
-    ],
-)
+@pytest.mark.parametrize("name", ["k4v2", *_SPECS])
 def test_every_truncation_and_extension_rejected(payloads: dict[str, bytes], name: str) -> None:
     payload = payloads[name]
     cuts = sorted({*range(0, 80), *range(80, len(payload), max(1, len(payload) // 50)), len(payload) - 1})
@@ -169,16 +168,7 @@ def test_decode_after_header_roundtrip_types(payloads: dict[str, bytes]) -> None
             assert decode_block(view).layers[0][0].dtype == torch.float16
 
 
-_FUZZ_PAYLOADS = {
-    s: encode_block(make_cache(n_layers=2, tokens=20), s, start=3)
-    for s in (
-        "k4v2-pe50-sink4",
-        "lossless",
-        "fp8-z",
-        "k4v4-p8-sink4-z-hp8-keep50-r8",
-        "k4v4-p8-sink4-z-hp8-keep80-lo50-r8",
-    )
-}
+_FUZZ_PAYLOADS = {s: encode_block(make_cache(n_layers=2, tokens=20), s, start=3) for s in _SPECS}
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -9,7 +9,6 @@ from codec_testlib import make_cache
 from deltastore.codecs import (
     CodecSpec,
     decode_block,
-    decode_blocks,
     encode_block,
     encoded_nbytes,
     read_header,
@@ -51,35 +50,6 @@ def test_newest_tokens_are_8_bit(start: int, n: int, seq_end: int, high: int) ->
         sink = spec.fp16_sink_tokens(n, start)
         if cut > sink:
             assert _rel(v[:, sink:cut], src_v[:, sink:cut]) > 0.03  # the rest: still 4-bit
-
-
-def test_segments_before_the_window_do_not_depend_on_the_sequence_end() -> None:
-    """Dedup: a prefix block sealed by two sessions of different lengths is the same payload."""
-    layers = make_cache(n_layers=2, tokens=64, seed=2)
-    scores = [torch.rand(3, 64, generator=torch.Generator().manual_seed(i)) for i in range(2)]
-    spec = "k4v4-p8-sink4-z-hp16-keep50-r16"
-    a = encode_block(layers, spec, start=64, seq_end=200, scores=scores)
-    b = encode_block(layers, spec, start=64, seq_end=5000, scores=scores)
-    assert a == b and read_header(a).high_tokens == 0
-
-
-def test_a_snapshot_with_different_8_bit_counts_decodes_in_one_call() -> None:
-    cache = make_cache(n_layers=3, tokens=150, seed=4)
-    spec = "k4v4-p8-sink4-hp32-keep50-r32"
-    bounds = [(0, 64), (64, 128), (128, 150)]
-    payloads = [
-        encode_block([(k[:, a:b], v[:, a:b]) for k, v in cache], spec, start=a, seq_end=150)
-        for a, b in bounds
-    ]
-    assert [read_header(p).high_tokens for p in payloads] == [0, 10, 22]
-    together = decode_blocks(payloads)
-    for blk, p in zip(together, payloads, strict=True):
-        alone = decode_block(p)
-        assert all(
-            torch.equal(x, y)
-            for pair in zip(blk.layers, alone.layers, strict=True)
-            for x, y in zip(*pair, strict=True)
-        )
 
 
 @pytest.mark.parametrize(

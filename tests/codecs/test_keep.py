@@ -11,7 +11,14 @@ import torch
 from codec_testlib import DEVICES, make_cache
 
 from deltastore.cli import main
-from deltastore.codecs import CodecSpec, decode_block, encode_block, encoded_nbytes, read_header
+from deltastore.codecs import (
+    CodecSpec,
+    decode_block,
+    decode_blocks,
+    encode_block,
+    encoded_nbytes,
+    read_header,
+)
 from deltastore.errors import CodecError, FormatError, InvalidArgument
 
 
@@ -169,3 +176,38 @@ def test_blocks_sealed_under_the_old_budget_still_decode(monkeypatch: pytest.Mon
     assert old_counts != new_counts  # the cases cover blocks where the rules differ
     for payload, kept in zip(old, old_counts, strict=True):
         assert decode_block(payload).kept == read_header(payload).kept_tokens == kept
+
+
+@pytest.mark.parametrize(
+    ("spec", "counts"),
+    [
+        ("k4v4-p8-sink4-z-hp32-keep50-r32", {"high_tokens": [0, 10, 22]}),
+        ("k4v4-p8-sink4-z-hp16-keep88-lo72-r32", {"high_tokens": [0, 0, 16], "low_tokens": [47, 39, 0]}),
+    ],
+)
+def test_segments_depend_on_the_sequence_end_only_under_the_window(
+    spec: str, counts: dict[str, list[int]]
+) -> None:
+    """Dedup: a block wholly before the recent window is the same payload whoever seals it, while
+    the blocks under it hold more tokens (and hp<N>'s 8-bit, lo<L>'s fewer 2-bit ones); a snapshot
+    of blocks with different counts still decodes in one call, as each block alone."""
+    layers = make_cache(n_layers=2, tokens=64, seed=2)
+    scores = [torch.rand(3, 64, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    assert encode_block(layers, spec, start=64, seq_end=200, scores=scores) == encode_block(
+        layers, spec, start=64, seq_end=5000, scores=scores
+    )
+    cache = make_cache(n_layers=3, tokens=150, seed=4)
+    bounds = [(0, 64), (64, 128), (128, 150)]
+    payloads = [
+        encode_block([(k[:, a:b], v[:, a:b]) for k, v in cache], spec, start=a, seq_end=150)
+        for a, b in bounds
+    ]
+    for field, want in counts.items():
+        assert [getattr(read_header(p), field) for p in payloads] == want
+    for blk, p in zip(decode_blocks(payloads), payloads, strict=True):
+        alone = decode_block(p)
+        assert all(
+            torch.equal(x, y)
+            for pair in zip(blk.layers, alone.layers, strict=True)
+            for x, y in zip(*pair, strict=True)
+        )
