@@ -133,7 +133,14 @@ def build_configs(quick: bool, block: int, peers: bool) -> list[Any]:
 
     rows: list[Any] = [tier("fp16", "fp16"), tier("lossless (bit-exact)", "lossless"), tier("K8V8", "k8v8")]
     if quick:
-        return [*rows, tier("K4V4", "k4v4"), tier("K4V2", "k4v2"), tier("K4V2 PE50", "k4v2-pe50")]
+        return [
+            *rows,
+            tier("K4V4", "k4v4"),
+            tier("K4V2", "k4v2"),
+            tier("K4V2 PE50", "k4v2-pe50"),
+            tier("K4V4 keep50", "k4v4-sink4-keep50-r16"),
+            tier("K4V4 keep100 lo50", "k4v4-sink4-keep100-lo50-r16"),  # the same 4-bit tokens, the rest 2-bit
+        ]
     rows.append(tier("fp8", "fp8"))
     for t in TIERS.values():
         if t.report_ratio is not None:
@@ -144,12 +151,15 @@ def build_configs(quick: bool, block: int, peers: bool) -> list[Any]:
     ) -> EvictQuantConfig:
         """An evict-then-quantize row; seg=None: one budget over the whole cache (one segment)."""
         label = f"{spec} keep{round(keep * 100)}% {scores}-scored"
+        low = round(kw.get("low", 0) * 100)
+        if low:
+            label = f"{spec} keep{round(keep * 100)}% ({low}% at 2 bits) {scores}-scored"
         label += " one segment" if seg is None else f" per {seg}-token block"
         if kw.get("recent"):
             label += f", last {kw['recent']} whole"
         if kw.get("whole"):
             label += f", prefix {kw['whole']} whole"
-        name = f"{spec}-keep{round(keep * 100)}-r{kw.get('recent', 16)}"
+        name = f"{spec}-keep{round(keep * 100)}" + (f"-lo{low}" if low else "") + f"-r{kw.get('recent', 16)}"
         return EvictQuantConfig(label, name, "frontier", spec, keep, scores=scores, block=seg or 0, **kw)
 
     # Levers one at a time: key layout, rotation, fp16 sink, entropy stage, bits ...
@@ -182,6 +192,19 @@ def build_configs(quick: bool, block: int, peers: bool) -> list[Any]:
         rows.append(frontier(f"k4v4-p8-sink4-z-hp{high}", keep, recent=16))
     for keep in (0.6, 0.55, 0.5, 0.4, 0.35, 0.3, 0.28, 0.26, 0.2):
         rows.append(frontier("k4v4-p8-sink4-z", keep, recent=64))
+    # ... the tokens eviction would drop first, most of them kept at 2 bits instead (lo<L>) ...
+    for keep, low, recent in (
+        (1.0, 0.85, 64),
+        (0.9, 0.7, 64),
+        (0.84, 0.64, 64),
+        (0.84, 0.64, 32),
+        (0.88, 0.72, 32),
+        (0.88, 0.72, 16),
+        (0.6, 0.5, 64),
+        (0.5, 0.4, 64),
+        (0.4, 0.32, 64),
+    ):
+        rows.append(frontier("k4v4-p8-sink4-z", keep, recent=recent, low=low))
     for keep in (
         0.4,
         0.3,

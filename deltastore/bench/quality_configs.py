@@ -149,12 +149,13 @@ def _store(window: Window, plan: list[tuple[int, int, CodecSpec]], key: str | No
 
 @dataclass(frozen=True)
 class EvictQuantConfig(Config):
-    """Eviction rows: the codec spec ``<quant>-keep<P>-r<recent>`` per store segment.
+    """Eviction rows: the codec spec ``<quant>-keep<P>[-lo<L>]-r<recent>`` per store segment.
 
     Attributes:
-        spec: the row's spec, ``<quant>-keep<P>-r<recent>`` (what the product stores).
+        spec: the row's spec, ``<quant>-keep<P>[-lo<L>]-r<recent>`` (what the product stores).
         quant: the spec without eviction (the shared prefix's segments use it).
         keep: fraction of each segment's tokens kept, a whole percentage in (0, 1].
+        low: fraction of each segment's tokens kept at 2 bits (lo<L>), a whole percentage, at most keep.
         scores: a key of ``SCORE_SOURCES``.
         recent: the last tokens of the cache are always kept (the codec's r<N>, relative to the
             sequence's end).
@@ -173,15 +174,17 @@ class EvictQuantConfig(Config):
     recent: int = 16
     whole: int = 0
     block: int = 64
+    low: float = 0.0
 
     def __post_init__(self) -> None:
-        pct = round(self.keep * 100)
+        pct, low = round(self.keep * 100), round(self.low * 100)
         if CodecSpec.parse(self.quant).evicts or not 1 <= pct <= 100 or abs(pct - self.keep * 100) > 1e-9:
             raise InvalidArgument(f"{self.name}: needs a spec without eviction and keep in whole % of (0, 1]")
-        if CodecSpec.parse(self.spec) != CodecSpec.parse(f"{self.quant}-keep{pct}-r{self.recent}"):
-            raise InvalidArgument(
-                f"{self.name}: spec {self.spec!r} is not {self.quant}-keep{pct}-r{self.recent}"
-            )
+        if abs(low - self.low * 100) > 1e-9:
+            raise InvalidArgument(f"{self.name}: low must be a whole percentage")
+        want = f"{self.quant}-keep{pct}" + (f"-lo{low}" if low else "") + f"-r{self.recent}"
+        if CodecSpec.parse(self.spec) != CodecSpec.parse(want):
+            raise InvalidArgument(f"{self.name}: spec {self.spec!r} is not {want}")
         if self.whole and (not self.block or self.whole % self.block):
             raise InvalidArgument(f"{self.name}: the whole prefix must be a multiple of the block size")
 

@@ -61,6 +61,15 @@ def test_kl_grows_as_bits_drop(quick: tuple[dict[str, Any], Path]) -> None:
 
 
 @pytest.mark.slow
+def test_demoting_costs_less_quality_than_dropping(quick: tuple[dict[str, Any], Path]) -> None:
+    """lo<L>: the same 4-bit tokens as keep50, the other half at 2 bits instead of dropped."""
+    rows = _rows(quick[0])
+    drop, demote = rows["k4v4-sink4-keep50-r16"], rows["k4v4-sink4-keep100-lo50-r16"]
+    assert demote["kept_fraction"] == 1.0 and drop["kept_fraction"] < 1.0
+    assert demote["kl_mean"] < drop["kl_mean"] and demote["ratio"] < drop["ratio"]
+
+
+@pytest.mark.slow
 def test_ratios_match_codec_arithmetic(quick: tuple[dict[str, Any], Path]) -> None:
     doc = quick[0]
     n_cached = doc["ctx"] - 1
@@ -69,7 +78,9 @@ def test_ratios_match_codec_arithmetic(quick: tuple[dict[str, Any], Path]) -> No
         if r["spec"] == "lossless":
             continue  # zstd: data-dependent size
         stored = sum(
-            encoded_nbytes(r["spec"], n_layers=30, kv_heads=3, head_dim=64, n_tokens=e - s, start=s)
+            encoded_nbytes(
+                r["spec"], n_layers=30, kv_heads=3, head_dim=64, n_tokens=e - s, start=s, seq_end=n_cached
+            )
             for s, e in segments(n_cached, doc["block"])
         )
         assert r["bytes_per_window"] == stored

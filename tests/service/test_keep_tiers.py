@@ -61,3 +61,36 @@ def test_newest_tokens_come_back_at_8_bits(client: DeltaStoreClient) -> None:
             assert newest < 0.01 < older  # 8 bits against 4 bits
     put = client.put_snapshot("hp-longer", 0, more, longer, model=MODEL, codec=spec)
     assert put.reused_shared_bytes > 0 and put.reused_segments >= 1  # [0, 64): before both windows
+
+
+def test_demoted_tokens_come_back_at_2_bits(client: DeltaStoreClient) -> None:
+    """lo<L> through the service: every kept token comes back where it was, the demoted ones
+    coarser than the 4-bit ones and than the 8-bit newest, and a prefix block sealed by a longer
+    session is the one already stored (dedup)."""
+    spec = "k4v4-p8-sink4-z-hp16-keep88-lo72-r32"
+    n = 150
+    longer = make_cache(n + 64, seed=6)
+    more = list(range(5000, 5000 + n + 64))
+    cache, tokens = [(k[:, :n], v[:, :n]) for k, v in longer], more[:n]
+    client.put_snapshot("lo", 0, tokens, cache, model=MODEL, codec=spec)
+    got = client.get_snapshot("lo", 0, as_cache=False)
+    # [0,64): 4 sinks + 53 of 60 = 57; [64,128): 54 older -> 48, + 10 in the window; [128,150): all 22
+    assert got.kept_tokens == 57 + 58 + 22
+    client.put_snapshot("lo-none", 0, tokens, cache, model=MODEL, codec=spec.replace("-lo72", ""))
+    plain = client.get_snapshot("lo-none", 0, as_cache=False)
+
+    def value_errors(layers: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """Per kept token past the sinks and before the window: relative error of its values."""
+        out = []
+        for (_, v), (_, v0), pos in zip(layers, cache, got.positions, strict=True):
+            src = v0.float().gather(1, pos[..., None].expand(-1, -1, v0.shape[-1]))
+            out.append(((v.float() - src).norm(dim=-1) / src.norm(dim=-1))[:, 4:-32])
+        return torch.cat(out).flatten()
+
+    assert all(torch.equal(a, b) for a, b in zip(got.positions, plain.positions, strict=True))
+    low, four = value_errors(got.layers), value_errors(plain.layers)
+    # 86 of these 101 tokens per head are 2-bit: their median error is several times the 4-bit one
+    assert low.median() > 2 * four.median()
+    assert (low >= four - 1e-3).float().mean() > 0.8
+    put = client.put_snapshot("lo-longer", 0, more, longer, model=MODEL, codec=spec)
+    assert put.reused_shared_bytes > 0 and put.reused_segments >= 1  # [0, 64): before both windows
