@@ -58,7 +58,7 @@ gpu-check:
 	$(GPU_PY) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'gpu-check: no CUDA device')"
 	$(GPU_PY) -m pytest -q -m cuda tests/codecs tests/service/test_grpc.py
 	$(GPU_PY) -m deltastore bench codecs --device cuda --json $(BENCH_DIR)/codecs-cuda.json
-	$(GPU_PY) -m deltastore bench codecs --device cuda --tiers k4v4,k4v4-p8,k4v4-p8-sink4-z-hp16 --json $(BENCH_DIR)/codecs-cuda-p8.json
+	$(GPU_PY) -m deltastore bench codecs --device cuda --tiers k4v4,k4v4-p8,k4v4-p8-sink4-z-hp16,k4v4-p8-sink4-z-keep88-lo72-r32 --json $(BENCH_DIR)/codecs-cuda-p8.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -122,6 +122,8 @@ def run(args: argparse.Namespace) -> int:
     print("sealed, with the sequence end known then. Evicted tokens are absent at decode.")
     print("p8: scales and zero-points as 8-bit codes on per-head grids (about half their bytes);")
     print("hp<N>: the newest N tokens of the sequence at 8 bits (with keep<P>, N <= r<N>).")
+    print("lo<L> (with keep<P>, L <= P): of the kept tokens, the lowest-scored, L% of each block's")
+    print("older tokens, at 2 bits instead of the spec's (e.g. keep88-lo72: 16% 4-bit, 72% 2-bit).")
     print("`deltastore codecs --max-kl X` picks the best measured spec for a quality budget.")
     print("'-' = not applicable, or data-dependent (zstd).\n")
     header = ("tier", "spec", "K", "V", "group", "bits/elem", "ratio", "report", "bit-exact", "kept")

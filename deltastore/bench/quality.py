@@ -205,6 +205,18 @@ def build_configs(quick: bool, block: int, peers: bool) -> list[Any]:
         (0.4, 0.32, 64),
     ):
         rows.append(frontier("k4v4-p8-sink4-z", keep, recent=recent, low=low))
+    for keep, low, recent in (  # 2-bit kc groups and p8 grids over 128-token blocks: cheaper per token
+        (0.88, 0.72, 32),
+        (0.4, 0.32, 64),
+        (0.35, 0.28, 64),
+        (0.3, 0.25, 32),
+        (0.3, 0.26, 16),
+        (0.25, 0.2, 16),
+        (0.2, 0.16, 16),
+        (0.4, 0.32, 128),  # a wider recent window for copy-heavy text (quality-vimdoc)
+        (0.3, 0.25, 128),
+    ):
+        rows.append(frontier("k4v4-p8-sink4-z", keep, seg=128, recent=recent, low=low))
     for keep in (
         0.4,
         0.3,
