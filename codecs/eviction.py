@@ -43,7 +43,8 @@ def importance(
         keys: (kv_heads, n_tokens, head_dim), used for the key-norm proxy when ``scores`` is None.
         spec: a spec with eviction.
         start: absolute position of the block's first token.
-        scores: optional (kv_heads, n_tokens) importance; NaN counts as least important.
+        scores: optional (kv_heads, n_tokens) importance; NaN counts as least important, +inf as
+            the highest finite score (only forced tokens rank +inf, whatever a caller sends).
         seq_end: absolute end of the sequence (keep<P>'s recent window; None: the block's end).
     """
     h, n, _ = keys.shape

@@ -88,3 +88,15 @@ def test_quantized_eviction_with_sink_roundtrip() -> None:
     for (k, _), (k0, _), pos in zip(blk.layers, layers, blk.positions, strict=True):
         assert torch.equal(pos[:, :4], torch.arange(4).expand(3, 4))
         assert torch.equal(k[:, :4], k0[:, :4])  # fp16 sink tokens are exact
+
+
+def test_only_forced_tokens_rank_infinite() -> None:
+    """+inf marks the sink and the recent window; a user's +inf (or a float64 overflowing
+    float32) ranks just below them, so no tie-breaking can evict or demote a forced token."""
+    spec = CodecSpec.parse("fp16-keep50-r8")
+    k = torch.randn(2, 40, 8)
+    for fill in (float("inf"), 1e300):
+        score = importance(k, spec, start=0, scores=torch.full((2, 40), fill, dtype=torch.float64))
+        forced = torch.zeros(40, dtype=torch.bool)
+        forced[:4] = forced[-8:] = True
+        assert torch.isinf(score[:, forced]).all() and torch.isfinite(score[:, ~forced]).all()

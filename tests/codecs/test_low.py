@@ -88,3 +88,15 @@ def test_canonical_spelling() -> None:
     spec = CodecSpec.parse("k4v4-lo72-keep88-r32-z-sink4-p8")
     assert spec.canonical() == "k4v4-g64-kc-p8-z-sink4-keep88-lo72-r32"
     assert CodecSpec.parse(spec.canonical()) == spec
+
+
+def test_infinite_scores_never_displace_forced_tokens() -> None:
+    """+inf scores must not tie with the marker of the sink and the recent window, or topk's
+    tie-breaking could drop a sink or demote an 8-bit token (and fail the size check)."""
+    layers = make_cache(n_layers=2, tokens=40, seed=8)
+    spec = CodecSpec.parse("k4v4-sink4-hp4-keep50-lo40-r8")
+    for fill in (float("inf"), 1e300):  # a float64 beyond float32 becomes +inf when converted
+        scores = [torch.full((3, 40), fill, dtype=torch.float64) for _ in layers]
+        blk = decode_block(encode_block(layers, spec, scores=scores, seq_end=40))
+        for pos in blk.positions:
+            assert (pos[:, :4] == torch.arange(4)).all() and (pos[:, -8:] == torch.arange(32, 40)).all()
