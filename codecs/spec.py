@@ -49,13 +49,16 @@ recent window, it depends on where the sequence ended when the segment was seale
 segments under the window differ between sessions; the count is read back from the length of
 their 8-bit section (format.py).
 
-lo<L>: a token just below the eviction cut still draws some attention, and dropping it costs more
-than storing it coarsely: on SmolLM2 ``k4v4-p8-sink4-z-keep88-lo72-r32`` (16% of the older tokens
-at 4 bits, 72% at 2 bits, 12% dropped) measured 6.5x at KL 0.020, where dropping alone gave 5.7x
-at 0.024 (MiKV, Yang et al. 2024, keeps evicted tokens at low precision the same way). Of a block's
-m tokens before the recent window, ``min(ceil(m * L / 100), kept - forced)`` are demoted, chosen
-like eviction by the lowest scores among the kept ones (the sink and the recent window never are).
-The 2-bit tokens use the spec's group size, key axis, rotation and p8; which kept tokens they are
+lo<L>: a token just below the eviction cut may still be needed (a name copied once from far back),
+and dropping it then costs far more than storing it coarsely. On SmolLM2 prose
+``k4v4-p8-sink4-z-keep88-lo72-r32`` (16% of the older tokens at 4 bits, 72% at 2 bits, 12% dropped)
+measured 6.43x at KL 0.0215 where dropping alone gave 6.01x at 0.027; it trades the rare large miss
+for a uniformly coarser cache (top-1 0.916 against 0.953), and on a copy-heavy changelog it loses
+to dropping at that ratio (docs/results/quality_levers.md). MiKV (Yang et al. 2024) keeps evicted
+tokens at low precision the same way. Of a block's m tokens before the recent window,
+``min(ceil(m * L / 100), kept - forced)`` are demoted, chosen by the same ranking as eviction: the
+lowest-scored of the kept ones (never the sink or the recent window). The 2-bit tokens use the
+spec's group size, key axis, rotation and p8; which kept tokens they are
 is a second mask over the kept tokens, whose bits give their count (format.py).
 
 Key axis: kc is the default because on real SmolLM2 KV (rotated keys) it measured a relative
