@@ -3,9 +3,8 @@
 A block is the KV of ``n_tokens`` consecutive tokens starting at absolute position ``start``,
 for every layer. Steps, all in torch on the tensors' device: eviction (optional) -> fp16 sink
 tokens, the 8-bit newest tokens (hp<N>) and the 2-bit demoted ones (lo<L>) split off (optional)
--> per-tensor codec (fp16,
-lossless byte planes, fp8, integer codes) -> one device-to-host copy of all sections -> zstd per
-section (lossless, or option z) -> header. ``len(payload)`` is every byte stored for the block.
+-> per-tensor codec (fp16, lossless byte planes, fp8, integer codes) -> one device-to-host copy of
+all sections -> zstd per section (lossless, or option z) -> header. ``len(payload)`` is every byte stored for the block.
 """
 
 from __future__ import annotations
@@ -172,6 +171,13 @@ def _encode_tensors(codec: TensorCodec, x: torch.Tensor) -> list[torch.Tensor]:
     return [torch.cat(parts) for parts in zip(*per_layer, strict=True)]
 
 
+def _low_last(slots: torch.Tensor) -> torch.Tensor:
+    """Per row of a (..., tokens) bool lo<L> mask, the token indices with the unmarked ones first
+    and the marked ones last, each in position order (a stable sort: no host sync, unlike
+    boolean indexing)."""
+    return torch.argsort(slots.to(torch.int32), dim=-1, stable=True)
+
+
 @dataclass
 class _Encoded:
     """What one call of :func:`_encode_layers` produced for its layers."""
@@ -211,13 +217,16 @@ def _encode_layers(
     mid = slice(sink, kept - high)
     k_mid, v_mid = ks[:, mid], vs[:, mid]
     low_parts: list[torch.Tensor] = []
-    if low_mask is not None:
-        coded = ~low_mask[:, mid]
-        rows = (n_layers, h, -1, d)
-        k_low, v_low = k_mid[~coded].view(rows), v_mid[~coded].view(rows)
-        k_mid, v_mid = k_mid[coded].view(n_layers * h, -1, d), v_mid[coded].view(n_layers * h, -1, d)
+    if low_mask is not None:  # coded tokens first, then the demoted ones, each in position order
+        order = _low_last(low_mask[:, mid])
+        k_mid, v_mid = gather_tokens(k_mid, order), gather_tokens(v_mid, order)
+        q = k_mid.shape[1] - low
         low_k, low_v = _low_codecs(spec)
-        low_parts = [*_encode_tensors(low_k, k_low), *_encode_tensors(low_v, v_low)]
+        low_parts = [
+            *_encode_tensors(low_k, k_mid[:, q:].reshape(n_layers, h, low, d)),
+            *_encode_tensors(low_v, v_mid[:, q:].reshape(n_layers, h, low, d)),
+        ]
+        k_mid, v_mid = k_mid[:, :q], v_mid[:, :q]
     ks, vs = ks.view(n_layers, h, kept, d), vs.view(n_layers, h, kept, d)
     sections = [
         *_encode_tensors(codecs[0], k_mid.view(n_layers, h, -1, d)),
@@ -483,12 +492,11 @@ def _merge_low(
     mid = slots[..., sink : kept - hdr.high_tokens]
     if not bool((mid.sum(dim=-1) == low).all()) or int(mid.sum()) != int(slots.sum()):
         raise FormatError(f"LOW_MASK does not mark exactly {low} coded tokens per head")
+    slot = _low_last(mid)[..., None].expand(*mid.shape, d)  # where each coded, then demoted, token goes
     out = []
     for main, demoted in zip(coded, (k_low, v_low), strict=True):
-        merged = main.new_empty(*mid.shape, d)
-        merged[mid] = demoted.reshape(-1, d)
-        merged[~mid] = main.reshape(-1, d)
-        out.append(merged)
+        both = torch.cat([main, demoted], dim=-2)
+        out.append(torch.empty_like(both).scatter_(-2, slot, both))
     return out[0], out[1]
 
 
