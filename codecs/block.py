@@ -492,12 +492,12 @@ def _merge_low(
     mid = slots[..., sink : kept - hdr.high_tokens]
     if not bool((mid.sum(dim=-1) == low).all()) or int(mid.sum()) != int(slots.sum()):
         raise FormatError(f"LOW_MASK does not mark exactly {low} coded tokens per head")
-    slot = _low_last(mid)[..., None].expand(*mid.shape, d)  # where each coded, then demoted, token goes
-    out = []
-    for main, demoted in zip(coded, (k_low, v_low), strict=True):
-        both = torch.cat([main, demoted], dim=-2)
-        out.append(torch.empty_like(both).scatter_(-2, slot, both))
-    return out[0], out[1]
+    source = torch.argsort(_low_last(mid), dim=-1)  # per slot: its token among coded, then demoted
+    k, v = (
+        gather_tokens(torch.cat([main, demoted], dim=-2), source)
+        for main, demoted in zip(coded, (k_low, v_low), strict=True)
+    )
+    return k, v
 
 
 def _decode_run(run: list[_Parsed], target: torch.device, dtype: torch.dtype | None) -> list[DecodedBlock]:

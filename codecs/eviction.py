@@ -22,6 +22,8 @@ cache uses the kept tensors as they are and continues generating at position ``n
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from deltastore.codecs.spec import CodecSpec
@@ -86,8 +88,13 @@ def low_slots(score: torch.Tensor, idx: torch.Tensor, low: int) -> torch.Tensor:
 
 
 def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """x: (kv_heads, n_tokens, head_dim), idx: (kv_heads, kept) -> (kv_heads, kept, head_dim)."""
-    return x.gather(1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+    """x: (..., n_tokens, head_dim), idx: (..., k) token indices per row -> (..., k, head_dim).
+
+    Whole head_dim rows through one index_select: on CPU several times faster than a gather or
+    scatter with the index expanded over head_dim."""
+    *lead, n, d = x.shape
+    base = torch.arange(math.prod(lead), device=idx.device).view(*lead, 1) * n
+    return x.reshape(-1, d).index_select(0, (idx + base).view(-1)).view(*lead, idx.shape[-1], d)
 
 
 def mask_from_indices(idx: torch.Tensor, n_tokens: int) -> torch.Tensor:
