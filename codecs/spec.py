@@ -53,7 +53,7 @@ lo<L>: a token just below the eviction cut may still be needed (a name copied on
 and dropping it then costs far more than storing it coarsely. On SmolLM2 prose
 ``k4v4-p8-sink4-z-keep88-lo72-r32`` (16% of the older tokens at 4 bits, 72% at 2 bits, 12% dropped)
 measured 6.43x at KL 0.0215 where dropping alone gave 6.01x at 0.027; it trades the rare large miss
-for a uniformly coarser cache (top-1 0.916 against 0.953), and on a copy-heavy changelog it loses
+for a uniformly coarser cache (top-1 0.916 against 0.951), and on a copy-heavy changelog it loses
 to dropping at that ratio (docs/results/quality_levers.md). MiKV (Yang et al. 2024) keeps evicted
 tokens at low precision the same way. Of a block's m tokens before the recent window,
 ``min(ceil(m * L / 100), kept - forced)`` are demoted, chosen by the same ranking as eviction: the
