@@ -192,12 +192,14 @@ def build_configs(quick: bool, block: int, peers: bool) -> list[Any]:
         rows.append(frontier(f"k4v4-p8-sink4-z-hp{high}", keep, recent=16))
     for keep in (0.6, 0.55, 0.5, 0.4, 0.35, 0.3, 0.28, 0.26, 0.2):
         rows.append(frontier("k4v4-p8-sink4-z", keep, recent=64))
+    rows.append(frontier("k4v4-p8-sink4-z", 0.3, recent=48))  # 9.0x in 64-token blocks
     # ... the tokens eviction would drop first, many of them kept at 2 bits instead (lo<L>) ...
     for keep, low, recent in (
         (0.8, 0.4, 64),  # light demotion: what holds on copy-heavy text too (quality-vimdoc)
         (0.7, 0.2, 64),
         (0.65, 0.15, 64),
         (0.7, 0.3, 64),
+        (0.35, 0.2, 64),
         (1.0, 0.85, 64),
         (0.9, 0.7, 64),
         (0.84, 0.64, 64),
