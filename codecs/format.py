@@ -341,11 +341,11 @@ def _kept_from_mask(
     n_bits = n_layers * kv_heads * n_tokens
     bits = _count_bits(view, entries, len(entries) - 1, Section.MASK, n_bits, header_nbytes, spec)
     kept, rest = divmod(bits, n_layers * kv_heads)
-    low = spec.kept_tokens(n_tokens, start, start + n_tokens + spec.recent)  # recent window past the block
-    if rest or not low <= kept <= n_tokens:
+    least = spec.kept_tokens(n_tokens, start, start + n_tokens + spec.recent)  # window past the block
+    if rest or not least <= kept <= n_tokens:
         raise FormatError(
             f"keep mask sets {bits} bits; a block of {n_tokens} tokens with spec "
-            f"{spec.canonical()} keeps between {low} and {n_tokens} tokens per head on each of "
+            f"{spec.canonical()} keeps between {least} and {n_tokens} tokens per head on each of "
             f"{n_layers * kv_heads} heads"
         )
     return kept

@@ -58,8 +58,8 @@ to dropping at that ratio (docs/results/quality_levers.md). MiKV (Yang et al. 20
 tokens at low precision the same way. Of a block's m tokens before the recent window,
 ``min(ceil(m * L / 100), kept - forced)`` are demoted, chosen by the same ranking as eviction: the
 lowest-scored of the kept ones (never the sink or the recent window). The 2-bit tokens use the
-spec's group size, key axis, rotation and p8; which kept tokens they are
-is a second mask over the kept tokens, whose bits give their count (format.py).
+spec's group size, key axis, rotation and p8; a second mask over the kept tokens says which they
+are, and its bits give their count (format.py).
 
 Key axis: kc is the default because on real SmolLM2 KV (rotated keys) it measured a relative
 key error of 0.049 vs 0.085 for kt at 4 bits and 0.25 vs 0.43 at 2 bits, and k4v4 next-token
