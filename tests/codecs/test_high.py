@@ -52,31 +52,6 @@ def test_newest_tokens_are_8_bit(start: int, n: int, seq_end: int, high: int) ->
             assert _rel(v[:, sink:cut], src_v[:, sink:cut]) > 0.03  # the rest: still 4-bit
 
 
-@pytest.mark.parametrize(
-    ("text", "match"),
-    [
-        ("fp8-hp16", "kXvY codecs only"),
-        ("fp16-p8", "kXvY codecs only"),
-        ("k8v8-hp16", "already 8-bit"),
-        ("k4v4-hp16-pe30", "needs keep<P>"),
-        ("k4v4-hp32-keep50-r16", "exceeds the recent window"),
-        ("k4v4-hp0", "must be in"),
-        ("k4v4-p8-p8", "given twice"),
-        ("k4v4-hp8-hp16", "given twice"),
-    ],
-)
-def test_bad_specs_refused(text: str, match: str) -> None:
-    with pytest.raises(InvalidArgument, match=match):
-        CodecSpec.parse(text)
-
-
-def test_canonical_spelling() -> None:
-    spec = CodecSpec.parse("k4v4-keep88-hp16-z-sink4-p8")
-    assert spec.canonical() == "k4v4-g64-kc-p8-z-sink4-hp16-keep88-r16"
-    assert CodecSpec.parse(spec.canonical()) == spec
-    assert CodecSpec.parse("k4v4").canonical() == "k4v4-g64-kc"  # older specs are spelled as before
-
-
 def test_a_sequence_end_before_the_block_is_refused_by_the_size_arithmetic() -> None:
     """Found by review: encode_block refused it, encoded_nbytes returned a size."""
     with pytest.raises(InvalidArgument, match="before the block's end"):

@@ -16,7 +16,6 @@ from deltastore.codecs import (
     encoded_nbytes,
     read_header,
 )
-from deltastore.errors import InvalidArgument
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -65,29 +64,6 @@ def test_the_lowest_scored_kept_tokens_are_2_bit(tokens: int, start: int, seq_en
             src = v0.float().gather(1, pos.gather(1, at).sub(start)[..., None].expand(-1, -1, 64))
             rows = at[..., None].expand(-1, -1, 64)
             assert _rel(v.gather(1, rows), src) > 2 * _rel(vb.gather(1, rows), src)
-
-
-@pytest.mark.parametrize(
-    ("text", "match"),
-    [
-        ("k4v4-lo50", "needs a kXvY codec with keep"),
-        ("k4v4-pe50-lo20", "needs a kXvY codec with keep"),
-        ("fp8-keep50-lo20", "needs a kXvY codec with keep"),
-        ("k4v4-keep50-lo60", "L must be in"),
-        ("k4v4-keep50-lo0", "at least 1"),
-        ("k2v2-keep50-lo20", "already 2-bit"),
-        ("k4v4-keep50-lo20-lo10", "given twice"),
-    ],
-)
-def test_bad_specs_refused(text: str, match: str) -> None:
-    with pytest.raises(InvalidArgument, match=match):
-        CodecSpec.parse(text)
-
-
-def test_canonical_spelling() -> None:
-    spec = CodecSpec.parse("k4v4-lo72-keep88-r32-z-sink4-p8")
-    assert spec.canonical() == "k4v4-g64-kc-p8-z-sink4-keep88-lo72-r32"
-    assert CodecSpec.parse(spec.canonical()) == spec
 
 
 def test_infinite_scores_never_displace_forced_tokens() -> None:

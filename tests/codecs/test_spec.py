@@ -21,6 +21,9 @@ from deltastore.errors import InvalidArgument
         ("k4v2-r8-adapt30", "k4v2-g64-kc-adapt30-r8"),
         ("k8v8-nr", "k8v8-g64-kc-nr"),
         ("lossless-pe10", "lossless-pe10-r16"),
+        ("k4v4", "k4v4-g64-kc"),  # older specs are spelled as before
+        ("k4v4-keep88-hp16-z-sink4-p8", "k4v4-g64-kc-p8-z-sink4-hp16-keep88-r16"),
+        ("k4v4-lo72-keep88-r32-z-sink4-p8", "k4v4-g64-kc-p8-z-sink4-keep88-lo72-r32"),
     ],
 )
 def test_parse_canonical_roundtrip(text: str, canonical: str) -> None:
@@ -51,6 +54,32 @@ def test_parse_canonical_roundtrip(text: str, canonical: str) -> None:
 )
 def test_parse_rejects(text: str) -> None:
     with pytest.raises(InvalidArgument):
+        CodecSpec.parse(text)
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        ("fp8-hp16", "kXvY codecs only"),
+        ("fp16-p8", "kXvY codecs only"),
+        ("k8v8-hp16", "already 8-bit"),
+        ("k4v4-hp16-pe30", "needs keep<P>"),
+        ("k4v4-hp32-keep50-r16", "exceeds the recent window"),
+        ("k4v4-hp0", "must be in"),
+        ("k4v4-p8-p8", "given twice"),
+        ("k4v4-hp8-hp16", "given twice"),
+        ("k4v4-lo50", "needs a kXvY codec with keep"),
+        ("k4v4-pe50-lo20", "needs a kXvY codec with keep"),
+        ("fp8-keep50-lo20", "needs a kXvY codec with keep"),
+        ("k4v4-keep50-lo60", "L must be in"),
+        ("k4v4-keep50-lo0", "at least 1"),
+        ("k2v2-keep50-lo20", "already 2-bit"),
+        ("k4v4-keep50-lo20-lo10", "given twice"),
+    ],
+)
+def test_parse_rejects_with_reason(text: str, match: str) -> None:
+    """p8, hp<N> and lo<L>: each refusal says why."""
+    with pytest.raises(InvalidArgument, match=match):
         CodecSpec.parse(text)
 
 

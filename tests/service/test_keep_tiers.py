@@ -6,6 +6,7 @@ import torch
 from service_helpers import MODEL, make_cache
 
 from deltastore.client.sync import DeltaStoreClient
+from deltastore.client.wire import RestoredSnapshot
 
 SPEC = "k4v4-sink4-z-keep50-r64"
 
@@ -42,16 +43,28 @@ def test_keep_tier_round_trips_and_the_next_turn_stores_only_new_tokens(client: 
         assert torch.allclose(k[:, -4:].float(), ref[:, -4:].float(), atol=0.5)
 
 
+Layers = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+def _put_and_get(
+    client: DeltaStoreClient, session: str, spec: str, seed: int, first_token: int
+) -> tuple[Layers, list[int], Layers, list[int], RestoredSnapshot]:
+    """A 150-token snapshot stored with ``spec`` and read back, and the 214-token cache and tokens
+    a longer session would store (its first block is the same prefix)."""
+    n = 150
+    longer = make_cache(n + 64, seed=seed)
+    more = list(range(first_token, first_token + n + 64))
+    cache, tokens = [(k[:, :n], v[:, :n]) for k, v in longer], more[:n]
+    client.put_snapshot(session, 0, tokens, cache, model=MODEL, codec=spec)
+    return cache, tokens, longer, more, client.get_snapshot(session, 0, as_cache=False)
+
+
 def test_newest_tokens_come_back_at_8_bits(client: DeltaStoreClient) -> None:
     """hp<N> through the service: the segments under the window carry the newest tokens at 8 bits,
     and a prefix block sealed by a longer session is the one already stored (dedup)."""
     spec = "k4v4-p8-sink4-z-hp16-keep88-r16"
     n = 150
-    longer = make_cache(n + 64, seed=5)
-    more = list(range(7000, 7000 + n + 64))
-    cache, tokens = [(k[:, :n], v[:, :n]) for k, v in longer], more[:n]
-    client.put_snapshot("hp", 0, tokens, cache, model=MODEL, codec=spec)
-    got = client.get_snapshot("hp", 0, as_cache=False)
+    cache, _, longer, more, got = _put_and_get(client, "hp", spec, seed=5, first_token=7000)
     for (k, v), (k0, v0), pos in zip(got.layers, cache, got.positions, strict=True):
         assert (pos[:, -16:] == torch.arange(n - 16, n)).all()
         for x, ref, old in ((k, k0, slice(8, 40)), (v, v0, slice(8, 40))):
@@ -68,12 +81,7 @@ def test_demoted_tokens_come_back_at_2_bits(client: DeltaStoreClient) -> None:
     coarser than the 4-bit ones and than the 8-bit newest, and a prefix block sealed by a longer
     session is the one already stored (dedup)."""
     spec = "k4v4-p8-sink4-z-hp16-keep88-lo72-r32"
-    n = 150
-    longer = make_cache(n + 64, seed=6)
-    more = list(range(5000, 5000 + n + 64))
-    cache, tokens = [(k[:, :n], v[:, :n]) for k, v in longer], more[:n]
-    client.put_snapshot("lo", 0, tokens, cache, model=MODEL, codec=spec)
-    got = client.get_snapshot("lo", 0, as_cache=False)
+    cache, tokens, longer, more, got = _put_and_get(client, "lo", spec, seed=6, first_token=5000)
     # [0,64): 4 sinks + 53 of 60 = 57; [64,128): 54 older -> 48, + 10 in the window; [128,150): all 22
     assert got.kept_tokens == 57 + 58 + 22
     client.put_snapshot("lo-none", 0, tokens, cache, model=MODEL, codec=spec.replace("-lo72", ""))
