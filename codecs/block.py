@@ -194,26 +194,26 @@ def _encode_layers(
     seq_end: int | None,
     score: torch.Tensor | None,
     codecs: tuple[TensorCodec, TensorCodec],
-    counts: tuple[int, int, int],
+    counts: tuple[int, int, int, int],
 ) -> _Encoded:
     """Evict and encode consecutive layers.
 
-    counts: (sink, high, low): of the kept tokens, the first ``sink`` go to fp16, the last
-    ``high`` to 8 bits (hp<N>) and the ``low`` lowest-scored of the others to 2 bits (lo<L>).
+    counts: (kept, sink, high, low): of the ``kept`` tokens per head, the first ``sink`` go to
+    fp16, the last ``high`` to 8 bits (hp<N>) and the ``low`` lowest-scored of the others to 2 bits
+    (lo<L>).
     """
-    sink, high, low = counts
+    kept, sink, high, low = counts
     n_layers, (h, n, d) = len(pairs), pairs[0][0].shape
     ks = torch.stack([k for k, _ in pairs]).view(n_layers * h, n, d)
     vs = torch.stack([v for _, v in pairs]).view(n_layers * h, n, d)
     mask = low_mask = None
     if spec.evicts:
         ranked = importance(ks, spec, start, score, seq_end)
-        idx = keep_indices(ranked, spec.kept_tokens(n, start, seq_end))
+        idx = keep_indices(ranked, kept)
         if spec.low:
             low_mask = low_slots(ranked, idx, low)
         ks, vs = gather_tokens(ks, idx), gather_tokens(vs, idx)
         mask = mask_from_indices(idx, n)
-    kept = ks.shape[1]
     mid = slice(sink, kept - high)
     k_mid, v_mid = ks[:, mid], vs[:, mid]
     low_parts: list[torch.Tensor] = []
@@ -302,7 +302,7 @@ def encode_block(
             seq_end,
             None if score is None else score[i * h : (i + per_call) * h],
             (key_codec, value_codec),
-            (sink, high, low),
+            (kept, sink, high, low),
         )
         for i in range(0, n_layers, per_call)
     ]

@@ -150,16 +150,14 @@ def build_configs(quick: bool, block: int, peers: bool) -> list[Any]:
         spec: str, keep: float, scores: str = "block", seg: int | None = block, **kw: Any
     ) -> EvictQuantConfig:
         """An evict-then-quantize row; seg=None: one budget over the whole cache (one segment)."""
-        label = f"{spec} keep{round(keep * 100)}% {scores}-scored"
-        low = round(kw.get("low", 0) * 100)
-        if low:
-            label = f"{spec} keep{round(keep * 100)}% ({low}% at 2 bits) {scores}-scored"
+        pct, low = round(keep * 100), round(kw.get("low", 0) * 100)
+        label = f"{spec} keep{pct}%" + (f" ({low}% at 2 bits)" if low else "") + f" {scores}-scored"
         label += " one segment" if seg is None else f" per {seg}-token block"
         if kw.get("recent"):
             label += f", last {kw['recent']} whole"
         if kw.get("whole"):
             label += f", prefix {kw['whole']} whole"
-        name = f"{spec}-keep{round(keep * 100)}" + (f"-lo{low}" if low else "") + f"-r{kw.get('recent', 16)}"
+        name = f"{spec}-keep{pct}" + (f"-lo{low}" if low else "") + f"-r{kw.get('recent', 16)}"
         return EvictQuantConfig(label, name, "frontier", spec, keep, scores=scores, block=seg or 0, **kw)
 
     # Levers one at a time: key layout, rotation, fp16 sink, entropy stage, bits ...
