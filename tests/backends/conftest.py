@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "store"))
 from redis_harness import OPTIONS, require_redis_server, shared_cluster, unique_prefix
 
 from deltastore.backends.redis_backend import RedisBackend
-from deltastore.backends.redis_local import LocalRedis, LocalRedisCluster
+from deltastore.bench.redis_local import LocalRedis, LocalRedisCluster
 
 
 @pytest.fixture

@@ -23,7 +23,7 @@ import redis
 
 from deltastore.backend import Backend
 from deltastore.backends.redis_backend import RedisBackend
-from deltastore.backends.redis_local import LocalRedisCluster, redis_binaries
+from deltastore.bench.redis_local import LocalRedisCluster, redis_binaries
 from deltastore.errors import DeltaStoreError
 
 SHARED_URL = "redis://127.0.0.1:6379/0"

@@ -13,7 +13,7 @@ from redis_harness import OPTIONS
 
 from deltastore.backend import WriteBatch
 from deltastore.backends.redis_backend import RedisBackend, RedisConfig, _chunks
-from deltastore.backends.redis_local import LocalRedis, LocalRedisCluster
+from deltastore.bench.redis_local import LocalRedis, LocalRedisCluster
 from deltastore.errors import BackendUnavailable, IncompatibleFormat, InvalidArgument, StoreFull
 
 

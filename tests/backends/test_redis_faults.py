@@ -11,7 +11,7 @@ import pytest
 from store_testlib import payload_for, put, random_tokens
 
 from deltastore.backends.redis_backend import RedisBackend
-from deltastore.backends.redis_local import LocalRedisCluster
+from deltastore.bench.redis_local import LocalRedisCluster
 from deltastore.errors import BackendUnavailable, NotFound
 from deltastore.settings import StoreConfig
 from deltastore.store import Store

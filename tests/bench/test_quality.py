@@ -15,7 +15,7 @@ import pytest
 
 from deltastore.bench.quality import grade
 from deltastore.bench.quality_configs import segments
-from deltastore.bench.quality_tiers import pick_tier, recommend
+from deltastore.codecs.tiers import pick_tier, recommend
 from deltastore.cli import main
 from deltastore.codecs import encoded_nbytes
 from deltastore.errors import InvalidArgument, NotFound

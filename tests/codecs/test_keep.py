@@ -139,7 +139,7 @@ def test_existing_specs_unchanged() -> None:
 
 
 def test_max_kl(capsys: pytest.CaptureFixture[str]) -> None:
-    from deltastore.bench.quality_tiers import load_table, pick_tier
+    from deltastore.codecs.tiers import load_table, pick_tier
 
     assert main(["codecs", "--max-kl", "0.05"]) == 0
     lines = capsys.readouterr().out.splitlines()

@@ -3,7 +3,7 @@
 ``recommend(doc, *others)`` keeps the dedup-safe rows of a full ``deltastore bench quality`` run
 (their eviction never depends on tokens after a stored block; stored in the run's block size;
 scored as ``capture_scores`` scores by default, so a row's KL is what a worker gets) and writes
-them with the runs' provenance to ``deltastore/bench/data/recommended_tiers.json``. With runs on
+them with the runs' provenance to ``codecs/data/recommended_tiers.json``. With runs on
 other texts (same model and protocol), a row counts only if every run measured it, at its worst
 KL and lowest ratio over the texts: eviction that is harmless on prose can cost 2-5x the KL on
 copy-heavy technical text, and a budget should hold on both. ``pick_tier(max_kl)`` reads that
@@ -103,7 +103,7 @@ def recommend(doc: dict[str, Any], *others: dict[str, Any]) -> dict[str, Any]:
 
 def load_table() -> dict[str, Any]:
     """The shipped table (written by ``deltastore bench quality --recommend``)."""
-    text = resources.files("deltastore.bench").joinpath("data", _TABLE).read_text("utf-8")
+    text = resources.files("deltastore.codecs").joinpath("data", _TABLE).read_text("utf-8")
     return json.loads(text)
 
 

@@ -200,7 +200,7 @@ def _engines(args: argparse.Namespace, root: Path) -> Iterator[dict[str, Callabl
     """Openers of a fresh backend per engine (local servers started as needed, stopped after)."""
     from deltastore.backends.lmdb_backend import LmdbBackend, LmdbConfig
     from deltastore.backends.redis_backend import RedisBackend
-    from deltastore.backends.redis_local import LocalRedis, LocalRedisCluster
+    from deltastore.bench.redis_local import LocalRedis, LocalRedisCluster
 
     fsync = "always" if args.durability == "fsync" else "everysec"
     prefix = f"bench-{secrets.token_hex(4)}"

@@ -559,7 +559,7 @@ def run(args: argparse.Namespace) -> int:
     args.json.with_suffix(".md").write_text(table)
     plot(doc, args.json.with_suffix(".png"))
     if args.recommend is not None:
-        from deltastore.bench.quality_tiers import recommend
+        from deltastore.codecs.tiers import recommend
 
         args.recommend.write_text(json.dumps(recommend(doc, *others), indent=2) + "\n")
     print(table)

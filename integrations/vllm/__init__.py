@@ -1,0 +1,1 @@
+"""DeltaStore as a vLLM KV connector (v1 API); install the `vllm` extra."""
