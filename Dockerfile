@@ -16,7 +16,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PATH=/opt/deltastore/bin:$PATH \
     DELTASTORE_DATA_DIR=/data \
     DELTASTORE_GRPC_ADDRESS=0.0.0.0:50051 \
-    DELTASTORE_HTTP_ADDRESS=0.0.0.0:8080
+    DELTASTORE_HTTP_ADDRESS=0.0.0.0:8080 \
+    DELTASTORE_AUTH_FILE=/run/secrets/deltastore-auth
 
 RUN python3 -m venv "$VIRTUAL_ENV" && pip install --upgrade pip
 
@@ -37,6 +38,9 @@ USER deltastore
 WORKDIR /data
 VOLUME ["/data"]
 
+# Secure by default: the server listens on every interface, so it needs API keys. Mount an auth
+# file at /run/secrets/deltastore-auth (a compose or Kubernetes secret; see docker-compose.yml), or
+# the container refuses to start. Opting out takes DELTASTORE_AUTH_FILE= and DELTASTORE_INSECURE=1.
 # 50051: gRPC (workers); 8080: ops HTTP (/healthz, /readyz, /metrics, /v1/savings, /).
 EXPOSE 50051 8080
 

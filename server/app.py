@@ -105,6 +105,7 @@ class Service:
 
         # -- trust (auth, stall guard, TLS): each off unless configured --
         s = self.settings
+        s.check_exposure()
         policy = load_auth_file(s.auth_file) if s.auth_file else None
         tls = TlsFiles.from_paths(s.tls_cert, s.tls_key, s.tls_client_ca)
         self.stall_guard = StallGuard(s.stall_seconds)
@@ -180,6 +181,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import signal
 
+    from deltastore.backends import redact_url
+
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -197,7 +200,8 @@ def run(args: argparse.Namespace) -> int:
         else "off"
     )
     # One machine-readable line: tests and scripts that bind port 0 read the real ports here.
-    print(f"deltastore serving grpc={grpc_at} http={http_at} backend={settings.backend_url}", flush=True)
+    backend = redact_url(settings.backend_url)
+    print(f"deltastore serving grpc={grpc_at} http={http_at} backend={backend}", flush=True)
     try:
         stop.wait()
     finally:

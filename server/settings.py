@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import ipaddress
 import os
 import re
 from collections.abc import Mapping
@@ -15,7 +16,7 @@ from pathlib import Path
 
 from deltastore.errors import InvalidArgument
 
-__all__ = ["ServerSettings", "add_setting_arguments", "parse_size"]
+__all__ = ["ServerSettings", "add_setting_arguments", "is_loopback_address", "parse_size"]
 
 _SIZE = re.compile(r"^\s*(\d+)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
@@ -54,6 +55,8 @@ class ServerSettings:
         shm_dir: shared-memory directory for GetSnapshotShm (a worker on the same host mounts
             it); "" disables the call.
         shm_max_bytes: most bytes of snapshot files in ``shm_dir`` not yet claimed by a worker.
+        insecure: allow listening beyond loopback without an auth file (anyone who reaches the
+            port reads and deletes every tenant's KV); off, such a start is refused.
     """
 
     data_dir: Path = Path("./data")
@@ -73,6 +76,7 @@ class ServerSettings:
     tls_client_ca: str = ""
     shm_dir: str = ""
     shm_max_bytes: int = 2 << 30
+    insecure: bool = False
 
     def __post_init__(self) -> None:
         for name in (
@@ -96,6 +100,23 @@ class ServerSettings:
             raise InvalidArgument(f"grace_seconds must be >= 0, got {self.grace_seconds}")
         if not self.grpc_address:
             raise InvalidArgument("a gRPC address is required")
+
+    def check_exposure(self) -> None:
+        """Refuse a listener beyond loopback (or a unix socket) without an auth file, unless insecure.
+
+        Without keys every caller is every tenant: it reads token ids and KV, deletes sessions and
+        lists namespaces. Secure by default: such a start is an error naming the way out.
+        """
+        if self.auth_file or self.insecure:
+            return
+        exposed = [a for a in (self.grpc_address, self.http_address) if a and not is_loopback_address(a)]
+        if exposed:
+            raise InvalidArgument(
+                f"refusing to listen on {', '.join(exposed)} without an auth file: every caller would "
+                "read and delete every tenant's data",
+                hint="give --auth-file (DELTASTORE_AUTH_FILE), listen on 127.0.0.1 or unix:/path.sock, "
+                "or pass --insecure (DELTASTORE_INSECURE=1) to accept it",
+            )
 
     @property
     def backend_url(self) -> str:
@@ -129,9 +150,33 @@ def _convert(name: str, type_name: object, raw: object) -> object:
             return float(text)
         if type_name in ("Path", Path):
             return Path(text)
+        if type_name in ("bool", bool):
+            return _flag(text)
     except ValueError as exc:
         raise InvalidArgument(f"{name}: cannot read {text!r}: {exc}") from None
     return text
+
+
+def _flag(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("", "0", "false", "no", "off"):
+        return False
+    raise ValueError("not a boolean (use 1/0, true/false, yes/no, on/off)")
+
+
+def is_loopback_address(address: str) -> bool:
+    """Does a listen address (``host:port``, ``[v6]:port``, ``unix:/path``) stay on this host?"""
+    if address.startswith("unix:"):
+        return True
+    host = address.rpartition(":")[0].strip("[]")
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # "", a hostname other than localhost, or 0.0.0.0-style wildcards spelled oddly
+        return False
 
 
 def add_setting_arguments(parser: argparse.ArgumentParser) -> None:
@@ -168,10 +213,24 @@ def add_setting_arguments(parser: argparse.ArgumentParser) -> None:
             "--shm-dir",
             "shared-memory directory for GetSnapshotShm, e.g. /dev/shm/deltastore ('' = off)",
         ),
+        "insecure": (
+            "--insecure",
+            "allow listening beyond loopback without --auth-file (every caller is every tenant)",
+        ),
     }
     for field in dataclasses.fields(ServerSettings):
         flag, help_ = flags[field.name]
         env = f"DELTASTORE_{field.name.upper()}"
+        if field.type in ("bool", bool):
+            parser.add_argument(
+                flag,
+                dest=field.name,
+                default=None,
+                action="store_const",
+                const="1",
+                help=f"{help_} [env {env}]",
+            )
+            continue
         parser.add_argument(
             flag,
             dest=field.name,

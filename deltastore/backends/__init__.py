@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from typing import TYPE_CHECKING
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 from deltastore.errors import InvalidArgument
 
@@ -18,7 +18,24 @@ if TYPE_CHECKING:  # deltastore.settings imports the LMDB backend's config: no i
     from deltastore.backend import Backend
     from deltastore.settings import Settings
 
-__all__ = ["OPENERS", "open_backend"]
+__all__ = ["OPENERS", "open_backend", "redact_url"]
+
+
+def redact_url(url: str) -> str:
+    """The URL with any password (``redis://user:secret@host``) replaced by ``***``: safe to log.
+
+    Every message, log line and printed banner that shows a backend URL goes through this.
+    """
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparseable backend URL>"
+    userinfo, at, hostinfo = parts.netloc.rpartition("@")
+    if not at:
+        return url
+    user, colon, _password = userinfo.partition(":")
+    netloc = f"{user}{':***' if colon else ''}@{hostinfo}"
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
 
 
 def _open_lmdb(url: str, settings: Settings) -> Backend:
@@ -30,7 +47,9 @@ def _open_lmdb(url: str, settings: Settings) -> Backend:
     parts = urlsplit(url)
     path = (parts.netloc + parts.path) if parts.scheme else url
     if not path:
-        raise InvalidArgument(f"backend URL {url!r} names no directory", hint="use lmdb:///absolute/path")
+        raise InvalidArgument(
+            f"backend URL {redact_url(url)!r} names no directory", hint="use lmdb:///absolute/path"
+        )
     return LmdbBackend(replace(settings.lmdb, path=Path(path)))
 
 
@@ -54,5 +73,7 @@ def open_backend(url: str, settings: Settings) -> Backend:
     opener = OPENERS.get(scheme)
     if opener is None:
         known = ", ".join(f"{s}://" for s in sorted(OPENERS) if s)
-        raise InvalidArgument(f"unknown backend {scheme!r} in {url!r}", hint=f"supported: {known}")
+        raise InvalidArgument(
+            f"unknown backend {scheme!r} in {redact_url(url)!r}", hint=f"supported: {known}"
+        )
     return opener(url, settings)

@@ -59,7 +59,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
@@ -70,7 +70,7 @@ from redis.cluster import ClusterNode, RedisCluster
 from redis.retry import Retry
 
 from deltastore.backend import COUNTER_NBYTES, KEYSPACES, MAX_KEY_BYTES, Backend, ReadView, WriteBatch
-from deltastore.backends import redis_scripts
+from deltastore.backends import redact_url, redis_scripts
 from deltastore.errors import (
     BackendUnavailable,
     ChecksumMismatch,
@@ -146,7 +146,7 @@ class RedisConfig:
         wait_timeout_ms: how long a commit waits for those replicas before failing UNAVAILABLE.
     """
 
-    url: str = "redis://127.0.0.1:6379/0"
+    url: str = field(default="redis://127.0.0.1:6379/0", repr=False)  # may hold a password
     prefix: str = "deltastore"
     lock_lease_ms: int = 15_000
     lock_wait_s: float = 60.0
@@ -160,7 +160,8 @@ class RedisConfig:
         scheme = urlsplit(self.url).scheme
         if scheme not in SCHEMES:
             raise InvalidArgument(
-                f"not a Redis URL: {self.url!r}", hint=f"use one of {', '.join(s + '://' for s in SCHEMES)}"
+                f"not a Redis URL: {redact_url(self.url)!r}",
+                hint=f"use one of {', '.join(s + '://' for s in SCHEMES)}",
             )
         if not _PREFIX_RE.fullmatch(self.prefix):
             raise InvalidArgument(f"Redis key prefix {self.prefix!r} must match [A-Za-z0-9._-]{{1,64}}")
@@ -559,10 +560,10 @@ class RedisBackend(Backend):
         for item in filter(None, hosts.split(",")):
             host, sep, port = item.rpartition(":")
             if not sep or not port.isdigit():
-                raise InvalidArgument(f"cluster node {item!r} in {cfg.url!r} is not host:port")
+                raise InvalidArgument(f"cluster node {item!r} in {redact_url(cfg.url)!r} is not host:port")
             nodes.append(ClusterNode(host.strip("[]"), int(port)))
         if not nodes:
-            raise InvalidArgument(f"{cfg.url!r} names no cluster node")
+            raise InvalidArgument(f"{redact_url(cfg.url)!r} names no cluster node")
         with _errors("connect"):
             return RedisCluster(
                 startup_nodes=nodes,

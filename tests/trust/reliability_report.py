@@ -12,6 +12,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 AREAS = {
+    "exposure": "Secure defaults",
     "auth": "Authentication, roles, TLS",
     "isolation": "Tenant isolation",
     "hostile": "Hostile input",

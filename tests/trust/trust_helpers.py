@@ -158,6 +158,13 @@ def call_every_method(
             metadata=md,
             timeout=10,
         ),
+        "GetPrefix": lambda md: list(
+            s.GetPrefix(
+                pb.GetPrefixRequest(namespace=namespace, model=MODEL, codec="k4v2", token_ids=tokens),
+                metadata=md,
+                timeout=10,
+            )
+        ),
         "HasBlocks": lambda md: s.HasBlocks(
             pb.HasBlocksRequest(namespace=namespace, keys=[bytes(32)]), metadata=md, timeout=10
         ),
@@ -313,6 +320,7 @@ class ServeProcess:
         self.stderr: list[str] = []
         threading.Thread(target=self._drain_stderr, daemon=True).start()
         line = self.proc.stdout.readline() if self.proc.stdout else ""
+        self.banner = line
         match = _SERVING.search(line)
         if match is None:
             self.proc.kill()
@@ -384,7 +392,7 @@ def send_garbage(port: int, metadata: Sequence[tuple[str, str]] = ()) -> int:
                 try:
                     if method == "PutSnapshot":
                         ch.stream_unary(path)(iter([data]), metadata=metadata, timeout=10)
-                    elif method == "GetSnapshot":
+                    elif method in ("GetSnapshot", "GetPrefix"):
                         list(ch.unary_stream(path)(data, metadata=metadata, timeout=10))
                     else:
                         ch.unary_unary(path)(data, metadata=metadata, timeout=10)
