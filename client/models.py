@@ -11,6 +11,7 @@ import functools
 import importlib.util
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +53,10 @@ def load_model(
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    if not sys.stderr.isatty():  # a log file or a pipe: no weight-loading bar redrawn as lines
+        hf_logging.disable_progress_bar()
     torch_dtype = getattr(torch, dtype)
     source = str(_converted_smollm2()) if name_or_path == DEFAULT_MODEL else name_or_path
     tokenizer = AutoTokenizer.from_pretrained(source)

@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
-# The synthetic snapshot helpers of the store suite (tests/ folders are not packages).
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "store"))
 from redis_harness import OPTIONS, require_redis_server, shared_cluster, unique_prefix
 
 from deltastore.backends.redis_backend import RedisBackend

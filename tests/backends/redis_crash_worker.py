@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import random
 import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "store"))
 
 from store_workers import BLOCK, CRASH_SESSIONS, crash_tokens, put_retrying
 

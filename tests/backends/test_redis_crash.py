@@ -4,6 +4,7 @@ left uncommitted are freed by the next commit (no leaked keys)."""
 
 from __future__ import annotations
 
+import os
 import random
 import signal
 import subprocess
@@ -21,13 +22,21 @@ from deltastore.store import Store
 from deltastore.verify import verify_backend
 
 WORKER = Path(__file__).with_name("redis_crash_worker.py")
+STORE_TESTS = Path(__file__).resolve().parents[1] / "store"
 KILLS = 6
 
 
 def _run_and_kill(url: str, rng_seed: int, acks: int, delay: float) -> list[tuple[str, int, int]]:
     """Start a writer, SIGKILL it ``delay`` s after its ``acks``-th ACK; return its ACKs."""
     proc = subprocess.Popen(
-        [sys.executable, str(WORKER), url, str(rng_seed)], stdout=subprocess.PIPE, text=True
+        [sys.executable, str(WORKER), url, str(rng_seed)],
+        stdout=subprocess.PIPE,
+        text=True,
+        # the worker imports the store suite's helpers, as pytest's `pythonpath` does for tests
+        env={
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join([str(STORE_TESTS), os.environ.get("PYTHONPATH", "")]),
+        },
     )
     got: list[tuple[str, int, int]] = []
     enough = threading.Event()

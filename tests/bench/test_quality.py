@@ -15,9 +15,9 @@ import pytest
 
 from deltastore.bench.quality import grade
 from deltastore.bench.quality_configs import segments
-from deltastore.codecs.tiers import pick_tier, recommend
 from deltastore.cli import main
 from deltastore.codecs import encoded_nbytes
+from deltastore.codecs.tiers import pick_tier, recommend
 from deltastore.errors import InvalidArgument, NotFound
 
 

@@ -35,8 +35,9 @@ def test_dockerfile() -> None:
     ops = [op for op, _ in ins]
     assert ops[0] == "ARG" and ins[0][1].startswith("BASE_IMAGE=") and ops[1] == "FROM"
     assert ins[1][1] == "${BASE_IMAGE}"
-    args = dict(a.split("=", 1) for op, a in ins if op == "ARG")
-    assert args["TORCH_INDEX_URL"].endswith("/cpu")  # CPU by default; CUDA is a build argument
+    # The server image is the server and store only: no torch, no worker extras.
+    runs = " ".join(a for op, a in ins if op == "RUN")
+    assert "torch" not in runs and "pip install . " in runs + " " and "[" not in runs
     expose = {p for op, a in ins if op == "EXPOSE" for p in a.split()}
     assert expose == {"50051", "8080"}
     assert ("VOLUME", '["/data"]') in ins
@@ -52,7 +53,7 @@ def test_dockerfile() -> None:
     env = " ".join(a for op, a in ins if op == "ENV")
     assert "DELTASTORE_GRPC_ADDRESS=0.0.0.0:50051" in env and "DELTASTORE_HTTP_ADDRESS=0.0.0.0:8080" in env
     ignored = (ROOT / ".dockerignore").read_text().split()
-    assert ".venv" in ignored and ".git" in ignored
+    assert ".venv*" in ignored and ".git" in ignored
 
 
 def test_compose_file() -> None:
@@ -65,7 +66,8 @@ def test_compose_file() -> None:
     assert mount == "/data" and name in compose["volumes"]
     assert any("/healthz" in part for part in ds["healthcheck"]["test"])
     # The command is a valid `deltastore serve` invocation whose addresses match the ports.
-    args = build_parser().parse_args(["serve", *ds["command"]])
+    argv = ["serve", *ds["command"]]
+    args = build_parser(argv).parse_args(argv)
     settings = ServerSettings.load(args, {})
     assert settings.grpc_address.endswith(":50051") and settings.http_address.endswith(":8080")
     assert str(settings.data_dir) == mount

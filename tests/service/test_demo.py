@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from deltastore.client.demo import DEFAULT_TURNS, run_demo
+from deltastore.bench.demo import DEFAULT_TURNS, run_demo
 from deltastore.server.app import Service
 
 pytestmark = pytest.mark.slow
@@ -46,7 +46,8 @@ def test_lossy_codec_reports_agreement_and_savings(service: Service) -> None:
         max_new_tokens=3,
         log=lambda _line: None,
     )
-    assert 0.0 <= report["token_agreement"] <= 1.0
+    # k4v2 costs ~0.03 nats of KL on this model: greedy tokens mostly agree; a broken restore does not.
+    assert report["token_agreement"] >= 0.5
     assert report["per_turn"][0]["identical"]  # turn 0 runs before any round trip
     savings = report["savings"]
     assert savings["layers"]["codec"] > 3.0  # 4-bit keys, 2-bit values vs FP16, every byte counted

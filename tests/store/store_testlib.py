@@ -10,18 +10,15 @@ the same data: close the previous handle first). Every test using the ``backend_
 from __future__ import annotations
 
 import random
-import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import blake3
+from redis_harness import redis_cluster_factory, redis_factory
 
 from deltastore.backend import Backend
 from deltastore.backends.lmdb_backend import LmdbBackend, LmdbConfig
 from deltastore.store import Plan, PutResult, SegmentPayload, Store
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "backends"))
-from redis_harness import redis_cluster_factory, redis_factory
 
 BackendFactory = Callable[..., Backend]
 

@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import random
 import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).parent))
 
 from store_testlib import payloads, random_tokens
 
