@@ -36,7 +36,7 @@ from deltastore.client.wire import (
 )
 from deltastore.v1 import deltastore_pb2 as pb
 from deltastore.v1 import deltastore_pb2_grpc as pb_grpc
-from deltastore.v1.protocol import DEFAULT_CHUNK_BYTES
+from deltastore.v1.protocol import DEFAULT_CHUNK_BYTES, wire_deserializer
 
 if TYPE_CHECKING:
     import torch
@@ -97,6 +97,11 @@ class DeltaStoreClient:
         self._raw_channel = channel
         self._stub = pb_grpc.DeltaStoreStub(self._channel)
         self._payload_calls = PayloadCalls(self._channel)
+        self._get_prefix = self._channel.unary_stream(
+            f"/{pb.DESCRIPTOR.services_by_name['DeltaStore'].full_name}/GetPrefix",
+            request_serializer=pb.GetPrefixRequest.SerializeToString,
+            response_deserializer=wire_deserializer(pb.GetSnapshotResponse.FromString),
+        )
         self.namespace = namespace
         self.timeout = timeout
         self.retry = retry or Retry()
@@ -239,6 +244,38 @@ class DeltaStoreClient:
             namespace=self.namespace, model=fingerprint(model), codec=codec, token_ids=token_ids
         )
         return self._call(lambda t: self._stub.LookupPrefix(req, timeout=t), timeout).matched_tokens
+
+    def get_prefix(
+        self,
+        token_ids: Sequence[int],
+        *,
+        model: Any,
+        codec: str = "k4v2",
+        max_tokens: int | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        timeout: float | None = None,
+    ) -> RestoredSnapshot | None:
+        """The stored leading blocks of ``token_ids`` (what ``lookup_prefix`` counts), decoded.
+
+        No session is needed: the server computes the chain from this client's namespace, model
+        and codec. ``n_tokens`` of the result is the number of leading tokens restored (at most
+        ``max_tokens``); None when nothing matches. ``as_cache`` is not built (``.cache`` is None).
+        """
+        req = pb.GetPrefixRequest(
+            namespace=self.namespace,
+            model=fingerprint(model),
+            codec=codec,
+            token_ids=token_ids,
+            max_tokens=max_tokens or 0,
+        )
+        info, payloads = self._call(
+            lambda t: read_snapshot_stream(self._get_prefix(req, timeout=t), self.max_snapshot_bytes),
+            timeout,
+        )
+        if not info.segments:
+            return None
+        return decode_snapshot(info, payloads, device=device, dtype=dtype, as_cache=False)
 
     def has_blocks(self, keys: Sequence[bytes], *, timeout: float | None = None) -> list[bool]:
         """Which of these 32-byte segment keys the store holds in this namespace."""

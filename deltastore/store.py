@@ -802,6 +802,67 @@ class Store:
                     matched = chain.n_tokens
         return matched
 
+    def get_prefix(
+        self,
+        namespace: str,
+        model: str,
+        codec: str,
+        token_ids: Sequence[int],
+        *,
+        max_tokens: int | None = None,
+    ) -> SnapshotStream:
+        """The stored leading segments of these tokens, without a session (what LookupPrefix counts).
+
+        The chain is computed here from the caller's namespace (its dedup domain), model and codec,
+        so only blocks of that domain can match. Whole aligned blocks, then the rest as one stored
+        segment, up to ``max_tokens`` (None: all). Each block's stored token ids must equal the
+        requested ones (ChecksumMismatch otherwise); payloads are verified as they are read, as by
+        :meth:`open_snapshot`. Nothing matching yields a stream with no segments.
+        """
+        check_name("namespace", namespace)
+        check_label("model fingerprint", model)
+        check_label("codec spec", codec)
+        ids = list(token_ids) if max_tokens is None else list(token_ids)[: max(0, max_tokens)]
+        tokens = token_bytes(ids)
+        domain, bs = self.config.domain(namespace), self.config.block_size
+        chain = Chain(seed(domain, model, codec, bs), tokens, bs)
+        found: list[PlannedSegment] = []
+        fp16_total = 0
+
+        def take(view: ReadView, start: int, end: int, key: bytes) -> bool:
+            nonlocal fp16_total
+            block = view.get("blocks", block_key(domain, key))
+            if block is None:
+                return False
+            meta, toks, _ = decode_block(block, key.hex(), check=False)
+            if bytes(toks) != tokens[4 * start : 4 * end]:
+                raise ChecksumMismatch(key.hex(), "the requested token ids", "other stored token ids")
+            found.append(PlannedSegment(start, end, key.hex(), True, meta.payload_nbytes))
+            fp16_total += meta.fp16_nbytes
+            return True
+
+        with self.backend.read() as view:
+            matched = 0
+            for i in range(chain.n_tokens // bs):
+                if not take(view, i * bs, (i + 1) * bs, chain.hashes[i + 1]):
+                    break
+                matched = (i + 1) * bs
+            else:
+                if matched < chain.n_tokens:
+                    take(view, matched, chain.n_tokens, chain.segment_key(matched, chain.n_tokens))
+        n_tokens = found[-1].end if found else 0
+
+        def read(seg: PlannedSegment, use: Callable[[int, memoryview], T]) -> T:
+            with self.backend.read() as view:
+                block = view.get("blocks", block_key(domain, key_from_hex(seg.key)))
+                if block is None:
+                    raise NotFound(f"prefix block {seg.key} was evicted while it was read")
+                meta, _, payload = decode_block(block, seg.key)
+                return use(meta.fp16_nbytes, payload)
+
+        info = SnapshotInfo("", namespace, "", 0, model, codec, n_tokens, fp16_total, None, 0.0)
+        return SnapshotStream(info, ids[:n_tokens], tuple(found), read)
+
     def savings(self, namespace: str | None = None) -> dict[str, Any]:
         """Savings of the store (and of every namespace), or of one namespace as if alone.
 

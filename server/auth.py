@@ -100,6 +100,7 @@ METHOD_ACCESS: dict[str, Access] = {
     "GetSnapshot": Access.READ,
     "GetSnapshotShm": Access.READ,
     "LookupPrefix": Access.READ,
+    "GetPrefix": Access.READ,
     "HasBlocks": Access.READ,
     "DeleteSnapshot": Access.WRITE,
     "DeleteSession": Access.WRITE,

@@ -244,22 +244,41 @@ class DeltaStoreService(pb_grpc.DeltaStoreServicer):
     ) -> Iterator[pb.GetSnapshotResponse | bytes]:
         """The info, then every payload as pre-serialized chunk messages (see ``_add_service``)."""
         with self._rpc("GetSnapshot", context):
-            snap = self._open_snapshot(request)
-            yield pb.GetSnapshotResponse(info=_snapshot_info(snap))
-            sent = self._metrics.bytes_sent.labels("GetSnapshot")
-            chunk_bytes = self._settings.chunk_bytes
+            yield from self._stream_snapshot("GetSnapshot", self._open_snapshot(request), context)
 
-            def serialize(seg: PlannedSegment, _fp16: int, payload: memoryview) -> list[bytes]:
-                # Straight from the stored record into the messages: the payload's only copy.
-                return list(encode_chunk_message(bytes.fromhex(seg.key), payload, chunk_bytes))
+    def GetPrefix(
+        self, request: pb.GetPrefixRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.GetSnapshotResponse | bytes]:
+        """The stored leading segments of the caller's tokens in its own domain, as GetSnapshot streams."""
+        with self._rpc("GetPrefix", context):
+            snap = self._store.get_prefix(
+                _ns(request.namespace),
+                model=_required("model", request.model),
+                codec=self._codec(request.codec),
+                token_ids=self._tokens(request.token_ids),
+                max_tokens=request.max_tokens or None,
+            )
+            yield from self._stream_snapshot("GetPrefix", snap, context)
 
-            for seg, messages in zip(snap.segments, read_ahead(snap.map(serialize)), strict=True):
-                # The next payload is read, verified and framed while this one is sent.
-                for msg in messages:
-                    if not context.is_active():
-                        raise _DeadlineExceeded("GetSnapshot: the caller went away or its deadline passed")
-                    yield msg
-                sent.inc(seg.size_bytes)
+    def _stream_snapshot(
+        self, method: str, snap: SnapshotStream, context: grpc.ServicerContext
+    ) -> Iterator[pb.GetSnapshotResponse | bytes]:
+        """The info, then the payloads read, verified and framed ahead of the send (one copy)."""
+        yield pb.GetSnapshotResponse(info=_snapshot_info(snap))
+        sent = self._metrics.bytes_sent.labels(method)
+        chunk_bytes = self._settings.chunk_bytes
+
+        def serialize(seg: PlannedSegment, _fp16: int, payload: memoryview) -> list[bytes]:
+            # Straight from the stored record into the messages: the payload's only copy.
+            return list(encode_chunk_message(bytes.fromhex(seg.key), payload, chunk_bytes))
+
+        for seg, messages in zip(snap.segments, read_ahead(snap.map(serialize)), strict=True):
+            # The next payload is read, verified and framed while this one is sent.
+            for msg in messages:
+                if not context.is_active():
+                    raise _DeadlineExceeded(f"{method}: the caller went away or its deadline passed")
+                yield msg
+            sent.inc(seg.size_bytes)
 
     def GetSnapshotShm(
         self, request: pb.GetSnapshotRequest, context: grpc.ServicerContext
@@ -490,6 +509,11 @@ def _add_service(servicer: DeltaStoreService, server: grpc.Server) -> None:
     handlers["GetSnapshot"] = grpc.unary_stream_rpc_method_handler(
         servicer.GetSnapshot,
         request_deserializer=pb.GetSnapshotRequest.FromString,
+        response_serializer=wire_serializer,
+    )
+    handlers["GetPrefix"] = grpc.unary_stream_rpc_method_handler(
+        servicer.GetPrefix,
+        request_deserializer=pb.GetPrefixRequest.FromString,
         response_serializer=wire_serializer,
     )
     handlers = {name: tolerant(name, handler) for name, handler in handlers.items()}

@@ -59,6 +59,11 @@ class DeltaStoreStub:
                 request_serializer=deltastore_dot_v1_dot_deltastore__pb2.LookupPrefixRequest.SerializeToString,
                 response_deserializer=deltastore_dot_v1_dot_deltastore__pb2.LookupPrefixResponse.FromString,
                 _registered_method=True)
+        self.GetPrefix = channel.unary_stream(
+                '/deltastore.v1.DeltaStore/GetPrefix',
+                request_serializer=deltastore_dot_v1_dot_deltastore__pb2.GetPrefixRequest.SerializeToString,
+                response_deserializer=deltastore_dot_v1_dot_deltastore__pb2.GetSnapshotResponse.FromString,
+                _registered_method=True)
         self.HasBlocks = channel.unary_unary(
                 '/deltastore.v1.DeltaStore/HasBlocks',
                 request_serializer=deltastore_dot_v1_dot_deltastore__pb2.HasBlocksRequest.SerializeToString,
@@ -135,6 +140,19 @@ class DeltaStoreServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetPrefix(self, request, context):
+        """Read the stored leading segments of these token ids without a session (what LookupPrefix
+        counts): the server computes the chain from the caller's namespace (its dedup domain), model
+        and codec, so only that domain's blocks can be returned. Server-streaming like GetSnapshot:
+        one `info` (no snapshot id or session; `token_ids` are the matched tokens, `segments` their
+        segments), then every payload in token order as `chunk` messages. Payloads are verified on
+        read (DATA_LOSS when a digest or a block's token ids differ). No match: an `info` with no
+        segments.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def HasBlocks(self, request, context):
         """Which of these segment keys are stored in this namespace. Unary; an empty key list yields
         an empty answer.
@@ -199,6 +217,11 @@ def add_DeltaStoreServicer_to_server(servicer, server):
                     servicer.LookupPrefix,
                     request_deserializer=deltastore_dot_v1_dot_deltastore__pb2.LookupPrefixRequest.FromString,
                     response_serializer=deltastore_dot_v1_dot_deltastore__pb2.LookupPrefixResponse.SerializeToString,
+            ),
+            'GetPrefix': grpc.unary_stream_rpc_method_handler(
+                    servicer.GetPrefix,
+                    request_deserializer=deltastore_dot_v1_dot_deltastore__pb2.GetPrefixRequest.FromString,
+                    response_serializer=deltastore_dot_v1_dot_deltastore__pb2.GetSnapshotResponse.SerializeToString,
             ),
             'HasBlocks': grpc.unary_unary_rpc_method_handler(
                     servicer.HasBlocks,
@@ -361,6 +384,33 @@ class DeltaStore:
             '/deltastore.v1.DeltaStore/LookupPrefix',
             deltastore_dot_v1_dot_deltastore__pb2.LookupPrefixRequest.SerializeToString,
             deltastore_dot_v1_dot_deltastore__pb2.LookupPrefixResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetPrefix(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/deltastore.v1.DeltaStore/GetPrefix',
+            deltastore_dot_v1_dot_deltastore__pb2.GetPrefixRequest.SerializeToString,
+            deltastore_dot_v1_dot_deltastore__pb2.GetSnapshotResponse.FromString,
             options,
             channel_credentials,
             insecure,

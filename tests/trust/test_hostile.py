@@ -404,6 +404,7 @@ def unary_calls(draw: st.DrawFn) -> tuple[str, Any]:
                 "GetSnapshot",
                 "GetSnapshotShm",
                 "LookupPrefix",
+                "GetPrefix",
                 "HasBlocks",
                 "DeleteSnapshot",
                 "DeleteSession",
@@ -430,6 +431,9 @@ def unary_calls(draw: st.DrawFn) -> tuple[str, Any]:
         "LookupPrefix": lambda: pb.LookupPrefixRequest(
             namespace=ns, model=model, codec=codec, token_ids=draw(token_lists)
         ),
+        "GetPrefix": lambda: pb.GetPrefixRequest(
+            namespace=ns, model=model, codec=codec, token_ids=draw(token_lists), max_tokens=draw(uint32)
+        ),
         "HasBlocks": lambda: pb.HasBlocksRequest(
             namespace=ns, keys=draw(st.lists(st.binary(max_size=40), max_size=20))
         ),
@@ -448,7 +452,9 @@ def test_fuzzed_unary_calls(service: Service, stub: pb_grpc.DeltaStoreStub, call
     before = _state(service)
     fn = getattr(stub, method)
     code = _code(
-        lambda: list(fn(request, timeout=10)) if method == "GetSnapshot" else fn(request, timeout=10)
+        lambda: list(fn(request, timeout=10))
+        if method in ("GetSnapshot", "GetPrefix")
+        else fn(request, timeout=10)
     )
     assert code in CLEAR | {grpc.StatusCode.OK}, (method, code)
     if request.namespace not in ("", "default") or getattr(request, "session", "") != "base":
