@@ -60,7 +60,9 @@ test-vllm: install-vllm
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/lint-imports
+	tools/package-tree.sh build/tree
+	cd build/tree && PYTHONPATH=. ../../$(BIN)/lint-imports ../../pyproject.toml --no-cache
+	cd build/tree && PYTHONPATH=. ../../$(BIN)/mypy --config-file ../../pyproject.toml -p deltastore
 
 proto: install
 	$(BIN)/python -m grpc_tools.protoc -I proto --python_out=. --pyi_out=. --grpc_python_out=. proto/deltastore/v1/deltastore.proto

@@ -61,7 +61,7 @@ def load_model(
     source = str(_converted_smollm2()) if name_or_path == DEFAULT_MODEL else name_or_path
     tokenizer = AutoTokenizer.from_pretrained(source)
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype)
-    model.to(device).eval()
+    model = model.to(device).eval()  # type: ignore[arg-type]  # transformers types .to() as a wrapper
     return model, tokenizer
 
 

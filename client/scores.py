@@ -216,7 +216,7 @@ def _window_scores(
             qpos = torch.arange(q0, end, device=keys.device)[:, None]
             visible = torch.arange(end, device=keys.device)[None, :] <= qpos  # (W, end)
             attn = logits.masked_fill(~visible, float("-inf")).softmax(dim=-1)
-            seen_by = visible[:, start:end].sum(dim=0).clamp(min=1)
+            seen_by: torch.Tensor | int = visible[:, start:end].sum(dim=0).clamp(min=1)
         else:
             attn = logits.softmax(dim=-1)
             seen_by = w

@@ -65,7 +65,12 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     bench_sub = bench.add_subparsers(dest="bench", metavar="BENCH")
     for name, module, help_ in BENCHES:
         _add(bench_sub, name, module, help_, chosen=words == ["bench", name])
-    bench.set_defaults(_run=lambda _args: (bench.print_help(), 2)[1])
+
+    def bench_help(_args: argparse.Namespace) -> int:
+        bench.print_help()
+        return 2
+
+    bench.set_defaults(_run=bench_help)
     return parser
 
 

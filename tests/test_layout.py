@@ -5,7 +5,6 @@ from __future__ import annotations
 import codecs
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -41,16 +40,11 @@ def test_cli_help_lists_every_command() -> None:
 
 
 ROOT = Path(__file__).resolve().parents[1]
-# The wheel's layout (pyproject's package-dir): what import-linter must see as one package tree.
-MAPPED = ("codecs", "server", "client", "bench", "integrations")
 
 
 def test_layer_contract_holds(tmp_path: Path) -> None:
     """pyproject's import-linter contracts (layers point down; no torch under the server) hold."""
-    tree = tmp_path / "deltastore"
-    shutil.copytree(ROOT / "deltastore", tree, ignore=shutil.ignore_patterns("__pycache__"))
-    for folder in MAPPED:
-        shutil.copytree(ROOT / folder, tree / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    subprocess.run([str(ROOT / "tools" / "package-tree.sh"), str(tmp_path)], check=True)
     lint = Path(sys.executable).with_name("lint-imports")
     proc = subprocess.run(
         [str(lint), str(ROOT / "pyproject.toml"), "--no-cache"],
