@@ -27,6 +27,8 @@ expire: they read as absent at once and are deleted by later puts or :meth:`Stor
 
 from __future__ import annotations
 
+import logging
+import struct
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -50,6 +52,7 @@ from deltastore.backends.lmdb_backend import LmdbBackend, LmdbConfig
 from deltastore.errors import (
     AlreadyExists,
     ChecksumMismatch,
+    FormatError,
     IncompatibleFormat,
     InvalidArgument,
     MismatchError,
@@ -89,6 +92,7 @@ from deltastore.manifest import (
 from deltastore.settings import StoreConfig
 
 __all__ = [
+    "QUARANTINE_PREFIX",
     "DeleteResult",
     "Plan",
     "PlannedSegment",
@@ -102,6 +106,20 @@ __all__ = [
 ]
 
 _FORMAT_KEY = b"store_format"
+QUARANTINE_PREFIX = b"quarantine/"
+"""``meta`` keys of records set aside as damaged: ``quarantine/<kind>/<key>`` -> the record."""
+
+log = logging.getLogger(__name__)
+
+
+def quarantine(b: WriteBatch, kind: bytes, key: bytes, raw: bytes | memoryview) -> None:
+    """Set a damaged record aside (``meta`` keyspace) for ``deltastore verify --repair``."""
+    b.put_if_absent("meta", QUARANTINE_PREFIX + kind + b"/" + bytes(key), bytes(raw))
+    log.warning(
+        "quarantined a damaged %s record %s; run `deltastore verify --repair`", kind.decode(), key.hex()
+    )
+
+
 T = TypeVar("T")
 
 
@@ -896,15 +914,31 @@ class Store:
         raw = b.get("manifests", mkey)
         if raw is None:
             return 0
-        m = Manifest.decode(raw, snapshot_id(namespace, session, turn_of_manifest_key(mkey)))
+        try:
+            m = Manifest.decode(raw, snapshot_id(namespace, session, turn_of_manifest_key(mkey)))
+        except (ChecksumMismatch, FormatError):
+            # Its segments and sizes are unknown: set it aside; `verify --repair` recounts.
+            quarantine(b, b"manifest", mkey, raw)
+            b.delete("manifests", mkey)
+            return 0
         ledger.add("manifest_bytes", -(len(mkey) + len(raw)), namespace=namespace)
         b.delete("manifests", mkey)
         freed = 0
         for seg in m.segments:
-            block = b.get("blocks", block_key(domain, seg.key))
-            if block is None:
-                raise ChecksumMismatch(seg.hex, "a stored block", "no block (dangling reference)")
-            meta = decode_block(block, seg.hex, check=False)[0]
+            bkey = block_key(domain, seg.key)
+            block = b.get("blocks", bkey)
+            try:
+                if block is None:
+                    raise ChecksumMismatch(seg.hex, "a stored block", "no block (dangling reference)")
+                meta = decode_block(block, seg.hex, check=False)[0]
+            except ChecksumMismatch:
+                # A damaged or lost record stays local: moved out of the blocks (never served or
+                # deduplicated against again), its references and counters left for
+                # `deltastore verify --repair`, every intact segment freed as usual.
+                quarantine(b, b"block", bkey, b"" if block is None else block)
+                if block is not None:
+                    b.delete("blocks", bkey)
+                continue
             freed += self._ref(b, ledger, namespace, session, domain, seg.key, meta, -1)[1]
         ledger.add("logical", -m.fp16_nbytes, namespace=namespace)
         ledger.add("snapshots", -1, namespace=namespace)
@@ -924,10 +958,21 @@ class Store:
 
     def _drop_session(self, b: WriteBatch, ledger: Ledger, namespace: str, session: str) -> tuple[int, int]:
         """Delete a session, all its snapshots and what only they referenced: (snapshots, freed)."""
-        raw = b.get("sessions", session_key(namespace, session))
+        skey = session_key(namespace, session)
+        raw = b.get("sessions", skey)
         if raw is None:
             return 0, 0
-        domain = SessionRecord.decode(raw).domain
+        try:
+            domain = SessionRecord.decode(raw).domain
+        except (ValueError, struct.error):  # FormatError, or a truncated record
+            # Domain unknown, so its references cannot be dropped: set the record aside with its
+            # LRU entry (eviction moves on to the next session); `verify --repair` drops the rest.
+            quarantine(b, b"session", skey, raw)
+            b.delete("sessions", skey)
+            lru = [k for k, _ in b.scan("sessions", b"t") if split_lru_key(k)[1:] == (namespace, session)]
+            for key in lru:
+                b.delete("sessions", key)
+            return 0, 0
         mkeys = [k for k, _ in b.scan("manifests", session_prefix(namespace, session))]
         freed = 0
         for mkey in mkeys:
