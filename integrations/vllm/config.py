@@ -1,0 +1,150 @@
+"""The connector's settings (from ``kv_connector_extra_config``), its model fingerprint and alignment.
+
+Nothing here imports vLLM, so it is testable and documented on its own.
+
+``kv_connector_extra_config`` keys (all optional except ``target``):
+
+=====================  ==========  ==============================================================
+key                    default     meaning
+=====================  ==========  ==============================================================
+target                 (required)  DeltaStore gRPC ``host:port`` or ``unix:/path.sock``
+namespace              "default"   tenant namespace every call acts in
+api_key                none        API key (``authorization: Bearer``); ``api_key_env`` names an
+                                   environment variable to read it from instead
+tls_ca / tls_cert /    none        PEM files: server CA, and client cert/key for mTLS (TLS is on
+tls_key                            when ``tls_ca`` is set)
+codec                  "k4v2"      codec spec; evicting specs (``keep``/``pe``/``adapt``) are refused
+shm_dir                none        the server's ``--shm-dir`` as mounted here (same host)
+lookup_timeout_s       1.0         deadline of a LookupPrefix (scheduler, on the request's path)
+load_timeout_s         10.0        deadline of a GetPrefix (worker, before the forward pass)
+save_timeout_s         60.0        deadline of a put (background)
+cooldown_s             5.0         after a failed call, skip the store this long (no stalls)
+save                   true        store finished requests' KV
+load                   true        load stored prefixes
+store_block_size       64          the store's block size (its ``--block-size``), for alignment
+=====================  ==========  ==============================================================
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from typing import Any
+
+import blake3
+
+from deltastore.codecs import CodecSpec
+from deltastore.errors import InvalidArgument
+
+__all__ = ["ConnectorConfig", "save_alignment", "vllm_fingerprint"]
+
+_KEYS = {
+    "target",
+    "namespace",
+    "api_key",
+    "api_key_env",
+    "tls_ca",
+    "tls_cert",
+    "tls_key",
+    "codec",
+    "shm_dir",
+    "lookup_timeout_s",
+    "load_timeout_s",
+    "save_timeout_s",
+    "cooldown_s",
+    "save",
+    "load",
+    "store_block_size",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ConnectorConfig:
+    target: str
+    namespace: str = "default"
+    api_key: str | None = None
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    codec: str = "k4v2"
+    shm_dir: str | None = None
+    lookup_timeout_s: float = 1.0
+    load_timeout_s: float = 10.0
+    save_timeout_s: float = 60.0
+    cooldown_s: float = 5.0
+    save: bool = True
+    load: bool = True
+    store_block_size: int = 64
+
+    @classmethod
+    def from_extra(cls, extra: dict[str, Any] | None) -> ConnectorConfig:
+        """Parse and validate ``kv_connector_extra_config``; InvalidArgument names what is wrong."""
+        extra = dict(extra or {})
+        unknown = set(extra) - _KEYS
+        if unknown:
+            raise InvalidArgument(
+                f"DeltaStoreConnector: unknown kv_connector_extra_config keys {sorted(unknown)}",
+                hint=f"known keys: {sorted(_KEYS)}",
+            )
+        if not extra.get("target"):
+            raise InvalidArgument(
+                "DeltaStoreConnector needs kv_connector_extra_config.target (host:port of DeltaStore)"
+            )
+        key_env = extra.pop("api_key_env", None)
+        if key_env and not extra.get("api_key"):
+            extra["api_key"] = os.environ.get(key_env) or None
+        cfg = cls(**extra)
+        spec = CodecSpec.parse(cfg.codec)
+        if spec.eviction != "none":
+            raise InvalidArgument(
+                f"DeltaStoreConnector: codec {cfg.codec!r} evicts tokens ({spec.eviction}); a paged "
+                "KV cache needs every token's K and V back",
+                hint="use a non-evicting spec: lossless, fp8, k8v8, k4v4, k4v2 (with -hp/-sink options)",
+            )
+        for name in ("lookup_timeout_s", "load_timeout_s", "save_timeout_s"):
+            if not getattr(cfg, name) > 0:
+                raise InvalidArgument(f"DeltaStoreConnector: {name} must be > 0")
+        if cfg.store_block_size < 1:
+            raise InvalidArgument("DeltaStoreConnector: store_block_size must be >= 1")
+        return dataclasses.replace(cfg, codec=spec.canonical())
+
+
+def save_alignment(vllm_block_size: int, store_block_size: int) -> int:
+    """Saved token counts are multiples of this: every segment is then a whole store block that
+    other requests dedup against, and every vLLM block is saved whole."""
+    return math.lcm(vllm_block_size, store_block_size)
+
+
+def vllm_fingerprint(
+    model: str, hf_config: Any, dtype: str, num_layers: int, kv_heads: int, head_size: int
+) -> str:
+    """A deterministic model fingerprint from vLLM's config: the checkpoint's name (its last path
+    part, never the absolute path), the KV-relevant HF config fields, the KV dtype and shapes.
+
+    Returns ``"<name>@<16 hex>"`` like :func:`deltastore.client.models.model_fingerprint`.
+    """
+    cfg = hf_config.to_dict() if hasattr(hf_config, "to_dict") else dict(hf_config or {})
+    keys = (
+        "architectures",
+        "model_type",
+        "hidden_size",
+        "num_attention_heads",
+        "rope_theta",
+        "rope_scaling",
+        "rope_parameters",
+        "max_position_embeddings",
+        "vocab_size",
+    )
+    name = os.path.basename(os.path.normpath(str(model))) or str(model)
+    doc = {
+        "name": name,
+        "hf": {k: cfg.get(k) for k in keys},
+        "dtype": str(dtype).replace("torch.", ""),
+        "layers": num_layers,
+        "kv_heads": kv_heads,
+        "head_size": head_size,
+    }
+    digest = blake3.blake3(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return f"{name[:200]}@{digest}"
