@@ -16,7 +16,7 @@ import grpc
 
 from deltastore.client.cache import KVLayers, as_layers, cache_tokens, slice_layers, to_dynamic_cache
 from deltastore.client.models import model_fingerprint
-from deltastore.errors import InvalidArgument
+from deltastore.errors import InvalidArgument, ResourceExhausted
 from deltastore.v1 import deltastore_pb2 as pb
 from deltastore.v1.protocol import (
     DEFAULT_CHUNK_BYTES,
@@ -417,6 +417,30 @@ def read_snapshot_stream(
     return reader.finish()
 
 
+DEFAULT_MAX_DECODED_BYTES = 1 << 36
+"""Most bytes a client decodes one snapshot into (sections and tensors), unless told otherwise."""
+
+
+def check_decoded_bytes(
+    payloads: Sequence[bytes | bytearray | memoryview], max_decoded_bytes: int, dtype: Any = None
+) -> int:
+    """Bytes decoding these payloads allocates, checked from their headers before any of it."""
+    from deltastore.codecs import read_header
+    from deltastore.codecs.bounds import check_expansion
+
+    total = 0
+    for payload in payloads:
+        hdr = read_header(payload)
+        itemsize = getattr(dtype, "itemsize", None) or (4 if hdr.dtype == "float32" else 2)
+        total += check_expansion(hdr) + hdr.fp16_nbytes // 2 * itemsize
+        if total > max_decoded_bytes:
+            raise ResourceExhausted(
+                f"decoding this snapshot takes more than {max_decoded_bytes} bytes",
+                hint="raise max_decoded_bytes if the snapshot is genuinely this large",
+            )
+    return total
+
+
 def decode_snapshot(
     info: pb.SnapshotInfo,
     payloads: Sequence[bytes | bytearray | memoryview],
@@ -425,12 +449,20 @@ def decode_snapshot(
     dtype: torch.dtype | None = None,
     as_cache: bool = True,
     config: Any = None,
+    max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES,
 ) -> RestoredSnapshot:
-    """Decode every segment on ``device`` and join them along the token axis."""
+    """Decode every segment on ``device`` and join them along the token axis.
+
+    Nothing is decompressed before every payload's header is checked: zstd sections may not
+    declare more than ``deltastore.codecs.bounds.MAX_EXPANSION`` x their size, and the decoded
+    sections plus tensors of the whole snapshot may not exceed ``max_decoded_bytes``
+    (ResourceExhausted), so a forged payload cannot make the client allocate what it declares.
+    """
     import torch
 
     from deltastore.codecs import decode_blocks
 
+    check_decoded_bytes(payloads, max_decoded_bytes, dtype)
     blocks = decode_blocks(payloads, device=device, dtype=dtype)
     if not blocks:
         raise InvalidArgument(f"snapshot {info.snapshot_id} has no segments")

@@ -21,6 +21,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from deltastore.codecs import BlockHeader, CodecSpec, read_header
+from deltastore.codecs.bounds import check_expansion
 from deltastore.errors import (
     DeltaStoreError,
     FormatError,
@@ -202,6 +203,14 @@ class DeltaStoreService(pb_grpc.DeltaStoreServicer):
                             f"segment {key.hex()} has (layers, kv_heads, head_dim) {dims}, other segments {shape}"
                         )
                     shape = dims
+                    # The snapshot's logical bytes (segments agree on bytes per token, the store
+                    # checks reused ones too) are bounded before anything is stored or counted.
+                    logical = header.fp16_nbytes // header.n_tokens * len(tokens)
+                    if logical > self._settings.max_logical_bytes:
+                        raise ResourceExhausted(
+                            f"segment {key.hex()} implies {logical} FP16 bytes for the snapshot's "
+                            f"{len(tokens)} tokens, over --max-logical-bytes {self._settings.max_logical_bytes}"
+                        )
                     payloads[key] = SegmentPayload(
                         done.data, header.n_tokens, header.fp16_nbytes, done.digest, done.record
                     )
@@ -402,6 +411,7 @@ def _check_payload(
         raise InvalidArgument(f"segment {key.hex()} is not part of this snapshot's plan")
     try:
         header = read_header(payload)
+        check_expansion(header)  # a zstd section may not declare gigabytes behind a few bytes
     except FormatError as exc:
         raise FormatError(f"segment {key.hex()}: {exc.message}", hint=exc.hint) from None
     if header.spec.canonical() != codec:

@@ -44,6 +44,8 @@ class ServerSettings:
         max_snapshot_bytes: largest sum of payload bytes one PutSnapshot may carry.
         max_message_bytes: largest single gRPC message either way (chunks are ~1 MiB).
         max_tokens: largest token count of one snapshot.
+        max_logical_bytes: largest FP16 size of one snapshot's KV, as its payload headers declare
+            it (tokens x layers x kv heads x head dim x 4); bounds forged headers.
         chunk_bytes: payload bytes per streamed chunk.
         workers: gRPC handler threads (concurrent RPCs).
         grace_seconds: how long SIGTERM waits for in-flight RPCs before cancelling them.
@@ -66,6 +68,7 @@ class ServerSettings:
     max_snapshot_bytes: int = 1 << 30
     max_message_bytes: int = 8 << 20
     max_tokens: int = 1 << 20
+    max_logical_bytes: int = 1 << 36
     chunk_bytes: int = 1 << 20
     workers: int = 16
     grace_seconds: float = 10.0
@@ -83,6 +86,7 @@ class ServerSettings:
             "max_snapshot_bytes",
             "max_message_bytes",
             "max_tokens",
+            "max_logical_bytes",
             "chunk_bytes",
             "workers",
             "shm_max_bytes",
@@ -197,6 +201,10 @@ def add_setting_arguments(parser: argparse.ArgumentParser) -> None:
         ),
         "max_message_bytes": ("--max-message-bytes", "largest gRPC message (e.g. 8MiB)"),
         "max_tokens": ("--max-tokens", "largest token count of one snapshot"),
+        "max_logical_bytes": (
+            "--max-logical-bytes",
+            "largest FP16 size of one snapshot's KV as declared by its payloads (e.g. 64GiB)",
+        ),
         "chunk_bytes": ("--chunk-bytes", "payload bytes per streamed chunk (e.g. 1MiB)"),
         "workers": ("--workers", "gRPC handler threads"),
         "grace_seconds": ("--grace-seconds", "SIGTERM: seconds to let in-flight RPCs finish"),
