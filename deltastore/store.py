@@ -386,8 +386,20 @@ class Store:
         tokens: bytes,
         parent_turn: int | None,
     ) -> tuple[str, int, list[Segment]]:
-        """(domain, block size, segments) of a snapshot; checks the parent and its prefix."""
-        domain = rec.domain if rec else self.config.domain(namespace)
+        """(domain, block size, segments) of a snapshot; checks the parent and its prefix.
+
+        The dedup domain comes from the configuration in effect, on every call: after a dedup
+        group is split, a session created inside it can no longer plan or put against the group
+        (that would keep revealing and receiving the other namespaces' blocks). Its snapshots stay
+        readable and deletable; new turns go to a new session.
+        """
+        domain = self.config.domain(namespace)
+        if rec is not None and rec.domain != domain:
+            raise MismatchError(
+                f"session {namespace}/{session} was created in another dedup domain than the one "
+                f"namespace {namespace!r} is configured for now",
+                hint="start a new session for new turns; this one stays readable until deleted",
+            )
         block_size = rec.block_size if rec else self.config.block_size
         chain = Chain(seed(domain, model, codec, block_size), tokens, block_size)
         parent_bounds: list[tuple[int, int]] = []

@@ -16,6 +16,7 @@ from trust_helpers import (
     KEY_PLATFORM,
     MODEL,
     SERVICE,
+    auth_config,
     call_every_method,
     client,
     make_cache,
@@ -202,3 +203,57 @@ def test_methods_under_test_are_the_service(service: Service) -> None:
     """The isolation matrix above covers every rpc of deltastore.v1.DeltaStore."""
     with _channel(service) as ch:
         assert set(call_every_method(ch, KEY_ACME, "acme")) == {m.name for m in SERVICE.methods}
+
+
+def test_splitting_a_dedup_group_closes_the_channel_for_old_sessions(tmp_path: Path, reliability) -> None:
+    """The dedup domain comes from the configuration now, not from when a session was created."""
+    auth = auth_config(cross_tenant_dedup_groups=["g"])
+    auth["tenants"]["globex"] = {"namespaces": ["globex"]}
+    auth_file = str(write_auth(tmp_path / "auth.json", auth))
+    shared = StoreConfig(block_size=16, shared_groups={"acme": "g", "globex": "g"})
+    prompt, secret = tokens_for(30, 48), tokens_for(31, 48)
+    svc = start_service(tmp_path, store_config=shared, auth_file=auth_file)
+    try:
+        with (
+            client(svc.grpc_port, KEY_ACME, "acme") as acme,
+            client(svc.grpc_port, KEY_GLOBEX, "globex") as gx,
+        ):
+            acme.put_snapshot("a0", 0, prompt, make_cache(48), model=MODEL, codec="k4v2")
+            gx.put_snapshot("b0", 0, prompt, make_cache(48), model=MODEL, codec="k4v2")
+    finally:
+        data = svc.settings.data_dir
+        svc.stop()
+    # The operator splits the group: each namespace is its own dedup domain again.
+    svc = start_service(tmp_path, store_config=StoreConfig(block_size=16), auth_file=auth_file)
+    assert svc.settings.data_dir == data
+    refused = 0
+    try:
+        with (
+            client(svc.grpc_port, KEY_ACME, "acme") as acme,
+            client(svc.grpc_port, KEY_GLOBEX, "globex") as gx,
+        ):
+            # globex's old session can no longer write into the group ...
+            with pytest.raises(grpc.RpcError) as err:
+                gx.put_snapshot("b0", 1, secret, make_cache(48, seed=3), model=MODEL, codec="k4v2")
+            assert err.value.code() is grpc.StatusCode.FAILED_PRECONDITION
+            refused += 1
+            gx.put_snapshot("b1", 0, secret, make_cache(48, seed=3), model=MODEL, codec="k4v2")
+            # ... and acme's old session can no longer probe it.
+            with pytest.raises(grpc.RpcError) as err:
+                acme.plan_snapshot("a0", secret, model=MODEL, codec="k4v2")
+            assert err.value.code() is grpc.StatusCode.FAILED_PRECONDITION
+            refused += 1
+            plan = acme.plan_snapshot("a1", secret, model=MODEL, codec="k4v2")
+            assert not any(s.present for s in plan.segments)
+            assert acme.lookup_prefix(secret, model=MODEL, codec="k4v2") == 0
+            # Old sessions stay readable and deletable.
+            assert acme.get_snapshot("a0", 0, model=MODEL).n_tokens == 48
+            acme.delete_session("a0")
+            gx.delete_session("b0")
+    finally:
+        svc.stop()
+    reliability.record(
+        "old sessions of a split dedup group: put, plan against the other tenant's new prefix",
+        refused + 2,
+        "FAILED_PRECONDITION for the old sessions; nothing present for new ones; old data readable, deletable",
+    )
