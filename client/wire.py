@@ -16,7 +16,7 @@ import grpc
 
 from deltastore.client.cache import KVLayers, as_layers, cache_tokens, slice_layers, to_dynamic_cache
 from deltastore.client.models import model_fingerprint
-from deltastore.errors import InvalidArgument, ResourceExhausted
+from deltastore.errors import ChecksumMismatch, InvalidArgument, ResourceExhausted
 from deltastore.v1 import deltastore_pb2 as pb
 from deltastore.v1.protocol import (
     DEFAULT_CHUNK_BYTES,
@@ -421,16 +421,52 @@ DEFAULT_MAX_DECODED_BYTES = 1 << 36
 """Most bytes a client decodes one snapshot into (sections and tensors), unless told otherwise."""
 
 
-def check_decoded_bytes(
-    payloads: Sequence[bytes | bytearray | memoryview], max_decoded_bytes: int, dtype: Any = None
+def check_payloads(
+    info: pb.SnapshotInfo | None,
+    payloads: Sequence[bytes | bytearray | memoryview],
+    *,
+    max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES,
+    dtype: Any = None,
 ) -> int:
-    """Bytes decoding these payloads allocates, checked from their headers before any of it."""
+    """Check what the server sent before decoding any of it; returns the bytes decoding takes.
+
+    With ``info``: each payload has its segment's size and BLAKE3 digest (end-to-end: corruption
+    on the server, on the wire or in a shared-memory file is ChecksumMismatch, never tensors), is
+    encoded with the snapshot's codec and covers exactly its segment's tokens, and the segments
+    cover the snapshot's tokens from 0 without a gap. Always: no zstd section declares more than
+    ``MAX_EXPANSION`` x its size, and the whole decode fits ``max_decoded_bytes``
+    (ResourceExhausted).
+    """
+    import blake3
+
     from deltastore.codecs import read_header
     from deltastore.codecs.bounds import check_expansion
 
-    total = 0
-    for payload in payloads:
+    segments = list(info.segments) if info is not None else [None] * len(payloads)
+    if len(segments) != len(payloads):
+        raise InvalidArgument(f"{len(payloads)} payloads for {len(segments)} segments")
+    total = pos = 0
+    for seg, payload in zip(segments, payloads, strict=True):
+        if seg is not None:
+            name = bytes(seg.key).hex()
+            if len(payload) != seg.size_bytes:
+                raise ChecksumMismatch(name, f"{seg.size_bytes} payload bytes", f"{len(payload)}")
+            if seg.digest:
+                threads = blake3.blake3.AUTO if len(payload) > 1 << 20 else 1
+                got = blake3.blake3(payload, max_threads=threads).digest()
+                if got != seg.digest:
+                    raise ChecksumMismatch(name, bytes(seg.digest).hex(), got.hex())
         hdr = read_header(payload)
+        if seg is not None and info is not None:
+            if info.codec and hdr.spec.canonical() != info.codec:
+                raise ChecksumMismatch(name, f"a {info.codec} block", f"a {hdr.spec.canonical()} block")
+            if (hdr.start, hdr.start + hdr.n_tokens) != (seg.start, seg.end) or seg.start != pos:
+                raise ChecksumMismatch(
+                    name,
+                    f"tokens [{pos}, {seg.end})",
+                    f"a segment [{seg.start}, {seg.end}) holding [{hdr.start}, {hdr.start + hdr.n_tokens})",
+                )
+            pos = seg.end
         itemsize = getattr(dtype, "itemsize", None) or (4 if hdr.dtype == "float32" else 2)
         total += check_expansion(hdr) + hdr.fp16_nbytes // 2 * itemsize
         if total > max_decoded_bytes:
@@ -438,6 +474,10 @@ def check_decoded_bytes(
                 f"decoding this snapshot takes more than {max_decoded_bytes} bytes",
                 hint="raise max_decoded_bytes if the snapshot is genuinely this large",
             )
+    if info is not None and pos != len(info.token_ids):
+        raise ChecksumMismatch(
+            info.snapshot_id or "prefix", f"{len(info.token_ids)} tokens", f"segments to {pos}"
+        )
     return total
 
 
@@ -453,16 +493,14 @@ def decode_snapshot(
 ) -> RestoredSnapshot:
     """Decode every segment on ``device`` and join them along the token axis.
 
-    Nothing is decompressed before every payload's header is checked: zstd sections may not
-    declare more than ``deltastore.codecs.bounds.MAX_EXPANSION`` x their size, and the decoded
-    sections plus tensors of the whole snapshot may not exceed ``max_decoded_bytes``
-    (ResourceExhausted), so a forged payload cannot make the client allocate what it declares.
+    Nothing is decoded before :func:`check_payloads` passed: digests, codec and coverage against
+    ``info``, and bounds, so a forged payload cannot make the client allocate what it declares.
     """
     import torch
 
     from deltastore.codecs import decode_blocks
 
-    check_decoded_bytes(payloads, max_decoded_bytes, dtype)
+    check_payloads(info, payloads, max_decoded_bytes=max_decoded_bytes, dtype=dtype)
     blocks = decode_blocks(payloads, device=device, dtype=dtype)
     if not blocks:
         raise InvalidArgument(f"snapshot {info.snapshot_id} has no segments")

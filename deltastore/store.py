@@ -127,7 +127,8 @@ T = TypeVar("T")
 class PlannedSegment:
     """One segment of a plan: tokens ``[start, end)``, its hex key, whether it is stored.
 
-    ``size_bytes`` is the stored payload's size in bytes (0 when missing).
+    ``size_bytes`` is the stored payload's size in bytes (0 when missing); ``digest`` its BLAKE3
+    as stored (in a snapshot's or prefix's segments; empty in a plan), for end-to-end checks.
     """
 
     start: int
@@ -135,6 +136,7 @@ class PlannedSegment:
     key: str
     present: bool
     size_bytes: int
+    digest: bytes = b""
 
     @property
     def n_tokens(self) -> int:
@@ -756,7 +758,9 @@ class Store:
                 if meta.n_tokens != seg.end - seg.start:
                     raise ChecksumMismatch(seg.hex, f"{seg.end - seg.start} token ids", f"{meta.n_tokens}")
                 token_parts.append(bytes(toks))
-                sizes.append(PlannedSegment(seg.start, seg.end, seg.hex, True, meta.payload_nbytes))
+                sizes.append(
+                    PlannedSegment(seg.start, seg.end, seg.hex, True, meta.payload_nbytes, bytes(meta.digest))
+                )
             last_access = rec.last_access_ms
         tokens = b"".join(token_parts)
         chain = Chain(seed(rec.domain, m.model, m.codec, m.block_size), tokens, m.block_size)
@@ -867,7 +871,7 @@ class Store:
             meta, toks, _ = decode_block(block, key.hex(), check=False)
             if bytes(toks) != tokens[4 * start : 4 * end]:
                 raise ChecksumMismatch(key.hex(), "the requested token ids", "other stored token ids")
-            found.append(PlannedSegment(start, end, key.hex(), True, meta.payload_nbytes))
+            found.append(PlannedSegment(start, end, key.hex(), True, meta.payload_nbytes, bytes(meta.digest)))
             fp16_total += meta.fp16_nbytes
             return True
 

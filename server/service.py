@@ -433,6 +433,7 @@ def _segment(seg: PlannedSegment) -> pb.Segment:
         key=bytes.fromhex(seg.key),
         present=seg.present,
         size_bytes=seg.size_bytes,
+        digest=seg.digest,
     )
 
 

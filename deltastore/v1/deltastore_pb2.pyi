@@ -7,18 +7,20 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Segment(_message.Message):
-    __slots__ = ("start", "end", "key", "present", "size_bytes")
+    __slots__ = ("start", "end", "key", "present", "size_bytes", "digest")
     START_FIELD_NUMBER: _ClassVar[int]
     END_FIELD_NUMBER: _ClassVar[int]
     KEY_FIELD_NUMBER: _ClassVar[int]
     PRESENT_FIELD_NUMBER: _ClassVar[int]
     SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
     start: int
     end: int
     key: bytes
     present: bool
     size_bytes: int
-    def __init__(self, start: _Optional[int] = ..., end: _Optional[int] = ..., key: _Optional[bytes] = ..., present: _Optional[bool] = ..., size_bytes: _Optional[int] = ...) -> None: ...
+    digest: bytes
+    def __init__(self, start: _Optional[int] = ..., end: _Optional[int] = ..., key: _Optional[bytes] = ..., present: _Optional[bool] = ..., size_bytes: _Optional[int] = ..., digest: _Optional[bytes] = ...) -> None: ...
 
 class PlanSnapshotRequest(_message.Message):
     __slots__ = ("namespace", "session", "model", "codec", "token_ids", "parent_turn")

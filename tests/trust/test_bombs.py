@@ -15,7 +15,7 @@ import pytest
 import zstandard
 from trust_helpers import BLOCK, MODEL, client, make_cache, start_service, tokens_for
 
-from deltastore.client.wire import check_decoded_bytes
+from deltastore.client.wire import check_payloads
 from deltastore.codecs import CodecSpec, encode_block, read_header
 from deltastore.codecs.format import FLAG_ZSTD, pack_header, section_sizes
 from deltastore.errors import FormatError, ResourceExhausted
@@ -125,9 +125,9 @@ def test_client_refuses_to_inflate_a_bomb(tmp_path: Path, reliability) -> None:
     finally:
         svc.stop()
     legit = [encode_block(make_cache(40), LOSSLESS)]
-    need = check_decoded_bytes(legit, 1 << 30)
+    need = check_payloads(None, legit, max_decoded_bytes=1 << 30)
     with pytest.raises(ResourceExhausted):
-        check_decoded_bytes(legit, need - 1)
+        check_payloads(None, legit, max_decoded_bytes=need - 1)
     reliability.record(
         "GetSnapshot of a stored zstd bomb (128 MiB behind 10 KiB)",
         1,
