@@ -4,7 +4,6 @@ left uncommitted are freed by the next commit (no leaked keys)."""
 
 from __future__ import annotations
 
-import os
 import random
 import signal
 import subprocess
@@ -13,7 +12,7 @@ import threading
 import time
 from pathlib import Path
 
-from store_testlib import payload_for
+from store_testlib import payload_for, worker_env
 from store_workers import BLOCK, crash_tokens
 
 from deltastore.backends.redis_backend import RedisBackend
@@ -22,7 +21,6 @@ from deltastore.store import Store
 from deltastore.verify import verify_backend
 
 WORKER = Path(__file__).with_name("redis_crash_worker.py")
-STORE_TESTS = Path(__file__).resolve().parents[1] / "store"
 KILLS = 6
 
 
@@ -32,11 +30,7 @@ def _run_and_kill(url: str, rng_seed: int, acks: int, delay: float) -> list[tupl
         [sys.executable, str(WORKER), url, str(rng_seed)],
         stdout=subprocess.PIPE,
         text=True,
-        # the worker imports the store suite's helpers, as pytest's `pythonpath` does for tests
-        env={
-            **os.environ,
-            "PYTHONPATH": os.pathsep.join([str(STORE_TESTS), os.environ.get("PYTHONPATH", "")]),
-        },
+        env=worker_env(),
     )
     got: list[tuple[str, int, int]] = []
     enough = threading.Event()

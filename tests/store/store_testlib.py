@@ -9,6 +9,7 @@ the same data: close the previous handle first). Every test using the ``backend_
 
 from __future__ import annotations
 
+import os
 import random
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -21,6 +22,17 @@ from deltastore.backends.lmdb_backend import LmdbBackend, LmdbConfig
 from deltastore.store import Plan, PutResult, SegmentPayload, Store
 
 BackendFactory = Callable[..., Backend]
+
+# The folders of the store and backend suites' helpers: pytest's `pythonpath` puts them on the
+# test process's path; worker subprocesses get them through PYTHONPATH (worker_env()).
+HELPER_DIRS = [str(Path(__file__).resolve().parents[1] / name) for name in ("store", "backends")]
+
+
+def worker_env() -> dict[str, str]:
+    """The environment of a worker subprocess that imports these helpers."""
+    inherited = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([*HELPER_DIRS, *inherited])}
+
 
 # Synthetic KV shape for payload metadata: FP16 bytes per token of SmolLM2-135M
 # (30 layers x 2 (K,V) x 3 KV heads x 64 dims x 2 bytes), payloads 5x smaller (a K4V2-like tier).

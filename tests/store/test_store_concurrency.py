@@ -8,7 +8,7 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from store_testlib import payload_for, put
+from store_testlib import payload_for, put, worker_env
 from store_workers import BLOCK, SYSTEM, overlap_tokens, put_retrying
 
 from deltastore.backends.lmdb_backend import LmdbBackend, LmdbConfig
@@ -64,7 +64,9 @@ def test_processes_putting_overlapping_prefixes(tmp_path: Path) -> None:
     data_dir = tmp_path / "data"
     procs = [
         subprocess.Popen(
-            [sys.executable, str(WORKER), "overlap", str(data_dir), str(w)], stderr=subprocess.PIPE
+            [sys.executable, str(WORKER), "overlap", str(data_dir), str(w)],
+            stderr=subprocess.PIPE,
+            env=worker_env(),
         )
         for w in range(3)
     ]

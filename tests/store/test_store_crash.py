@@ -10,7 +10,7 @@ import threading
 import time
 from pathlib import Path
 
-from store_testlib import payload_for
+from store_testlib import payload_for, worker_env
 from store_workers import BLOCK, crash_tokens
 
 from deltastore.backends.lmdb_backend import LmdbBackend, LmdbConfig
@@ -28,6 +28,7 @@ def _run_and_kill(data_dir: Path, rng_seed: int, delay: float) -> list[str]:
         [sys.executable, str(WORKER), "crash", str(data_dir), str(rng_seed)],
         stdout=subprocess.PIPE,
         text=True,
+        env=worker_env(),
     )
     lines: list[str] = []
     ready = threading.Event()
