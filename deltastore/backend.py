@@ -23,8 +23,10 @@ prefixes or hash tags. Keys are at most :data:`MAX_KEY_BYTES` bytes.
 from __future__ import annotations
 
 import abc
+import time
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, contextmanager
+from contextvars import ContextVar
 from typing import Any, TypeVar
 
 __all__ = [
@@ -34,7 +36,34 @@ __all__ = [
     "Backend",
     "ReadView",
     "WriteBatch",
+    "call_deadline",
+    "deadline_left",
 ]
+
+_DEADLINE: ContextVar[float | None] = ContextVar("deltastore_call_deadline", default=None)
+
+
+@contextmanager
+def call_deadline(seconds: float | None) -> Iterator[None]:
+    """Within this block, backends stop retrying (lock waits, lost leases) after ``seconds``.
+
+    The server wraps each call in the call's remaining deadline, so a transaction never keeps
+    retrying for a caller that has given up. None: no deadline beyond the backend's own limits.
+    """
+    token = _DEADLINE.set(None if seconds is None else time.monotonic() + seconds)
+    try:
+        yield
+    finally:
+        try:
+            _DEADLINE.reset(token)
+        except ValueError:  # a generator resumed in another context: the next call sets its own
+            _DEADLINE.set(None)
+
+
+def deadline_left() -> float | None:
+    """Seconds left of the innermost :func:`call_deadline` (None without one; may be negative)."""
+    at = _DEADLINE.get()
+    return None if at is None else at - time.monotonic()
 
 KEYSPACES: tuple[str, ...] = ("blocks", "manifests", "refs", "sessions", "counters", "meta")
 MAX_KEY_BYTES = 511  # LMDB's default key limit; the store's keys stay far below it
@@ -62,6 +91,15 @@ class ReadView(abc.ABC):
     @abc.abstractmethod
     def scan_counters(self, keyspace: str, prefix: bytes = b"") -> Iterator[tuple[bytes, int]]:
         """Counters whose key starts with ``prefix``, ascending by key."""
+
+    def get_head(self, keyspace: str, key: bytes, nbytes: int) -> tuple[Buffer, int] | None:
+        """The first ``nbytes`` of a value and its whole length, or None when absent.
+
+        For reading a record's header: a backend that keeps values out of line (Redis payloads)
+        reads only those bytes instead of the whole value.
+        """
+        value = self.get(keyspace, key)
+        return None if value is None else (value[:nbytes], len(value))
 
 
 class WriteBatch(ReadView):

@@ -112,6 +112,17 @@ QUARANTINE_PREFIX = b"quarantine/"
 log = logging.getLogger(__name__)
 
 
+def _block_head(view: ReadView, bkey: bytes, name: str, n_tokens: int) -> tuple[BlockMeta, memoryview] | None:
+    """A stored block's meta and token ids, reading only its header (never the payload)."""
+    head = view.get_head("blocks", bkey, block_payload_offset(n_tokens))
+    if head is None:
+        return None
+    data, total = head
+    meta, toks, _ = decode_block(data, name, check=False)
+    offset = block_payload_offset(meta.n_tokens)
+    return BlockMeta(meta.n_tokens, meta.fp16_nbytes, meta.digest, total - offset, total), toks
+
+
 def quarantine(b: WriteBatch, kind: bytes, key: bytes, raw: bytes | memoryview) -> None:
     """Set a damaged record aside (``meta`` keyspace) for ``deltastore verify --repair``."""
     b.put_if_absent("meta", QUARANTINE_PREFIX + kind + b"/" + bytes(key), bytes(raw))
@@ -448,9 +459,9 @@ class Store:
                     view, namespace, session, rec, model, codec, tokens, parent_turn
                 )
                 for seg in segments:
-                    raw = view.get("blocks", block_key(domain, seg.key))
-                    size = 0 if raw is None else decode_block(raw, seg.hex, check=False)[0].payload_nbytes
-                    planned.append(PlannedSegment(seg.start, seg.end, seg.hex, raw is not None, size))
+                    head = _block_head(view, block_key(domain, seg.key), seg.hex, seg.end - seg.start)
+                    size = 0 if head is None else head[0].payload_nbytes
+                    planned.append(PlannedSegment(seg.start, seg.end, seg.hex, head is not None, size))
         return Plan(
             namespace, session, model, codec, block_size, len(tokens) // 4, parent_turn, tuple(planned)
         )
@@ -551,9 +562,9 @@ class Store:
         missing: list[str] = []
         for seg in segments:
             bkey = block_key(domain, seg.key)
-            raw = b.get("blocks", bkey)
-            if raw is not None:
-                parts.append((seg, decode_block(raw, seg.hex, check=False)[0], None))
+            head = _block_head(b, bkey, seg.hex, seg.end - seg.start)  # no payload read for reuse
+            if head is not None:
+                parts.append((seg, head[0], None))
                 continue
             p = supplied.get(seg.key)
             if p is None:
@@ -751,10 +762,10 @@ class Store:
             sizes: list[PlannedSegment] = []
             token_parts: list[bytes] = []
             for seg in m.segments:
-                block = view.get("blocks", block_key(rec.domain, seg.key))
-                if block is None:
+                head = _block_head(view, block_key(rec.domain, seg.key), seg.hex, seg.end - seg.start)
+                if head is None:
                     raise ChecksumMismatch(seg.hex, "a stored block", "no block (dangling reference)")
-                meta, toks, _ = decode_block(block, seg.hex, check=False)
+                meta, toks = head
                 if meta.n_tokens != seg.end - seg.start:
                     raise ChecksumMismatch(seg.hex, f"{seg.end - seg.start} token ids", f"{meta.n_tokens}")
                 token_parts.append(bytes(toks))
@@ -814,7 +825,7 @@ class Store:
         domain = self.config.domain(namespace)
         parsed = [key_from_hex(k) for k in keys]
         with self.backend.read() as view:
-            return [view.get("blocks", block_key(domain, k)) is not None for k in parsed]
+            return [view.get_head("blocks", block_key(domain, k), 1) is not None for k in parsed]
 
     def lookup_prefix(self, namespace: str, model: str, codec: str, token_ids: Sequence[int]) -> int:
         """Leading tokens whose KV is stored: whole aligned blocks, then the rest as one segment."""
@@ -827,12 +838,12 @@ class Store:
         matched = 0
         with self.backend.read() as view:
             for i in range(chain.n_tokens // bs):
-                if view.get("blocks", block_key(domain, chain.hashes[i + 1])) is None:
+                if view.get_head("blocks", block_key(domain, chain.hashes[i + 1]), 1) is None:
                     return matched
                 matched = (i + 1) * bs
             if matched < chain.n_tokens:
                 tail = chain.segment_key(matched, chain.n_tokens)
-                if view.get("blocks", block_key(domain, tail)) is not None:
+                if view.get_head("blocks", block_key(domain, tail), 1) is not None:
                     matched = chain.n_tokens
         return matched
 
@@ -865,10 +876,10 @@ class Store:
 
         def take(view: ReadView, start: int, end: int, key: bytes) -> bool:
             nonlocal fp16_total
-            block = view.get("blocks", block_key(domain, key))
-            if block is None:
+            head = _block_head(view, block_key(domain, key), key.hex(), end - start)
+            if head is None:
                 return False
-            meta, toks, _ = decode_block(block, key.hex(), check=False)
+            meta, toks = head
             if bytes(toks) != tokens[4 * start : 4 * end]:
                 raise ChecksumMismatch(key.hex(), "the requested token ids", "other stored token ids")
             found.append(PlannedSegment(start, end, key.hex(), True, meta.payload_nbytes, bytes(meta.digest)))
@@ -942,18 +953,17 @@ class Store:
         freed = 0
         for seg in m.segments:
             bkey = block_key(domain, seg.key)
-            block = b.get("blocks", bkey)
-            try:
-                if block is None:
+            try:  # a payload lost in a Redis failover raises here too
+                head = _block_head(b, bkey, seg.hex, seg.end - seg.start)
+                if head is None:
                     raise ChecksumMismatch(seg.hex, "a stored block", "no block (dangling reference)")
-                meta = decode_block(block, seg.hex, check=False)[0]
+                meta = head[0]
             except ChecksumMismatch:
                 # A damaged or lost record stays local: moved out of the blocks (never served or
                 # deduplicated against again), its references and counters left for
                 # `deltastore verify --repair`, every intact segment freed as usual.
-                quarantine(b, b"block", bkey, b"" if block is None else block)
-                if block is not None:
-                    b.delete("blocks", bkey)
+                quarantine(b, b"block", bkey, b"")
+                b.delete("blocks", bkey)  # reads no payload; a no-op when the record is gone
                 continue
             freed += self._ref(b, ledger, namespace, session, domain, seg.key, meta, -1)[1]
         ledger.add("logical", -m.fp16_nbytes, namespace=namespace)

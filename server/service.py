@@ -10,16 +10,19 @@ port 0.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import logging
 import time
 from collections.abc import Iterator, Sequence
 from concurrent import futures
 from typing import Any
+from urllib.parse import unquote
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from deltastore.backend import call_deadline
 from deltastore.codecs import BlockHeader, CodecSpec, read_header
 from deltastore.codecs.bounds import check_expansion
 from deltastore.errors import (
@@ -94,7 +97,8 @@ class DeltaStoreService(pb_grpc.DeltaStoreServicer):
         started = time.perf_counter()
         try:
             _check_deadline(context)
-            yield call
+            with call_deadline(context.time_remaining()):  # bounds the backend's retries too
+                yield call
         except GeneratorExit:  # the client went away mid-stream
             call.code = "CANCELLED"
             raise
@@ -298,10 +302,12 @@ class DeltaStoreService(pb_grpc.DeltaStoreServicer):
                     "this server has no shared-memory directory",
                     hint="start it with --shm-dir (DELTASTORE_SHM_DIR), or read with GetSnapshot",
                 )
-            if not _on_this_host(context.peer()):
+            if not _on_this_host(context.peer(), allow_loopback=self._settings.shm_peers == "loopback"):
                 raise NotConfigured(
-                    "GetSnapshotShm serves callers on this host only (a unix socket or loopback)",
-                    hint="read with GetSnapshot from another host",
+                    "GetSnapshotShm serves callers on this server's unix socket only"
+                    + (" (or TCP loopback)" if self._settings.shm_peers == "loopback" else ""),
+                    hint="connect through the unix socket (--grpc unix:/path.sock), start the server with "
+                    "--shm-peers loopback to also trust TCP loopback callers, or read with GetSnapshot",
                 )
             snap = self._open_snapshot(request)
             name = self._shm.export(snap)
@@ -374,16 +380,27 @@ class DeltaStoreService(pb_grpc.DeltaStoreServicer):
 # -- conversions -------------------------------------------------------------------------------
 
 
-def _on_this_host(peer: str) -> bool:
-    """Is a gRPC peer string (``unix:...``, ``ipv4:127.0.0.1:port``, ``ipv6:[::1]:port``) local?"""
+def _on_this_host(peer: str, *, allow_loopback: bool = False) -> bool:
+    """May this gRPC peer use shared memory? A unix socket caller; TCP loopback only when allowed.
+
+    A TCP peer that looks local may be any remote caller behind a local proxy (a sidecar's
+    ingress, an ssh tunnel), so loopback is trusted only by an explicit setting. Peer strings
+    are ``unix:...``, ``ipv4:127.0.0.1:port`` and ``ipv6:[::1]:port`` (brackets may come
+    percent-encoded); IPv4-mapped IPv6 addresses count as their IPv4 address.
+    """
     if peer.startswith("unix:"):
         return True
-    if peer.startswith("ipv4:"):
-        return peer[5:].startswith("127.")
-    if peer.startswith("ipv6:"):
-        host = peer[5:].rpartition(":")[0].strip("[]")
-        return host == "::1" or host.startswith("::ffff:127.")
-    return False
+    kind, _, rest = peer.partition(":")
+    if not allow_loopback or kind not in ("ipv4", "ipv6"):
+        return False
+    host = unquote(rest).rpartition(":")[0].strip("[]")
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_loopback
 
 
 def _ns(namespace: str) -> str:

@@ -57,6 +57,9 @@ class ServerSettings:
         shm_dir: shared-memory directory for GetSnapshotShm (a worker on the same host mounts
             it); "" disables the call.
         shm_max_bytes: most bytes of snapshot files in ``shm_dir`` not yet claimed by a worker.
+        shm_peers: who may ask for shared memory: ``unix`` (default: callers on the unix socket
+            only; a TCP peer that looks local may be a remote caller behind a local proxy) or
+            ``loopback`` (also TCP callers from 127.0.0.0/8 and ::1, an explicit choice).
         insecure: allow listening beyond loopback without an auth file (anyone who reaches the
             port reads and deletes every tenant's KV); off, such a start is refused.
     """
@@ -79,6 +82,7 @@ class ServerSettings:
     tls_client_ca: str = ""
     shm_dir: str = ""
     shm_max_bytes: int = 2 << 30
+    shm_peers: str = "unix"
     insecure: bool = False
 
     def __post_init__(self) -> None:
@@ -104,6 +108,8 @@ class ServerSettings:
             raise InvalidArgument(f"grace_seconds must be >= 0, got {self.grace_seconds}")
         if not self.grpc_address:
             raise InvalidArgument("a gRPC address is required")
+        if self.shm_peers not in ("unix", "loopback"):
+            raise InvalidArgument(f"shm_peers must be 'unix' or 'loopback', got {self.shm_peers!r}")
 
     def check_exposure(self) -> None:
         """Refuse a listener beyond loopback (or a unix socket) without an auth file, unless insecure.
@@ -220,6 +226,10 @@ def add_setting_arguments(parser: argparse.ArgumentParser) -> None:
         "shm_dir": (
             "--shm-dir",
             "shared-memory directory for GetSnapshotShm, e.g. /dev/shm/deltastore ('' = off)",
+        ),
+        "shm_peers": (
+            "--shm-peers",
+            "who may use --shm-dir: 'unix' (callers on a unix socket) or 'loopback' (also TCP loopback)",
         ),
         "insecure": (
             "--insecure",

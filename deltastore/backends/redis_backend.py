@@ -45,7 +45,8 @@ URLs: ``redis://[user:pass@]host:port[/db]``, ``rediss://`` (TLS), and
 ``redis+cluster://host:port[,host:port...]`` (``rediss+cluster://`` with TLS). Query options:
 ``prefix`` (default ``deltastore``), ``lock_lease_ms`` (15000), ``lock_wait_s`` (60),
 ``view_lease_ms`` (60000), ``timeout_s`` (socket timeout, 10), ``payload_cache_mb`` (64),
-``wait_replicas`` (0) and ``wait_timeout_ms`` (1000).
+``wait_replicas`` (0), ``wait_timeout_ms`` (1000) and ``max_attempts`` (5: tries of one
+transaction whose lease ran out, also bounded by ``lock_wait_s`` and the call's deadline).
 """
 
 from __future__ import annotations
@@ -69,7 +70,15 @@ from redis.backoff import ExponentialBackoff
 from redis.cluster import ClusterNode, RedisCluster
 from redis.retry import Retry
 
-from deltastore.backend import COUNTER_NBYTES, KEYSPACES, MAX_KEY_BYTES, Backend, ReadView, WriteBatch
+from deltastore.backend import (
+    COUNTER_NBYTES,
+    KEYSPACES,
+    MAX_KEY_BYTES,
+    Backend,
+    ReadView,
+    WriteBatch,
+    deadline_left,
+)
 from deltastore.backends import redact_url, redis_scripts
 from deltastore.errors import (
     BackendUnavailable,
@@ -155,6 +164,7 @@ class RedisConfig:
     payload_cache_mb: int = 64
     wait_replicas: int = 0
     wait_timeout_ms: int = 1000
+    max_attempts: int = 5
 
     def __post_init__(self) -> None:
         scheme = urlsplit(self.url).scheme
@@ -167,6 +177,8 @@ class RedisConfig:
             raise InvalidArgument(f"Redis key prefix {self.prefix!r} must match [A-Za-z0-9._-]{{1,64}}")
         if self.lock_lease_ms < 100 or self.view_lease_ms < 100:
             raise InvalidArgument("lock_lease_ms and view_lease_ms must be at least 100")
+        if self.max_attempts < 1:
+            raise InvalidArgument("max_attempts must be at least 1")
         if self.lock_wait_s <= 0 or self.timeout_s <= 0 or self.wait_timeout_ms <= 0:
             raise InvalidArgument("lock_wait_s, timeout_s and wait_timeout_ms must be positive")
         if self.payload_cache_mb < 0 or self.wait_replicas < 0:
@@ -191,6 +203,7 @@ class RedisConfig:
             "payload_cache_mb": int,
             "wait_replicas": int,
             "wait_timeout_ms": int,
+            "max_attempts": int,
         }
         for name, value in parse_qsl(parts.query, keep_blank_values=True):
             if name in casts:
@@ -355,6 +368,15 @@ class _Reader(ReadView):
     def _fetch(self, pointers: list[tuple[bytes, bytes]]) -> list[bytes]:
         return self._b.fetch_data(pointers)
 
+    def get_head(self, keyspace: str, key: bytes, nbytes: int) -> tuple[bytes, int] | None:
+        raw = self._raw(self._b.check_keyspace(keyspace), key)
+        if raw is None or keyspace not in OUT_OF_LINE:
+            return None if raw is None else (raw[:nbytes], len(raw))
+        return self._fetch_head(key, raw, nbytes)
+
+    def _fetch_head(self, key: bytes, name: bytes, nbytes: int) -> tuple[bytes, int]:
+        return self._b.fetch_head(key, name, nbytes)
+
     def get_counter(self, keyspace: str, key: bytes) -> int:
         raw = self._raw(self._b.check_keyspace(keyspace), key)
         return 0 if raw is None else _decode_counter(raw)
@@ -403,8 +425,14 @@ class _View(_Reader):
         return self._b.scan_page(self._id, self._seq, keyspace, prefix, after)
 
     def _fetch(self, pointers: list[tuple[bytes, bytes]]) -> list[bytes]:
+        return self._expired_if_gone(lambda: self._b.fetch_data(pointers))
+
+    def _fetch_head(self, key: bytes, name: bytes, nbytes: int) -> tuple[bytes, int]:
+        return self._expired_if_gone(lambda: self._b.fetch_head(key, name, nbytes))
+
+    def _expired_if_gone(self, read: Callable[[], T]) -> T:
         try:
-            return self._b.fetch_data(pointers)
+            return read()
         except ChecksumMismatch:
             # A view past its lease no longer holds back the freeing of what it read: that is
             # an expired view, not lost data.
@@ -439,6 +467,13 @@ class _Batch(_Reader, WriteBatch):
         if mine is not None and key in mine:
             return mine[key]  # buffered values are the data itself, also out of line
         return super().get(keyspace, key)
+
+    def get_head(self, keyspace: str, key: bytes, nbytes: int) -> tuple[bytes, int] | None:
+        mine = self.writes.get(self._b.check_keyspace(keyspace))
+        if mine is not None and key in mine:
+            value = mine[key]
+            return None if value is None else (value[:nbytes], len(value))
+        return super().get_head(keyspace, key, nbytes)
 
     def _raw_page(
         self, keyspace: str, prefix: bytes, after: bytes | None
@@ -662,6 +697,22 @@ class RedisBackend(Backend):
             values[i] = value
         return values  # type: ignore[return-value]
 
+    def fetch_head(self, key: bytes, name: bytes, nbytes: int) -> tuple[bytes, int]:
+        """The first ``nbytes`` of the payload behind a pointer and its length: no whole-value read."""
+        cached = self._cache.get(bytes(name))
+        if cached is not None:
+            return cached[:nbytes], len(cached)
+        with _errors("a payload read"):
+            pipe = self.client.pipeline(transaction=False)
+            pipe.getrange(name, 0, max(nbytes, 1) - 1)
+            pipe.strlen(name)
+            head, total = pipe.execute()
+        if not total:
+            raise ChecksumMismatch(
+                key.hex(), f"payload under Redis key {bytes(name).decode()}", "no such key (data lost)"
+            )
+        return head, int(total)
+
     @contextmanager
     def read(self) -> Iterator[ReadView]:
         self.check_keyspace("meta")
@@ -683,6 +734,9 @@ class RedisBackend(Backend):
     def _acquire(self) -> str:
         token = secrets.token_hex(16)
         deadline = time.monotonic() + self.config.lock_wait_s
+        left = deadline_left()
+        if left is not None:
+            deadline = min(deadline, time.monotonic() + left)
         delay = 0.0005
         while True:
             with _errors("taking the write lock"):
@@ -795,15 +849,37 @@ class RedisBackend(Backend):
                 self.client.srem(self._free_key, *names)
 
     def transact(self, fn: Callable[[WriteBatch], T]) -> T:
+        """Run ``fn`` under the write lock and commit; retried after a lost lease, within bounds.
+
+        A lease lost before the commit (``fn`` slower than ``lock_lease_ms``, a stalled process)
+        commits nothing and runs ``fn`` again, at most ``max_attempts`` times in all, never past
+        ``lock_wait_s`` from the first try nor past the call's deadline
+        (:func:`deltastore.backend.call_deadline`): then BackendUnavailable.
+        """
         self.check_keyspace("meta")
+        started = time.monotonic()
+        attempts = 0
         while True:
+            attempts += 1
             token = self._acquire()
             try:
                 batch = _Batch(self)
                 result = fn(batch)
                 freed = self._commit(batch, token)
             except _LockLost:
-                continue  # our lease ran out and nothing was committed: run fn again
+                # Our lease ran out and nothing was committed: run fn again, within bounds.
+                left = deadline_left()
+                if (
+                    attempts >= self.config.max_attempts
+                    or time.monotonic() - started > self.config.lock_wait_s
+                    or (left is not None and left <= 0)
+                ):
+                    raise BackendUnavailable(
+                        f"lost the store's write lock (lease {self.config.lock_lease_ms} ms) before "
+                        f"committing, {attempts} time(s); nothing was written",
+                        hint="the transaction outlasts lock_lease_ms (raise it) or Redis is overloaded",
+                    ) from None
+                continue
             except BaseException:
                 self._release(token)
                 raise

@@ -33,7 +33,7 @@ def _target(svc: object) -> str:
 @pytest.mark.parametrize("codec", ["lossless", "k4v2-pe50"])
 def test_shm_get_equals_stream_get_and_leaves_no_file(tmp_path: Path, codec: str) -> None:
     shm = tmp_path / "shm"
-    svc = start_service(tmp_path, shm_dir=str(shm))
+    svc = start_service(tmp_path, shm_dir=str(shm), shm_peers="loopback")
     try:
         cache = make_cache(len(TOKENS))
         with DeltaStoreClient(_target(svc), timeout=20) as c:
@@ -71,7 +71,7 @@ def test_without_shm_dir_the_call_is_refused_clearly(service: object) -> None:
 
 def test_missing_snapshot_is_not_found_and_writes_nothing(tmp_path: Path) -> None:
     shm = tmp_path / "shm"
-    svc = start_service(tmp_path, shm_dir=str(shm))
+    svc = start_service(tmp_path, shm_dir=str(shm), shm_peers="loopback")
     try:
         with (
             DeltaStoreClient(_target(svc), timeout=20, shm_dir=str(shm)) as c,
@@ -86,7 +86,7 @@ def test_missing_snapshot_is_not_found_and_writes_nothing(tmp_path: Path) -> Non
 
 def test_client_pointed_at_another_directory_gets_a_clear_error(tmp_path: Path) -> None:
     shm = tmp_path / "shm"
-    svc = start_service(tmp_path, shm_dir=str(shm))
+    svc = start_service(tmp_path, shm_dir=str(shm), shm_peers="loopback")
     try:
         with DeltaStoreClient(_target(svc), timeout=20) as c:
             c.put_snapshot("s", 0, TOKENS, make_cache(len(TOKENS)), model=MODEL, codec="k4v2")
@@ -111,7 +111,7 @@ def test_full_shm_directory_is_resource_exhausted_and_leaves_no_file(
     from deltastore.server import shm as server_shm
 
     shm = tmp_path / "shm"
-    svc = start_service(tmp_path, shm_dir=str(shm))
+    svc = start_service(tmp_path, shm_dir=str(shm), shm_peers="loopback")
     try:
         with DeltaStoreClient(_target(svc), timeout=20) as c:
             c.put_snapshot("s", 0, TOKENS, make_cache(len(TOKENS)), model=MODEL, codec="k4v2")
@@ -146,7 +146,7 @@ def test_orphans_are_swept_and_other_files_kept(tmp_path: Path) -> None:
 
 def test_unclaimed_bytes_are_capped_and_a_removed_directory_comes_back(tmp_path: Path) -> None:
     shm = tmp_path / "shm"
-    svc = start_service(tmp_path, shm_dir=str(shm), shm_max_bytes=1 << 20)
+    svc = start_service(tmp_path, shm_dir=str(shm), shm_max_bytes=1 << 20, shm_peers="loopback")
     try:
         with DeltaStoreClient(_target(svc), timeout=20) as c:
             c.put_snapshot("s", 0, TOKENS, make_cache(len(TOKENS)), model=MODEL, codec="fp16")
@@ -190,7 +190,8 @@ def test_a_fifo_or_directory_in_place_of_the_file_is_refused_without_blocking(tm
     ],
 )
 def test_only_callers_on_this_host_may_ask(peer: str, local: bool) -> None:
-    assert _on_this_host(peer) is local
+    """With ``--shm-peers loopback``; by default only unix socket callers (tests/trust/test_shm_peers.py)."""
+    assert _on_this_host(peer, allow_loopback=True) is local
 
 
 @pytest.mark.parametrize(

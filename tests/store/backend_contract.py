@@ -30,6 +30,24 @@ class BackendContract:
             assert view.get("blocks", b"nope") is None
             assert view.get("manifests", b"k1") is None  # keyspaces are separate
 
+    def test_get_head_reads_a_prefix_and_the_length(self, backend_factory: BackendFactory) -> None:
+        backend = backend_factory()
+        value = bytes(range(256)) * 64
+        backend.transact(lambda b: b.put("blocks", b"k", value))
+
+        def in_batch(b: WriteBatch) -> None:
+            b.put("blocks", b"mine", b"abc")
+            head, total = b.get_head("blocks", b"mine", 2)
+            assert (bytes(head), total) == (b"ab", 3)
+            head, total = b.get_head("blocks", b"k", 48)
+            assert (bytes(head), total) == (value[:48], len(value))
+
+        backend.transact(in_batch)
+        with backend.read() as view:
+            head, total = view.get_head("blocks", b"k", 48)
+            assert (bytes(head), total) == (value[:48], len(value))
+            assert view.get_head("blocks", b"absent", 48) is None
+
     def test_put_replaces(self, backend_factory: BackendFactory) -> None:
         b = backend_factory()
         b.transact(lambda t: t.put("meta", b"k", b"one"))

@@ -108,7 +108,7 @@ class _Tamper(grpc.UnaryUnaryClientInterceptor):
 
 def test_shared_memory_export_rewritten_before_mapping(tmp_path: Path, reliability) -> None:
     shm = tmp_path / "shm"
-    svc = start_service(tmp_path, shm_dir=str(shm))
+    svc = start_service(tmp_path, shm_dir=str(shm), shm_peers="loopback")
     tamper = _Tamper(shm)
     try:
         with client(svc.grpc_port, None) as c:

@@ -48,7 +48,7 @@ NEW_TOKENS = tokens_for(77, 16)  # one block the store never holds: a put of it 
 @pytest.fixture(scope="module")
 def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     tmp = tmp_path_factory.mktemp("hostile")  # shared memory on, so the fuzz reaches GetSnapshotShm's export
-    svc = start_service(tmp, workers=4, stall_seconds=1.0, shm_dir=str(tmp / "shm"))
+    svc = start_service(tmp, workers=4, stall_seconds=1.0, shm_dir=str(tmp / "shm"), shm_peers="loopback")
     try:
         with client(svc.grpc_port, None) as c:
             c.put_snapshot("base", 0, BASE_TOKENS, make_cache(45), model=MODEL, codec="k4v2")
@@ -452,9 +452,11 @@ def test_fuzzed_unary_calls(service: Service, stub: pb_grpc.DeltaStoreStub, call
     before = _state(service)
     fn = getattr(stub, method)
     code = _code(
-        lambda: list(fn(request, timeout=10))
-        if method in ("GetSnapshot", "GetPrefix")
-        else fn(request, timeout=10)
+        lambda: (
+            list(fn(request, timeout=10))
+            if method in ("GetSnapshot", "GetPrefix")
+            else fn(request, timeout=10)
+        )
     )
     assert code in CLEAR | {grpc.StatusCode.OK}, (method, code)
     if request.namespace not in ("", "default") or getattr(request, "session", "") != "base":

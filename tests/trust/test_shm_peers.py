@@ -1,0 +1,82 @@
+"""Shared memory is tied to the unix socket, or to TCP loopback by an explicit setting (IPv6 too).
+
+Before: any TCP peer from 127.0.0.0/8 was trusted (a remote caller behind a local proxy looks
+exactly like that), while IPv6 loopback was refused (gRPC percent-encodes its brackets).
+"""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import grpc
+from trust_helpers import MODEL, make_cache, start_service, tokens_for
+
+from deltastore.client.sync import DeltaStoreClient
+from deltastore.server.service import _on_this_host
+
+TOKENS = tokens_for(40, 40)
+
+
+def _roundtrip(target: str, shm: Path) -> grpc.StatusCode:
+    with DeltaStoreClient(target, timeout=20) as c:
+        c.put_snapshot("s", 0, TOKENS, make_cache(40), model=MODEL, codec="k4v2")
+    with DeltaStoreClient(target, timeout=20, shm_dir=str(shm)) as c:
+        try:
+            assert c.get_snapshot("s", 0, model=MODEL).n_tokens == 40
+        except grpc.RpcError as exc:
+            return exc.code()
+    assert list(shm.iterdir()) == []
+    return grpc.StatusCode.OK
+
+
+def _ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+def test_shm_callers(tmp_path: Path, reliability) -> None:
+    outcomes: dict[str, grpc.StatusCode] = {}
+    # Default: a TCP loopback caller (possibly a proxied remote one) is refused ...
+    svc = start_service(tmp_path / "tcp", shm_dir=str(tmp_path / "shm1"))
+    try:
+        outcomes["tcp default"] = _roundtrip(f"127.0.0.1:{svc.grpc_port}", tmp_path / "shm1")
+    finally:
+        svc.stop()
+    # ... a caller on the unix socket is served.
+    sock = tmp_path / "ds.sock"
+    svc = start_service(tmp_path / "unix", grpc_address=f"unix:{sock}", shm_dir=str(tmp_path / "shm2"))
+    try:
+        outcomes["unix default"] = _roundtrip(f"unix:{sock}", tmp_path / "shm2")
+    finally:
+        svc.stop()
+    # Explicitly trusting loopback: IPv4 and IPv6 loopback both served.
+    hosts = ["127.0.0.1", *(["[::1]"] if _ipv6_loopback() else [])]
+    for host in hosts:
+        shm = tmp_path / f"shm-{len(outcomes)}"
+        svc = start_service(
+            tmp_path / f"lo{len(outcomes)}", grpc_address=f"{host}:0", shm_dir=str(shm), shm_peers="loopback"
+        )
+        try:
+            outcomes[f"{host} loopback"] = _roundtrip(f"{host}:{svc.grpc_port}", shm)
+        finally:
+            svc.stop()
+    assert outcomes.pop("tcp default") is grpc.StatusCode.FAILED_PRECONDITION
+    assert all(code is grpc.StatusCode.OK for code in outcomes.values()), outcomes
+    assert _on_this_host("ipv6:%5B::1%5D:5000", allow_loopback=True)
+    assert _on_this_host("ipv6:[::ffff:127.0.0.1]:1", allow_loopback=True)
+    assert not _on_this_host("ipv4:127.0.0.1:5000")  # not without the explicit setting
+    reliability.record(
+        "GetSnapshotShm from TCP loopback (a proxied remote caller looks the same), default settings",
+        1,
+        "FAILED_PRECONDITION",
+    )
+    reliability.record(
+        "GetSnapshotShm on the unix socket; with --shm-peers loopback from 127.0.0.1 and [::1]",
+        len(outcomes),
+        "served",
+    )
