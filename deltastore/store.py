@@ -48,7 +48,8 @@ from deltastore.addressing import (
     tokens_from_bytes,
 )
 from deltastore.backend import COUNTER_NBYTES, Backend, ReadView, WriteBatch
-from deltastore.backends.lmdb_backend import LmdbBackend, LmdbConfig
+from deltastore.backends import open_backend
+from deltastore.backends.lmdb_backend import LmdbConfig
 from deltastore.errors import (
     AlreadyExists,
     ChecksumMismatch,
@@ -361,7 +362,8 @@ class Store:
     @classmethod
     def open(cls, data_dir: str | Path, config: StoreConfig | None = None, **lmdb_options: Any) -> Store:
         """The embedded store: an LMDB environment in ``data_dir``."""
-        return cls(LmdbBackend(LmdbConfig(path=Path(data_dir), **lmdb_options)), config)
+        path = Path(data_dir)
+        return cls(open_backend(f"lmdb://{path.resolve()}", LmdbConfig(path=path, **lmdb_options)), config)
 
     def close(self) -> None:
         self.backend.close()

@@ -398,7 +398,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         url = args.backend
     try:
-        backend = open_backend(url, load_settings())
+        backend = open_backend(url, load_settings().lmdb)
     except DeltaStoreError as exc:
         print(f"verify: {exc}", file=sys.stderr)
         return 2

@@ -38,7 +38,7 @@ def open_store(url: str) -> Store:
     from deltastore.store import Store
 
     settings = load_settings()
-    return Store(open_backend(url, settings), settings.store)
+    return Store(open_backend(url, settings.lmdb), settings.store)
 
 
 def _bind(address: str) -> socket.socket:

@@ -14,9 +14,9 @@ from urllib.parse import urlsplit, urlunsplit
 
 from deltastore.errors import InvalidArgument
 
-if TYPE_CHECKING:  # deltastore.settings imports the LMDB backend's config: no import cycle at run time
+if TYPE_CHECKING:
     from deltastore.backend import Backend
-    from deltastore.settings import Settings
+    from deltastore.backends.lmdb_backend import LmdbConfig
 
 __all__ = ["OPENERS", "open_backend", "redact_url"]
 
@@ -38,11 +38,11 @@ def redact_url(url: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
 
 
-def _open_lmdb(url: str, settings: Settings) -> Backend:
+def _open_lmdb(url: str, lmdb: LmdbConfig | None) -> Backend:
     from dataclasses import replace
     from pathlib import Path
 
-    from deltastore.backends.lmdb_backend import LmdbBackend
+    from deltastore.backends.lmdb_backend import LmdbBackend, LmdbConfig
 
     parts = urlsplit(url)
     path = (parts.netloc + parts.path) if parts.scheme else url
@@ -50,16 +50,16 @@ def _open_lmdb(url: str, settings: Settings) -> Backend:
         raise InvalidArgument(
             f"backend URL {redact_url(url)!r} names no directory", hint="use lmdb:///absolute/path"
         )
-    return LmdbBackend(replace(settings.lmdb, path=Path(path)))
+    return LmdbBackend(replace(lmdb, path=Path(path)) if lmdb else LmdbConfig(path=Path(path)))
 
 
-def _open_redis(url: str, settings: Settings) -> Backend:
+def _open_redis(url: str, lmdb: LmdbConfig | None) -> Backend:
     from deltastore.backends.redis_backend import RedisBackend
 
     return RedisBackend.from_url(url)
 
 
-OPENERS: dict[str, Callable[[str, Settings], Backend]] = {
+OPENERS: dict[str, Callable[[str, LmdbConfig | None], Backend]] = {
     "lmdb": _open_lmdb,
     "": _open_lmdb,
     **dict.fromkeys(("redis", "rediss", "redis+cluster", "rediss+cluster"), _open_redis),
@@ -67,8 +67,11 @@ OPENERS: dict[str, Callable[[str, Settings], Backend]] = {
 """Backend URL scheme -> opener. A new backend registers its scheme here."""
 
 
-def open_backend(url: str, settings: Settings) -> Backend:
-    """Open the backend a URL names, with the LMDB options of ``settings`` for ``lmdb://``."""
+def open_backend(url: str, lmdb: LmdbConfig | None = None) -> Backend:
+    """Open the backend a URL names; ``lmdb``: the LMDB options for ``lmdb://`` (its path is the URL's).
+
+    The only place that builds a backend: the store, server and tools name one by URL.
+    """
     scheme = urlsplit(url).scheme
     opener = OPENERS.get(scheme)
     if opener is None:
@@ -76,4 +79,4 @@ def open_backend(url: str, settings: Settings) -> Backend:
         raise InvalidArgument(
             f"unknown backend {scheme!r} in {redact_url(url)!r}", hint=f"supported: {known}"
         )
-    return opener(url, settings)
+    return opener(url, lmdb)
