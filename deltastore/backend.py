@@ -65,6 +65,7 @@ def deadline_left() -> float | None:
     at = _DEADLINE.get()
     return None if at is None else at - time.monotonic()
 
+
 KEYSPACES: tuple[str, ...] = ("blocks", "manifests", "refs", "sessions", "counters", "meta")
 MAX_KEY_BYTES = 511  # LMDB's default key limit; the store's keys stay far below it
 COUNTER_NBYTES = 8  # nominal stored size of a counter value, used in byte accounting
@@ -134,6 +135,18 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def read(self) -> AbstractContextManager[ReadView]:
         """A short-lived consistent read view: ``with backend.read() as view: ...``."""
+
+    def stray_values(self) -> list[str]:
+        """Stored values nothing references (a backend with out-of-line values); [] otherwise.
+
+        For ``deltastore verify``: e.g. a Redis payload written by a writer whose lease had
+        already expired (the write cannot be fenced across nodes), left behind forever.
+        """
+        return []
+
+    def remove_stray_values(self, names: list[str]) -> int:
+        """Delete values :meth:`stray_values` named; returns how many were removed."""
+        return 0
 
     @abc.abstractmethod
     def info(self) -> dict[str, Any]:

@@ -122,7 +122,15 @@ def _blocks(view: ReadView, rc: _Recount) -> dict[tuple[str, Key], tuple[BlockMe
 def verify_backend(backend: Backend) -> VerifyReport:
     """Check every invariant of the store on ``backend`` (see the module docstring)."""
     with backend.read() as view:
-        return _recount(view).report
+        report = _recount(view).report
+    stray = backend.stray_values()
+    report.problems.extend(
+        f"stored value {name}: referenced by nothing (a writer that lost its lease wrote it); "
+        "`deltastore verify --repair` removes it"
+        for name in stray
+    )
+    report.checked["stray values"] = len(stray)
+    return report
 
 
 def _recount(view: ReadView) -> _Recount:
@@ -365,7 +373,13 @@ def repair_backend(backend: Backend) -> RepairReport:
         out.after = _recount(b).report
         return out
 
-    return backend.transact(tx)
+    out = backend.transact(tx)
+    stray = backend.stray_values()
+    if stray:
+        removed = backend.remove_stray_values(stray)
+        out.actions.append(f"removed {removed} stored value(s) nothing referenced")
+    out.after = verify_backend(backend)
+    return out
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

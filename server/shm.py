@@ -51,6 +51,7 @@ class ShmExporter:
         self.max_bytes = max_bytes
         self._lock = threading.Lock()
         self._reserved = 0  # bytes of exports in progress
+        self._writing: set[str] = set()  # their files: counted in _reserved, never by sweep()
         self._prepare()
         self.sweep()
         _start_sweeper(self)
@@ -76,11 +77,13 @@ class ShmExporter:
                     hint="raise --shm-max-bytes, or read with GetSnapshot",
                 )
             self._reserved += total
+        names: list[str] = []
         try:
-            return self._write(snap)
+            return self._write(snap, names)
         finally:
-            with self._lock:
+            with self._lock:  # the reservation and the in-progress file go together: counted once
                 self._reserved -= total
+                self._writing.difference_update(names)
 
     def discard(self, name: str) -> None:
         """Remove an export no caller will claim (the call ended before its answer was sent)."""
@@ -96,8 +99,8 @@ class ShmExporter:
         except OSError as exc:
             raise self._unusable(exc) from None
         for entry in entries:
-            if not entry.name.startswith(SHM_FILE_PREFIX):
-                continue
+            if not entry.name.startswith(SHM_FILE_PREFIX) or entry.name in self._writing:
+                continue  # an export being written is counted once, by its reservation
             try:
                 stat = entry.stat(follow_symlinks=False)
                 if stat.st_mtime < cutoff:
@@ -117,9 +120,12 @@ class ShmExporter:
         except OSError as exc:
             raise self._unusable(exc) from None
 
-    def _write(self, snap: SnapshotStream) -> str:
+    def _write(self, snap: SnapshotStream, names: list[str]) -> str:
         try:
-            fd, path = tempfile.mkstemp(prefix=SHM_FILE_PREFIX, dir=self.directory)
+            with self._lock:  # registered before sweep() can see it
+                fd, path = tempfile.mkstemp(prefix=SHM_FILE_PREFIX, dir=self.directory)
+                self._writing.add(os.path.basename(path))
+                names.append(os.path.basename(path))
         except OSError as exc:
             raise self._unusable(exc) from None
         try:

@@ -891,6 +891,35 @@ class RedisBackend(Backend):
 
     # ------------------------------------------------------------------ operations
 
+    def stray_values(self) -> list[str]:
+        """Payload keys under this prefix that no version, intent or free-set entry names.
+
+        Read in this order so that a concurrent writer's keys are never reported: the data keys
+        first (a writer records its intent before it writes one), then the intents, the current
+        pointers, the history and the free set (a commit moves a name from the intents to the
+        pointers, a replacement from the pointers to the history or the free set).
+        """
+        tag = self.tag
+        with _errors("listing payload keys"):
+            found = {bytes(k) for k in self.client.scan_iter(match=f"{self.prefix}:d:*", count=1000)}
+            if not found:
+                return []
+            named: set[bytes] = set(self.client.hkeys(f"{tag}:pend"))
+            for ks in sorted(OUT_OF_LINE):
+                named.update(bytes(v)[_HDR:] for _, v in self.client.hscan_iter(f"{tag}:v:{ks}"))
+                for key in self.client.zrange(f"{tag}:hk:{ks}", 0, -1):
+                    for member in self.client.zrange(f"{tag}:H:{ks}:".encode() + bytes(key), 0, -1):
+                        named.add(bytes(member)[2 * _HDR :])
+            named.update(bytes(m) for m in self.client.smembers(self._free_key))
+        return sorted(name.decode() for name in found - named)
+
+    def remove_stray_values(self, names: list[str]) -> int:
+        stray = set(self.stray_values())  # only what is still unreferenced
+        doomed = [n for n in names if n in stray]
+        with _errors("removing stray payload keys"):
+            self._delete_data(list(doomed))
+        return len(doomed)
+
     def info(self) -> dict[str, Any]:
         self.check_keyspace("meta")
         tag = self.tag
