@@ -1,5 +1,10 @@
 """Multi-user, multi-turn workloads through the running service: measured savings and speed.
 
+(Longer than our ~500-line aim on purpose: it is the one driver of a benchmark whose phases share
+one server, one progress bar and one JSON document; the workload, the processes and ceilings, the
+drive loop and the report already live in ``serving_workload``, ``serving_refs``,
+``serving_drive`` and ``serving_report``.)
+
 ``deltastore bench serving [--quick] [--target HOST:PORT] --json PATH`` starts a DeltaStore
 server in a child process (or uses ``--target``) and drives it with concurrent simulated users
 through the real client over gRPC: the report's 100-user scenarios (shared system prompt of
