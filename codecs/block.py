@@ -80,9 +80,16 @@ def _codecs(spec: CodecSpec, dtype: torch.dtype) -> tuple[TensorCodec, TensorCod
     if spec.kind == "fp8":
         return Fp8Codec(spec.group_size), Fp8Codec(spec.group_size)
     return (
-        IntCodec(spec.key_bits, spec.group_size, spec.key_axis, spec.rotate, spec.params8),
-        IntCodec(spec.value_bits, spec.group_size, "token", spec.rotate, spec.params8),
+        IntCodec(
+            spec.key_bits, spec.group_size, spec.key_axis, spec.rotate, spec.params8, _levels(spec, "k")
+        ),
+        IntCodec(spec.value_bits, spec.group_size, "token", spec.rotate, spec.params8, _levels(spec, "v")),
     )
+
+
+def _levels(spec: CodecSpec, kind: str) -> str | None:
+    """The ``nf`` level table of keys ("k") or values ("v"), or None for uniform codes."""
+    return kind if spec.nf else None
 
 
 def _high_codec(spec: CodecSpec) -> IntCodec:
@@ -93,8 +100,8 @@ def _high_codec(spec: CodecSpec) -> IntCodec:
 def _low_codecs(spec: CodecSpec) -> tuple[IntCodec, IntCodec]:
     """lo<L>'s codecs for the demoted tokens: the spec's integer codecs at 2 bits."""
     return (
-        IntCodec(2, spec.group_size, spec.key_axis, spec.rotate, spec.params8),
-        IntCodec(2, spec.group_size, "token", spec.rotate, spec.params8),
+        IntCodec(2, spec.group_size, spec.key_axis, spec.rotate, spec.params8, _levels(spec, "k")),
+        IntCodec(2, spec.group_size, "token", spec.rotate, spec.params8, _levels(spec, "v")),
     )
 
 

@@ -5,7 +5,9 @@ Pure Python (struct only, no torch) so the server reads headers without decoding
 Layout, little-endian::
 
     magic     4s   b"DSKV"
-    version   u8   FORMAT_VERSION
+    version   u8   1, or 2 for specs with what version 2 added (``nf``, 3-bit codes): each block is
+                   written with the oldest version that expresses its spec, so blocks of older
+                   specs stay byte-identical (same digests, dedup across upgrades); both decode
     dtype     u8   original dtype code (1 float16, 2 bfloat16, 3 float32)
     spec_len  u16  length of the canonical spec string
     n_layers  u32
@@ -50,6 +52,7 @@ __all__ = [
     "MAGIC",
     "BlockHeader",
     "Section",
+    "block_version",
     "check_dims",
     "encoded_nbytes",
     "high_token_nbytes",
@@ -61,7 +64,8 @@ __all__ = [
 ]
 
 MAGIC = b"DSKV"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""The newest block format version this build writes and reads (it reads every older one)."""
 _FIXED = struct.Struct("<4sBBHIIIIQH")
 _ENTRY = struct.Struct("<BBQ")
 FLAG_ZSTD = 1
@@ -124,14 +128,16 @@ class BlockHeader:
     kept_tokens: int
     high_tokens: int = 0
     low_tokens: int = 0
+    version: int = 1
 
     @property
     def fp16_nbytes(self) -> int:
         return self.n_layers * 2 * self.kv_heads * self.n_tokens * self.head_dim * 2
 
-    @property
-    def version(self) -> int:
-        return FORMAT_VERSION
+
+def block_version(spec: CodecSpec) -> int:
+    """The format version a block of ``spec`` is written with: the oldest that expresses it."""
+    return 2 if spec.nf or 3 in (spec.key_bits, spec.value_bits) else 1
 
 
 def check_dims(
@@ -284,7 +290,7 @@ def pack_header(
     spec_text = spec.canonical().encode("ascii")
     fixed = _FIXED.pack(
         MAGIC,
-        FORMAT_VERSION,
+        block_version(spec),
         DTYPE_CODES[dtype],
         len(spec_text),
         n_layers,
@@ -424,9 +430,9 @@ def read_header(payload: bytes | bytearray | memoryview) -> BlockHeader:
     )
     if magic != MAGIC:
         raise FormatError(f"not a DeltaStore KV block (magic {bytes(magic)!r}, expected {MAGIC!r})")
-    if version != FORMAT_VERSION:
+    if not 1 <= version <= FORMAT_VERSION:
         raise FormatError(
-            f"block format version {version} is not supported (this build reads {FORMAT_VERSION})",
+            f"block format version {version} is not supported (this build reads 1..{FORMAT_VERSION})",
             hint="upgrade deltastore to read blocks written by a newer version",
         )
     dtype = _DTYPE_NAMES.get(dtype_code)
@@ -445,6 +451,10 @@ def read_header(payload: bytes | bytearray | memoryview) -> BlockHeader:
         raise FormatError(f"block names an unknown codec spec: {exc}") from None
     if spec.canonical() != spec_text:
         raise FormatError(f"block spec {spec_text!r} is not canonical ({spec.canonical()!r})")
+    if version != block_version(spec):
+        raise FormatError(
+            f"block spec {spec_text} is written as format version {block_version(spec)}, the header says {version}"
+        )
     if spec.kind == "quant" and spec.rotate and head_dim & (head_dim - 1):
         raise FormatError(
             f"spec {spec_text} rotates keys, which needs a power-of-two head_dim, not {head_dim}"
@@ -496,4 +506,5 @@ def read_header(payload: bytes | bytearray | memoryview) -> BlockHeader:
         kept,
         high,
         low,
+        version,
     )

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 import torch
 
 from deltastore.codecs.base import Shape, TensorCodec
+from deltastore.codecs.codebook import NF_BITS, code_levels, nearest_code
 from deltastore.codecs.packing import pack_bits, packed_nbytes, unpack_float
 from deltastore.codecs.params import decode_params, encode_params
 from deltastore.codecs.rotation import rotate, unrotate
@@ -56,7 +57,7 @@ def _reciprocal(scale: torch.Tensor) -> torch.Tensor:
 
 
 def quantize_groups(
-    x: torch.Tensor, bits: int, group: int, dim: int = -1, params8: bool = False
+    x: torch.Tensor, bits: int, group: int, dim: int = -1, params8: bool = False, levels: str | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize in groups of ``group`` consecutive elements along ``dim``.
 
@@ -64,6 +65,8 @@ def quantize_groups(
         x: float32, shape (heads, ...); n = x.shape[dim] (``dim`` is not the head axis 0 when
             ``params8``: its grids are per head).
         params8: store parameters as p8 codes (``params.py``) instead of fp16 pairs.
+        levels: None for uniform codes, or "k"/"v": the non-uniform ``nf`` table (``codebook.py``)
+            of that tensor kind; the code is the nearest level's index.
     Returns:
         codes: uint8 of x's shape, in [0, 2**bits).
         params: the stored parameter bytes, flat uint8 (``params.encode_params``); the group grid
@@ -71,13 +74,16 @@ def quantize_groups(
     """
     dim %= x.dim()
     n = x.shape[dim]
-    levels = (1 << bits) - 1
+    top = (1 << bits) - 1
     xg = split_groups(x, group, dim)
     lo, hi = torch.aminmax(xg, dim=dim + 1)
-    scale, zero, stored = encode_params(lo, hi, levels, params8)
+    scale, zero, stored = encode_params(lo, hi, top, params8)
     inv = _reciprocal(scale).unsqueeze(dim + 1)
+    if levels is not None:
+        codes = nearest_code(torch.addcmul(-zero.unsqueeze(dim + 1) * inv, xg, inv), levels, bits)
+        return merge_groups(codes, n, dim), stored
     # floor(x / scale - zero / scale + 0.5): one fused pass; clamping also absorbs parameter rounding.
-    codes = torch.addcmul(0.5 - zero.unsqueeze(dim + 1) * inv, xg, inv).clamp_(0, levels).to(torch.uint8)
+    codes = torch.addcmul(0.5 - zero.unsqueeze(dim + 1) * inv, xg, inv).clamp_(0, top).to(torch.uint8)
     return merge_groups(codes, n, dim), stored
 
 
@@ -109,6 +115,8 @@ class IntCodec(TensorCodec):
         axis: "token" (groups along head_dim) or "channel" (groups along tokens, per channel).
         rotate: rotate along head_dim by the signed Hadamard first.
         params8: parameters as p8 codes on per-head grids (``params.py``).
+        levels: None (uniform codes) or "k"/"v": non-uniform ``nf`` levels of that tensor kind
+            (``codebook.py``; ignored for widths without a table, i.e. 8 bits).
 
     Parts: packed codes in (kv_heads, tokens, head_dim) order; then the parameters over the group
     grid (kv_heads, ceil(tokens / group), head_dim) for "channel", (kv_heads, tokens,
@@ -117,11 +125,18 @@ class IntCodec(TensorCodec):
     """
 
     def __init__(
-        self, bits: int, group: int, axis: str = "token", rotate: bool = False, params8: bool = False
+        self,
+        bits: int,
+        group: int,
+        axis: str = "token",
+        rotate: bool = False,
+        params8: bool = False,
+        levels: str | None = None,
     ) -> None:
         if axis not in ("token", "channel"):
             raise CodecError(f"unknown grouping axis {axis!r}")
         self.bits, self.group, self.rotate, self.params8 = bits, group, rotate, params8
+        self.levels = levels if bits in NF_BITS else None
         self.dim = 1 if axis == "channel" else 2
 
     def stacks(self, shape: Shape) -> bool:
@@ -153,7 +168,7 @@ class IntCodec(TensorCodec):
         x = x.float()
         if self.rotate:
             x = rotate(x)
-        codes, params = quantize_groups(x, self.bits, self.group, self.dim, self.params8)
+        codes, params = quantize_groups(x, self.bits, self.group, self.dim, self.params8, self.levels)
         return pack_bits(codes, self.bits), params
 
     def decode(self, parts: Sequence[torch.Tensor], shape: Shape, dtype: torch.dtype) -> torch.Tensor:
@@ -174,6 +189,11 @@ class IntCodec(TensorCodec):
 
     def _decode(self, packed: torch.Tensor, param_bytes: torch.Tensor, shape: Shape) -> torch.Tensor:
         """-> float32 of ``shape``."""
-        codes = unpack_float(packed, self.bits, shape[0] * shape[1] * shape[2]).view(shape)
+        n = shape[0] * shape[1] * shape[2]
+        if self.levels is None:
+            codes = unpack_float(packed, self.bits, n).view(shape)
+        else:  # each byte -> its codes' levels in one lookup, as unpack_float does for plain codes
+            table = code_levels(self.levels, self.bits, packed.device)
+            codes = unpack_float(packed, self.bits, n, values=table).view(shape)
         x = dequantize_groups(codes, param_bytes, self.group, self.dim, self.params8)
         return unrotate(x) if self.rotate else x

@@ -2,12 +2,14 @@
 
 Grammar (``-``-separated, options in any order, each at most once)::
 
-    base      fp16 | lossless | fp8 | k{8,4,2}v{8,4,2}
+    base      fp16 | lossless | fp8 | k{8,4,3,2}v{8,4,3,2} (3-bit codes: block format version 2)
     g<N>      group size in elements (power of two, 8..1024; default 64)
     kc | kt   key grouping axis for kXvY: per channel over tokens (KIVI) or per token over head_dim
     nr        kXvY: no Hadamard rotation of keys and values (for measurement; rotation is the default)
     p8        kXvY: scales and zero-points as 8-bit codes on per-head grids (params.py) instead of
               fp16 pairs: about half the parameter bytes
+    nf        kXvY: 2- and 4-bit codes index non-uniform levels fitted to rotated KV (codebook.py)
+              instead of uniform ones; same bytes (block format version 2)
     z         zstd entropy stage over the encoded sections (implied by, and not allowed with, lossless)
     sink<N>   fp8/kXvY: the first N absolute positions are stored in fp16 instead
     hp<N>     kXvY: the newest N tokens of the sequence (absolute positions >= seq_end - N) take
@@ -89,7 +91,7 @@ EVICTION_SINK = 4
 DEFAULT_GROUP = 64
 DEFAULT_RECENT = 16
 DEFAULT_KEY_AXIS: KeyAxis = "channel"
-_BITS = (2, 4, 8)
+_BITS = (2, 3, 4, 8)
 _MAX_SINK = 1024
 _MAX_RECENT = 1 << 20
 
@@ -110,6 +112,7 @@ class CodecSpec:
         rotate: quant keys and values are rotated along head_dim by a normalized, sign-randomized
             Walsh-Hadamard matrix before quantization (on SmolLM2 it cuts k4v2's KL by ~40%).
         params8: quant scales and zero-points stored as 8-bit codes (``params.py``).
+        nf: quant 2- and 4-bit codes index non-uniform levels (``codebook.py``).
         entropy: sections go through zstd (always for lossless).
         sink: first absolute positions stored in fp16 (fp8 and quant).
         high: quant: the newest ``high`` tokens of the sequence take 8-bit keys and values.
@@ -124,6 +127,7 @@ class CodecSpec:
     key_axis: KeyAxis = DEFAULT_KEY_AXIS
     rotate: bool = True
     params8: bool = False
+    nf: bool = False
     entropy: bool = False
     sink: int = 0
     high: int = 0
@@ -155,8 +159,10 @@ class CodecSpec:
             raise InvalidArgument(f"eviction percentage {self.evict_pct} must be in [0, 100)")
         if not 0 <= self.recent <= _MAX_RECENT:
             raise InvalidArgument(f"recent window {self.recent} must be in [0, {_MAX_RECENT}]")
-        if (self.params8 or self.high) and self.kind != "quant":
-            raise InvalidArgument("p8 and hp<N> apply to kXvY codecs only")
+        if (self.params8 or self.high or self.nf) and self.kind != "quant":
+            raise InvalidArgument("p8, nf and hp<N> apply to kXvY codecs only")
+        if self.nf and self.key_bits == self.value_bits == 8:
+            raise InvalidArgument("nf has no meaning for k8v8: 8-bit codes stay uniform")
         if self.high:
             if not 0 < self.high <= _MAX_RECENT:
                 raise InvalidArgument(f"hp<N>: N={self.high} must be in [1, {_MAX_RECENT}]")
@@ -206,7 +212,7 @@ class CodecSpec:
             if key in seen:
                 raise InvalidArgument(f"option {opt!r} given twice in {text!r}")
             seen.add(key)
-            if opt in ("kc", "kt", "nr", "p8") and fields["kind"] != "quant":
+            if opt in ("kc", "kt", "nr", "p8", "nf") and fields["kind"] != "quant":
                 raise InvalidArgument(f"option {opt!r} applies to kXvY codecs only")
             if opt == "kc":
                 fields["key_axis"] = "channel"
@@ -216,6 +222,8 @@ class CodecSpec:
                 fields["rotate"] = False
             elif opt == "p8":
                 fields["params8"] = True
+            elif opt == "nf":
+                fields["nf"] = True
             elif opt == "z":
                 fields["entropy"] = True
             elif m is None:
@@ -252,6 +260,8 @@ class CodecSpec:
                 parts.append("nr")
             if self.params8:
                 parts.append("p8")
+            if self.nf:
+                parts.append("nf")
         elif self.kind == "fp8":
             parts = ["fp8", f"g{self.group_size}"]
         else:

@@ -1,7 +1,9 @@
 """List the codec tiers: bits per element with every byte counted, ratio vs FP16, bit-exactness.
 
 ``--max-kl X`` instead prints the spec with the highest ratio measured under mean KL X on real
-text (``deltastore.codecs.tiers.pick_tier``, from the shipped quality run).
+text (``deltastore.codecs.tiers.pick_tier``, from the shipped quality run); with ``--engine``, the
+best engine-usable spec (no eviction, no attention scores), measured on the corpus's report split
+with the budget met at the upper end of its 95% interval.
 
 Figures are exact byte arithmetic (``encoded_nbytes``, which the tests prove equal to real
 payload sizes) for a reference block: the Mistral-7B KV shape (32 layers x 8 KV heads x 128
@@ -72,15 +74,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="X",
         help="print the measured spec with the highest ratio at mean KL <= X (nats/token) and exit",
     )
+    parser.add_argument(
+        "--engine",
+        action="store_true",
+        help="with --max-kl: engine-usable specs only (no eviction, no attention scores; vLLM/SGLang)",
+    )
 
 
-def _pick(max_kl: float, as_json: bool) -> int:
+def _pick(max_kl: float, as_json: bool, engine: bool = False) -> int:
     """Print pick_tier(max_kl) with its measured figures; 2 when nothing measured fits."""
     from deltastore.codecs.tiers import load_table, pick_tier
 
-    table = load_table()
+    table = load_table(engine)
     try:
-        spec = pick_tier(max_kl, table=table)
+        spec = pick_tier(max_kl, table=table, engine=engine)
     except (InvalidArgument, NotFound) as exc:
         print(f"deltastore codecs: {exc.message}" + (f" ({exc.hint})" if exc.hint else ""), file=sys.stderr)
         return 2
@@ -91,9 +98,11 @@ def _pick(max_kl: float, as_json: bool) -> int:
         sys.stdout.write("\n")
         return 0
     print(spec)
+    interval = f" [95% CI {point['kl_lo']:.4g}, {point['kl_hi']:.4g}]" if "kl_hi" in point else ""
+    where = f"{src['text']}, " if src.get("split") else ""
     print(
-        f"measured: {point['ratio']:.2f}x vs FP16, mean KL {point['kl_mean']:.4g} nats, top-1 "
-        f"{point['top1']:.3f} (scores: {point['scores']}; {src['model']}, {src['windows']} windows, "
+        f"measured: {point['ratio']:.2f}x vs FP16, mean KL {point['kl_mean']:.4g} nats{interval}, top-1 "
+        f"{point['top1']:.3f} (scores: {point['scores']}; {src['model']}, {where}{src['windows']} windows, "
         f"{src['block']}-token blocks)"
     )
     if "kl_by_text" in point:  # several texts: the figures above are the worst of them
@@ -102,8 +111,11 @@ def _pick(max_kl: float, as_json: bool) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.engine and args.max_kl is None:
+        print("deltastore codecs: --engine needs --max-kl X", file=sys.stderr)
+        return 2
     if args.max_kl is not None:
-        return _pick(args.max_kl, args.json)
+        return _pick(args.max_kl, args.json, args.engine)
     rows = tier_rows()
     if args.json:
         json.dump({"reference_block": REFERENCE_BLOCK, "tiers": rows}, sys.stdout, indent=2)

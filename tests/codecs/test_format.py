@@ -62,7 +62,7 @@ def _entry_offset(payload: bytes, i: int) -> int:
 def test_header_fields(payloads: dict[str, bytes]) -> None:
     hdr = read_header(payloads["k4v2-pe50-sink4"])
     assert (hdr.n_layers, hdr.kv_heads, hdr.head_dim, hdr.n_tokens, hdr.start) == (2, 3, 64, 20, 3)
-    assert hdr.dtype == "float16" and hdr.version == FORMAT_VERSION
+    assert hdr.dtype == "float16" and hdr.version == 1  # plain specs: version 1 (test_nf.py)
     assert hdr.spec.canonical() == "k4v2-g64-kc-sink4-pe50-r16"
     assert hdr.fp16_nbytes == 2 * 2 * 3 * 20 * 64 * 2
     assert [s[0] for s in hdr.sections][-2:] == [Section.SINK, Section.MASK]
@@ -116,7 +116,7 @@ def test_corrupt_fixed_header(
 def test_unknown_or_noncanonical_spec(payloads: dict[str, bytes]) -> None:
     payload = payloads["k4v2"]
     spec_at = _FIXED.size
-    bad = payload[:spec_at] + b"k3v2-g64-kc" + payload[spec_at + 11 :]
+    bad = payload[:spec_at] + b"k5v2-g64-kc" + payload[spec_at + 11 :]
     with pytest.raises(FormatError, match="unknown codec"):
         read_header(bad)
     swapped = payload[:spec_at] + b"k4v2-g64-kt" + payload[spec_at + 11 :]

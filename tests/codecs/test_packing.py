@@ -31,6 +31,6 @@ def test_pack4_layout_low_nibble_first(values: list[int]) -> None:
 
 def test_bad_width_and_size() -> None:
     with pytest.raises(CodecError):
-        pack_bits(torch.zeros(4, dtype=torch.uint8), 3)
+        pack_bits(torch.zeros(4, dtype=torch.uint8), 5)
     with pytest.raises(CodecError):
         unpack_bits(torch.zeros(3, dtype=torch.uint8), 4, 8)

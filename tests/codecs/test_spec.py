@@ -36,7 +36,7 @@ def test_parse_canonical_roundtrip(text: str, canonical: str) -> None:
     "text",
     [
         "",
-        "k3v2",
+        "k5v2",
         "k4v2-g48",
         "k4v2-g4",
         "k4v2-pe100",
