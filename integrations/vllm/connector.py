@@ -251,6 +251,7 @@ class DeltaStoreConnector(KVConnectorBase_V1):
         self._lock = threading.Lock()
         # scheduler side
         self._matched: dict[str, tuple[int, int]] = {}  # req -> (local computed, store end)
+        self._store_has: dict[str, int] = {}  # req -> leading tokens the store held at lookup
         self._load_plans: dict[str, tuple[int, int]] = {}
         self._to_dispatch: list[SaveSpec] = []
         self._saving: dict[str, list[int]] = {}  # req -> tokens, until the worker reports it
@@ -275,41 +276,56 @@ class DeltaStoreConnector(KVConnectorBase_V1):
 
     @property
     def client(self) -> DeltaStoreClient:
-        if self._client is None:
-            from deltastore.client.auth import ApiKey
+        with self._lock:
+            if self._client is None:
+                self._client = self._new_client()
+            return self._client
 
-            creds = None
-            if self.cfg.tls_ca:
-                with open(self.cfg.tls_ca, "rb") as f:
-                    ca = f.read()
-                cert = key = None
-                if self.cfg.tls_cert and self.cfg.tls_key:
-                    with open(self.cfg.tls_cert, "rb") as f:
-                        cert = f.read()
-                    with open(self.cfg.tls_key, "rb") as f:
-                        key = f.read()
-                creds = grpc.ssl_channel_credentials(ca, key, cert)
-                if self.cfg.api_key:
-                    creds = grpc.composite_channel_credentials(
-                        creds, grpc.access_token_call_credentials(self.cfg.api_key)
-                    )
-            interceptors = [ApiKey(self.cfg.api_key)] if self.cfg.api_key and creds is None else []
-            self._client = DeltaStoreClient(
-                self.cfg.target,
-                namespace=self.cfg.namespace,
-                timeout=self.cfg.save_timeout_s,
-                retry=Retry(attempts=2, base_seconds=0.05, cap_seconds=0.2),
-                credentials=creds,
-                interceptors=interceptors,
-                shm_dir=self.cfg.shm_dir,
-            )
-        return self._client
+    def _new_client(self) -> DeltaStoreClient:
+        from deltastore.client.auth import ApiKey
+
+        creds = None
+        if self.cfg.tls_ca:
+            with open(self.cfg.tls_ca, "rb") as f:
+                ca = f.read()
+            cert = key = None
+            if self.cfg.tls_cert and self.cfg.tls_key:
+                with open(self.cfg.tls_cert, "rb") as f:
+                    cert = f.read()
+                with open(self.cfg.tls_key, "rb") as f:
+                    key = f.read()
+            creds = grpc.ssl_channel_credentials(ca, key, cert)
+            if self.cfg.api_key:
+                creds = grpc.composite_channel_credentials(
+                    creds, grpc.access_token_call_credentials(self.cfg.api_key)
+                )
+        interceptors = [ApiKey(self.cfg.api_key)] if self.cfg.api_key and creds is None else []
+        return DeltaStoreClient(
+            self.cfg.target,
+            namespace=self.cfg.namespace,
+            timeout=self.cfg.save_timeout_s,
+            retry=Retry(attempts=2, base_seconds=0.05, cap_seconds=0.2),
+            credentials=creds,
+            interceptors=interceptors,
+            shm_dir=self.cfg.shm_dir,
+        )
 
     def _available(self) -> bool:
         return time.monotonic() >= self._down_until
 
     def _failed(self, what: str, exc: BaseException) -> None:
         self._down_until = time.monotonic() + self.cfg.cooldown_s
+        if isinstance(exc, grpc.RpcError) and exc.code() in (
+            grpc.StatusCode.UNAVAILABLE,
+            grpc.StatusCode.DEADLINE_EXCEEDED,
+        ):
+            # A fresh channel after the cooldown: one in reconnect backoff would keep failing
+            # (or wait out its connect timeout) for a while after the store is back.
+            with self._lock:
+                old, self._client = self._client, None
+            if old is not None:
+                with contextlib.suppress(Exception):
+                    old.close()
         code = exc.code().name if isinstance(exc, grpc.RpcError) else type(exc).__name__
         detail = exc.details() if isinstance(exc, grpc.RpcError) else str(exc)
         log.warning(
@@ -344,6 +360,11 @@ class DeltaStoreConnector(KVConnectorBase_V1):
             self.counters.add(lookups=1, lookup_errors=1)
             self._failed("LookupPrefix", exc)
             return 0, False
+        # Whole vLLM blocks only: vLLM's own prefix cache works in whole blocks, and a load that
+        # ends inside a block changed the greedy output on the CPU backend (measured); the store's
+        # finer blocks still dedup across requests.
+        matched = matched // self.block_size * self.block_size
+        self._store_has[request.request_id] = matched
         self.counters.add(lookups=1, lookup_hits=int(matched > num_computed_tokens))
         log.debug(
             "lookup %s: %d of %d in %.3fs", request.request_id, matched, limit, time.perf_counter() - started
@@ -375,6 +396,7 @@ class DeltaStoreConnector(KVConnectorBase_V1):
 
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         self._matched.pop(request.request_id, None)
+        had = self._store_has.pop(request.request_id, 0)
         if not self.cfg.save or not self._available():
             return False, None
         tokens = list(request.all_token_ids)
@@ -384,6 +406,8 @@ class DeltaStoreConnector(KVConnectorBase_V1):
             return False, None
         params = (request.kv_transfer_params or {}).get("deltastore") or {}
         session = params.get("session")
+        if not session and n <= had:
+            return False, None  # the store already holds all of it (no session to record)
         turn = params.get("turn")
         spec = SaveSpec(
             request.request_id,
