@@ -1,0 +1,56 @@
+"""The connector's configuration: the README's and compose's lines are valid, bad specs are refused."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from deltastore.codecs import CodecSpec
+from deltastore.errors import InvalidArgument
+from deltastore.integrations.vllm.config import ConnectorConfig, save_alignment
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _checked(kv: dict) -> ConnectorConfig:
+    assert kv["kv_connector"] == "DeltaStoreConnector"
+    assert kv["kv_connector_module_path"] == "deltastore.integrations.vllm.connector"
+    assert kv["kv_load_failure_policy"] == "recompute"
+    from vllm.config import KVTransferConfig
+
+    KVTransferConfig(**kv)  # vLLM accepts it
+    return ConnectorConfig.from_extra(kv["kv_connector_extra_config"])
+
+
+def test_readme_vllm_serve_line_is_valid() -> None:
+    (line,) = re.findall(r"^vllm serve .*$", (ROOT / "README.md").read_text(), flags=re.M)
+    cfg = _checked(json.loads(re.search(r"--kv-transfer-config '(.*)'", line).group(1)))
+    assert cfg.codec == CodecSpec.parse("k4v2").canonical()
+
+
+def test_compose_inference_service_is_valid() -> None:
+    svc = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]["inference"]
+    cmd = svc["command"]
+    cfg = _checked(json.loads(cmd[cmd.index("--kv-transfer-config") + 1]))
+    assert cfg.target == svc["environment"]["DELTASTORE_TARGET"]
+
+
+@pytest.mark.parametrize("spec", ["k4v2-keep50", "k4v2-pe50"])
+def test_evicting_codecs_are_refused(spec: str) -> None:
+    with pytest.raises(InvalidArgument, match="evicts tokens"):
+        ConnectorConfig.from_extra({"target": "x:1", "codec": spec})
+
+
+def test_unknown_keys_and_missing_target_are_refused() -> None:
+    with pytest.raises(InvalidArgument, match="unknown"):
+        ConnectorConfig.from_extra({"target": "x:1", "codek": "k4v2"})
+    with pytest.raises(InvalidArgument, match="target"):
+        ConnectorConfig.from_extra({"codec": "k4v2"})
+
+
+def test_alignment() -> None:
+    assert save_alignment(128, 64) == 128 and save_alignment(16, 64) == 64
