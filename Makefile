@@ -10,7 +10,7 @@ BENCH_DIR ?= bench-results
 VLLM_VENV ?= .venv-vllm
 VLLM_BIN := $(VLLM_VENV)/bin
 
-.PHONY: install install-vllm install-lmcache install-peers serve test test-core test-vllm lint proto bench-codecs bench-quality bench-serving bench-backends gpu-check clean
+.PHONY: fuzz install install-vllm install-lmcache install-peers serve test test-core test-vllm lint proto bench-codecs bench-quality bench-serving bench-backends gpu-check clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -74,6 +74,12 @@ test-core: install
 
 test-vllm: install-vllm
 	$(VLLM_BIN)/python -m pytest -q tests/vllm
+
+# The fuzzers of tests/fuzz for longer (make test runs each ~10 s), keeping their corpus in .fuzz/.
+FUZZ_SECONDS ?= 300
+fuzz: install
+	DELTASTORE_FUZZ_SECONDS=$(FUZZ_SECONDS) DELTASTORE_FUZZ_CORPUS=.fuzz DELTASTORE_SCHEMA_EXAMPLES=2000 \
+		$(BIN)/python -m pytest -q -s tests/fuzz
 
 lint: install
 	$(BIN)/ruff check .

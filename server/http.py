@@ -13,10 +13,11 @@ from collections.abc import Callable
 from importlib import resources
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from deltastore import __version__
@@ -27,6 +28,24 @@ from deltastore.server.status import error_body, http_status
 __all__ = ["create_app"]
 
 DEFAULT_NAMESPACE = "default"
+NAMESPACE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"  # deltastore.manifest.check_name
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    type: str
+    message: str
+    hint: str
+
+
+class ErrorBody(BaseModel):
+    """Every error answer of the API (the schema documents it, so clients can rely on it)."""
+
+    error: ErrorDetail
+
+
+_BAD_INPUT: dict[int | str, dict[str, Any]] = {400: {"model": ErrorBody, "description": "invalid input"}}
+_NAMESPACE = Query(None, pattern=NAMESPACE_PATTERN, description="tenant namespace; none: the whole store")
 
 
 def create_app(store: Any, metrics: Metrics, *, ready: Callable[[], bool] = lambda: True) -> FastAPI:
@@ -79,7 +98,11 @@ def create_app(store: Any, metrics: Metrics, *, ready: Callable[[], bool] = lamb
     def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/readyz", summary="the service takes traffic: started, not draining, store readable")
+    @app.get(
+        "/readyz",
+        summary="the service takes traffic: started, not draining, store readable",
+        responses={503: {"description": "starting, draining or the store unreadable"}},
+    )
     def readyz() -> JSONResponse:
         if not ready():
             return JSONResponse({"status": "not ready", "reason": "starting or draining"}, status_code=503)
@@ -93,12 +116,23 @@ def create_app(store: Any, metrics: Metrics, *, ready: Callable[[], bool] = lamb
     def metrics_endpoint() -> Response:
         return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/v1/savings", summary="logical vs stored bytes and the factor of each layer")
-    def savings(namespace: str | None = None) -> dict[str, Any]:
+    @app.get(
+        "/v1/savings", summary="logical vs stored bytes and the factor of each layer", responses=_BAD_INPUT
+    )
+    def savings(namespace: str | None = _NAMESPACE) -> dict[str, Any]:
         return store.savings(namespace)
 
-    @app.get("/v1/sessions/{session}", summary="the snapshots of one session")
-    def session(session: str, namespace: str = DEFAULT_NAMESPACE) -> dict[str, Any]:
+    @app.get(
+        "/v1/sessions/{session}",
+        summary="the snapshots of one session",
+        responses={**_BAD_INPUT, 404: {"model": ErrorBody, "description": "no such session"}},
+    )
+    def session(
+        session: str = Path(
+            pattern=r"^[^\x00-\x1f\x7f]{1,128}$", description="session id: printable, at most 128 UTF-8 bytes"
+        ),
+        namespace: str = Query(DEFAULT_NAMESPACE, pattern=NAMESPACE_PATTERN, description="tenant namespace"),
+    ) -> dict[str, Any]:
         snapshots = store.list_snapshots(namespace, session)
         if not snapshots:
             raise NotFound(f"session {session!r} has no snapshots in namespace {namespace!r}")
