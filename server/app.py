@@ -108,7 +108,12 @@ class Service:
         s.check_exposure()
         policy = load_auth_file(s.auth_file) if s.auth_file else None
         tls = TlsFiles.from_paths(s.tls_cert, s.tls_key, s.tls_client_ca)
-        self.stall_guard = StallGuard(s.stall_seconds)
+        self.stall_guard = StallGuard(
+            s.stall_seconds,
+            min_rate_bytes=s.min_rate_bytes,
+            max_streams_per_caller=(s.max_streams_per_caller or max(1, s.workers // 2)) if policy else 0,
+            max_watches=s.max_watches,
+        )
         interceptors = [*([AuthInterceptor(policy)] if policy else []), self.stall_guard, *self._interceptors]
         # -- end trust --
 

@@ -7,10 +7,23 @@ is alive, just silent), so one watchdog thread cancels any streaming call that m
 (a request message received, or a response message taken for sending) for ``stall_seconds``.
 Cancelling unblocks the handler: its request iterator raises, its pending send returns, and the
 service's error mapping reports the call as cancelled; nothing of a cancelled put is stored.
+
+Three more limits keep the pool for the callers who use it:
+
+- A minimum transfer rate: a stream that moves a message just often enough never to look idle
+  (one every ``stall_seconds - 1``) is cancelled too once, past its first ``stall_seconds``, its
+  average falls below ``min_rate_bytes`` per second.
+- Concurrent streams per API key (``max_streams_per_caller``): one tenant's open streams cannot
+  take every handler thread (RESOURCE_EXHAUSTED beyond; only with auth on, when keys name
+  tenants).
+- ``grpc.health.v1.Health/Watch`` (open to anyone, like every health check) is served without a
+  pool thread (grpc's non-blocking handler: a watch is a callback, not a parked thread) and at
+  most ``max_watches`` at once.
 """
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import logging
 import threading
@@ -24,6 +37,28 @@ __all__ = ["StallGuard"]
 
 log = logging.getLogger(__name__)
 
+_WATCH = "/grpc.health.v1.Health/Watch"
+
+
+def _size(msg: Any) -> int:
+    """Bytes of a streamed message: pre-serialized bytes, a wire chunk, or a protobuf message."""
+    if isinstance(msg, bytes | bytearray | memoryview):
+        return len(msg)
+    data = getattr(msg, "data", None)
+    if isinstance(data, memoryview | bytes):
+        return len(data)
+    byte_size = getattr(msg, "ByteSize", None)
+    return byte_size() if callable(byte_size) else 0
+
+
+def _caller(context: grpc.ServicerContext) -> str | None:
+    """Who a stream counts against: its API key (digested), or None without one (auth off)."""
+    for name, value in context.invocation_metadata() or ():
+        if name in ("authorization", "x-api-key") and value:
+            text = value.decode("latin-1") if isinstance(value, bytes) else value
+            return hashlib.sha256(text.encode()).hexdigest()[:16]
+    return None
+
 
 class StallGuard(grpc.ServerInterceptor):
     """Server interceptor that cancels streaming calls idle for ``stall_seconds``.
@@ -32,9 +67,23 @@ class StallGuard(grpc.ServerInterceptor):
         stall_seconds: longest time, in seconds, between two messages of one streaming call.
     """
 
-    def __init__(self, stall_seconds: float) -> None:
+    def __init__(
+        self,
+        stall_seconds: float,
+        *,
+        min_rate_bytes: int = 0,
+        max_streams_per_caller: int = 0,
+        max_watches: int = 8,
+    ) -> None:
         self.stall_seconds = stall_seconds
+        self.min_rate_bytes = min_rate_bytes
+        self.max_streams_per_caller = max_streams_per_caller
+        self.max_watches = max_watches
         self._calls: dict[int, tuple[float, grpc.ServicerContext, str]] = {}
+        self._started: dict[int, tuple[float, str | None]] = {}  # call -> (start, caller)
+        self._moved: dict[int, int] = {}  # call -> bytes moved
+        self._per_caller: dict[str, int] = {}
+        self._watches = 0
         self._ids = itertools.count()
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -50,9 +99,11 @@ class StallGuard(grpc.ServerInterceptor):
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler | None:
         handler = continuation(details)
+        method: str = getattr(details, "method", "")
+        if handler is not None and method == _WATCH:
+            return self._watch_handler(handler)
         if handler is None or not (handler.request_streaming or handler.response_streaming):
             return handler
-        method: str = details.method  # type: ignore[attr-defined]
         self._start()
         if handler.request_streaming and not handler.response_streaming:
 
@@ -81,26 +132,89 @@ class StallGuard(grpc.ServerInterceptor):
             )
         return handler  # bidirectional streams: none in this service
 
+    def _watch_handler(self, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        """Health/Watch, bounded, and still non-blocking (no pool thread per watch)."""
+        inner = handler.unary_stream
+
+        def watch(request: Any, context: grpc.ServicerContext, send_response_callback: Any = None) -> Any:
+            with self._lock:
+                refused = self._watches >= self.max_watches
+                if not refused:
+                    self._watches += 1
+            if refused:
+                context.abort(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"at most {self.max_watches} health watches at once; poll Health/Check instead",
+                )
+            context.add_callback(self._watch_ended)
+            return inner(request, context, send_response_callback=send_response_callback)
+
+        watch.experimental_non_blocking = True  # type: ignore[attr-defined]
+        watch.experimental_thread_pool = None  # type: ignore[attr-defined]
+        return grpc.unary_stream_rpc_method_handler(
+            watch, handler.request_deserializer, handler.response_serializer
+        )
+
+    def _watch_ended(self) -> None:
+        with self._lock:
+            self._watches -= 1
+
     def _progress(self, call: int, messages: Iterator[Any]) -> Iterator[Any]:
         for msg in messages:
-            self._touch(call)
+            self._touch(call, _size(msg))
             yield msg
 
     def _register(self, context: grpc.ServicerContext, method: str) -> int:
         call = next(self._ids)
+        caller = _caller(context) if self.max_streams_per_caller else None
+        now = time.monotonic()
         with self._lock:
-            self._calls[call] = (time.monotonic(), context, method)
+            if caller is not None:
+                if self._per_caller.get(caller, 0) >= self.max_streams_per_caller:
+                    caller = ""  # refused below, outside the lock
+                else:
+                    self._per_caller[caller] = self._per_caller.get(caller, 0) + 1
+            if caller != "":
+                self._calls[call] = (now, context, method)
+                self._started[call] = (now, caller)
+                self._moved[call] = 0
+        if caller == "":
+            context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{method}: this key already has {self.max_streams_per_caller} streams open; finish one first",
+            )
         return call
 
-    def _touch(self, call: int) -> None:
+    def _touch(self, call: int, nbytes: int = 0) -> None:
         with self._lock:
             entry = self._calls.get(call)
             if entry is not None:
                 self._calls[call] = (time.monotonic(), entry[1], entry[2])
+                self._moved[call] += nbytes
 
     def _unregister(self, call: int) -> None:
         with self._lock:
-            self._calls.pop(call, None)
+            self._forget(call)
+
+    def _forget(self, call: int) -> None:
+        """(Under the lock.) Drop a call's records and its place in its caller's count."""
+        self._calls.pop(call, None)
+        self._moved.pop(call, None)
+        _, caller = self._started.pop(call, (0.0, None))
+        if caller:
+            left = self._per_caller.get(caller, 1) - 1
+            if left > 0:
+                self._per_caller[caller] = left
+            else:
+                self._per_caller.pop(caller, None)
+
+    def _slow(self, call: int, now: float) -> bool:
+        """(Under the lock.) Past its first stall_seconds, is the call below min_rate_bytes/s?"""
+        if not self.min_rate_bytes:
+            return False
+        started = self._started.get(call, (now, None))[0]
+        elapsed = now - started
+        return elapsed > self.stall_seconds and self._moved.get(call, 0) < self.min_rate_bytes * elapsed
 
     def _start(self) -> None:
         with self._lock:
@@ -113,17 +227,21 @@ class StallGuard(grpc.ServerInterceptor):
     def _watch(self) -> None:
         period = min(1.0, self.stall_seconds / 4)
         while not self._wake.wait(period):
-            cutoff = time.monotonic() - self.stall_seconds
+            now = time.monotonic()
+            cutoff = now - self.stall_seconds
             with self._lock:
-                stalled = [(c, ctx, m) for c, (t, ctx, m) in self._calls.items() if t < cutoff]
+                stalled = [
+                    (c, ctx, m) for c, (t, ctx, m) in self._calls.items() if t < cutoff or self._slow(c, now)
+                ]
                 for call, _, _ in stalled:
-                    del self._calls[call]
+                    self._forget(call)
             for _, context, method in stalled:
                 log.warning(
-                    "%s from %s: no progress for %.0f s, cancelled",
+                    "%s from %s: no progress for %.0f s or under %d bytes/s, cancelled",
                     method,
                     context.peer(),
                     self.stall_seconds,
+                    self.min_rate_bytes,
                 )
                 self.cancelled += 1
                 context.cancel()

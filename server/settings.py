@@ -50,6 +50,11 @@ class ServerSettings:
         workers: gRPC handler threads (concurrent RPCs).
         grace_seconds: how long SIGTERM waits for in-flight RPCs before cancelling them.
         stall_seconds: a streaming call with no message either way for this long is cancelled.
+        min_rate_bytes: past its first ``stall_seconds``, a streaming call moving fewer bytes per
+            second on average is cancelled (a slow reader or writer must not hold a thread).
+        max_streams_per_caller: streaming calls one API key may have open at once (auth on);
+            0 means half the worker threads.
+        max_watches: concurrent ``grpc.health.v1.Health/Watch`` streams (open to anyone).
         auth_file: API keys -> tenants, roles and namespaces (see ``deltastore.server.auth``);
             "" leaves the service open (loopback sidecars, first runs).
         tls_cert, tls_key: PEM server certificate and key; both "" means plaintext.
@@ -76,6 +81,9 @@ class ServerSettings:
     workers: int = 16
     grace_seconds: float = 10.0
     stall_seconds: float = 30.0
+    min_rate_bytes: int = 16 << 10
+    max_streams_per_caller: int = 0
+    max_watches: int = 8
     auth_file: str = ""
     tls_cert: str = ""
     tls_key: str = ""
@@ -102,6 +110,8 @@ class ServerSettings:
                 f"chunk_bytes {self.chunk_bytes} leaves no room for framing under max_message_bytes "
                 f"{self.max_message_bytes}"
             )
+        if self.min_rate_bytes < 0 or self.max_streams_per_caller < 0 or self.max_watches < 0:
+            raise InvalidArgument("min_rate_bytes, max_streams_per_caller and max_watches must be >= 0")
         if self.stall_seconds <= 0:
             raise InvalidArgument(f"stall_seconds must be positive, got {self.stall_seconds}")
         if self.grace_seconds < 0:
@@ -215,6 +225,15 @@ def add_setting_arguments(parser: argparse.ArgumentParser) -> None:
         "workers": ("--workers", "gRPC handler threads"),
         "grace_seconds": ("--grace-seconds", "SIGTERM: seconds to let in-flight RPCs finish"),
         "stall_seconds": ("--stall-seconds", "cancel a streaming call idle this long (seconds)"),
+        "min_rate_bytes": (
+            "--min-rate-bytes",
+            "cancel a streaming call averaging fewer bytes/s past its first --stall-seconds (0 = off)",
+        ),
+        "max_streams_per_caller": (
+            "--max-streams-per-caller",
+            "streaming calls one API key may have open at once (0 = half of --workers)",
+        ),
+        "max_watches": ("--max-watches", "concurrent grpc.health.v1.Health/Watch streams"),
         "auth_file": ("--auth-file", "API keys -> tenants (JSON/TOML); '' = no auth"),
         "tls_cert": ("--tls-cert", "PEM server certificate (TLS on both listeners)"),
         "tls_key": ("--tls-key", "PEM server private key"),
