@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     import grpc
     import uvicorn
 
+    from deltastore.server.auth import AuthPolicy
     from deltastore.store import Store
 
 __all__ = ["Service", "add_arguments", "open_store", "run"]
@@ -80,6 +81,7 @@ class Service:
         self._http: uvicorn.Server | None = None
         self._http_thread: threading.Thread | None = None
         self._draining = False
+        self._policy: AuthPolicy | None = None
         self.grpc_port = 0
         self.http_port = 0
 
@@ -107,6 +109,7 @@ class Service:
         s = self.settings
         s.check_exposure()
         policy = load_auth_file(s.auth_file) if s.auth_file else None
+        self._policy = policy
         tls = TlsFiles.from_paths(s.tls_cert, s.tls_key, s.tls_client_ca)
         self.stall_guard = StallGuard(
             s.stall_seconds,
@@ -157,6 +160,28 @@ class Service:
                 time.sleep(0.01)
         return self
 
+    def reload_auth(self) -> bool:
+        """Re-read the auth file (SIGHUP): new keys and grants apply to the next call.
+
+        An auth file that no longer loads (or whose dedup groups now cross tenants) is refused
+        with an error in the log, and the keys in use stay in force. Returns whether it applied.
+        """
+        from deltastore.errors import DeltaStoreError
+        from deltastore.server.auth import load_auth_file
+
+        if self._policy is None or not self.settings.auth_file:
+            log.warning("SIGHUP: no auth file configured, nothing to reload")
+            return False
+        try:
+            fresh = load_auth_file(self.settings.auth_file)
+            fresh.check_dedup_groups(self.store.config.shared_groups)
+        except DeltaStoreError as exc:
+            log.error("auth file reload refused, the keys in use stay: %s", exc)
+            return False
+        self._policy.replace_with(fresh)
+        log.warning("auth file %s reloaded", self.settings.auth_file)
+        return True
+
     def stop(self) -> None:
         """Drain and close: refuse new calls, let in-flight ones finish within the grace period."""
         self._draining = True
@@ -196,6 +221,8 @@ def run(args: argparse.Namespace) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     service = Service(settings).start()
+    reload = threading.Event()
+    signal.signal(signal.SIGHUP, lambda *_: reload.set())  # re-read the auth file
     grpc_at = settings.grpc_address if settings.grpc_address.startswith("unix:") else None
     if grpc_at is None:
         grpc_at = f"{settings.grpc_address.rpartition(':')[0]}:{service.grpc_port}"
@@ -208,7 +235,10 @@ def run(args: argparse.Namespace) -> int:
     backend = redact_url(settings.backend_url)
     print(f"deltastore serving grpc={grpc_at} http={http_at} backend={backend}", flush=True)
     try:
-        stop.wait()
+        while not stop.wait(0.2):
+            if reload.is_set():
+                reload.clear()
+                service.reload_auth()
     finally:
         log.info("draining: in-flight calls get %.1f s", settings.grace_seconds)
         service.stop()

@@ -197,6 +197,14 @@ class AuthPolicy:
                 raise InvalidArgument(f"{source}: the same key is configured twice")
             self._keys.append(_Key(digest, principal))
 
+    def replace_with(self, other: AuthPolicy) -> None:
+        """Take over another policy's keys, tenants and grants (a reloaded auth file), in place.
+
+        The gRPC interceptor and the HTTP middleware hold this object, so both switch at once;
+        each lookup reads one attribute (the key list, the owner map), never a half-updated one.
+        """
+        self.__dict__.update(other.__dict__)
+
     def _tenant(self, tenant: str, raw: Any, shared: list[str], source: str) -> Principal:
         raw = _mapping(raw, f"tenants.{tenant}", source)
         own = _names(raw.get("namespaces", [tenant]), f"tenants.{tenant}.namespaces", source)

@@ -384,3 +384,54 @@ def test_bytes_that_do_not_parse_are_invalid_argument_with_a_valid_key(service: 
         tried + 1,
         "INVALID_ARGUMENT naming the rpc",
     )
+
+
+def test_sighup_reloads_the_auth_file(tmp_path: Path, reliability) -> None:
+    """Keys rotate without a restart; a broken file is refused and the keys in use stay."""
+    import signal
+    import time
+
+    from trust_helpers import ServeProcess, auth_config, client, write_auth
+
+    path = write_auth(tmp_path / "auth.json")
+    server = ServeProcess(tmp_path / "data", "--auth-file", str(path))
+    new_key = "rotated-key-9c8b7a6d5e4f3a2b1c0d"
+
+    def savings_code(key: str) -> grpc.StatusCode:
+        try:
+            with client(server.grpc_port, key, "acme", timeout=5) as c:
+                c.savings()
+            return grpc.StatusCode.OK
+        except grpc.RpcError as exc:
+            return exc.code()
+
+    def after_sighup(expect: dict[str, grpc.StatusCode]) -> dict[str, grpc.StatusCode]:
+        server.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while True:
+            got = {k: savings_code(k) for k in expect}
+            if got == expect or time.monotonic() > deadline:
+                return got
+
+    try:
+        assert savings_code(KEY_ACME) is grpc.StatusCode.OK
+        assert savings_code(new_key) is grpc.StatusCode.UNAUTHENTICATED
+        rotated = auth_config()
+        rotated["keys"] = {new_key: {"tenant": "acme"}, KEY_OPS: {"role": "ops"}}
+        write_auth(path, rotated)
+        want = {KEY_ACME: grpc.StatusCode.UNAUTHENTICATED, new_key: grpc.StatusCode.OK}
+        assert after_sighup(want) == want
+        path.write_text("{ not json")
+        server.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while not any("reload refused" in line for line in server.stderr) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert any("reload refused" in line for line in server.stderr), server.stderr
+        assert {k: savings_code(k) for k in want} == want and server.proc.poll() is None
+    finally:
+        server.stop()
+    reliability.record(
+        "SIGHUP after rotating a key; SIGHUP with a broken auth file",
+        2,
+        "old key UNAUTHENTICATED and new key served at once; broken file refused, keys in use kept",
+    )
