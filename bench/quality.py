@@ -1,21 +1,29 @@
 """Ratio vs KL/top-1 of every tier on a real model: the report's 12-config sweep, frontier, peers.
 
-``deltastore bench quality [--model ID_OR_PATH] [--text FILE] [--quick] --json PATH`` writes the
-JSON, a markdown table (PATH with .md) and a ratio-vs-KL plot (PATH with .png). The protocol is in
-``quality_eval.py``; the rows in ``quality_configs.py`` and ``quality_peers.py``.
+``deltastore bench quality [--model ID_OR_PATH] [--split tune|report | --text FILE] [--groups G]
+--json PATH`` writes the JSON, a markdown table (PATH with .md) and a ratio-vs-KL plot (PATH with
+.png). The protocol is in ``quality_eval.py``; the rows in ``quality_configs.py`` and
+``quality_peers.py``.
 
-Default text: excerpts of B. M. Gardiner, *The French Revolution 1789-1795* (1921, public
-domain, Project Gutenberg eBook #71688), shipped in ``deltastore/bench/data``: real English
-expository prose like the report's WikiText-2, offline, and redistributable without conditions.
+Default text: the shipped corpus (``bench/data/corpus``, ``manifest.json``): 27 documents of four
+kinds (prose, technical documentation, Python source, chat-formatted Q&A), ~63K SmolLM2 tokens,
+each wholly in the *tuning* split (levers and tiers are chosen there) or the *report* split
+(every published figure), up to ``--per-doc`` non-overlapping windows per document. A row's KL is
+the mean over windows of each window's mean KL, with a 95% bootstrap interval over windows, and
+per kind of text. ``--text FILE`` measures one file instead (windows placed by ``--seed``).
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
+import gc
+import itertools
 import json
+import random
 import time
 from collections.abc import Callable
-from contextlib import ExitStack
+from contextlib import ExitStack, suppress
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -26,6 +34,9 @@ from deltastore.errors import InvalidArgument
 __all__ = ["REPORT_POINTS", "add_arguments", "build_configs", "grade", "run", "run_benchmark"]
 
 DEFAULT_TEXT = "gardiner_french_revolution.txt"
+CORPUS = "corpus"
+GROUPS = ("tier", "sweep", "frontier", "peer", "engine")
+BOOTSTRAP = 2000
 
 # The report's quality table (its 7B/32B/72B columns): (label, ratio, KL).
 REPORT_POINTS: dict[str, list[tuple[str, float, float]]] = {
@@ -68,7 +79,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--model", default="smollm2", help="HF causal LM id or path (default: SmolLM2-135M offline)"
     )
     parser.add_argument(
-        "--text", type=Path, default=None, help="UTF-8 text file (default: the shipped corpus)"
+        "--text", type=Path, default=None, help="one UTF-8 text file instead of the shipped corpus"
+    )
+    parser.add_argument(
+        "--split",
+        choices=("tune", "report"),
+        default="report",
+        help="corpus split (default report: what figures are published from; choose levers on tune)",
+    )
+    parser.add_argument(
+        "--per-doc", type=int, default=4, help="corpus: at most this many windows per document (default 4)"
     )
     parser.add_argument(
         "--json", type=Path, required=True, help="output JSON; .md and .png are written beside it"
@@ -76,7 +96,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--quick", action="store_true", help="2 short windows, core tiers only (the make-test check)"
     )
-    parser.add_argument("--windows", type=int, default=None, help="number of windows (default 8, quick 2)")
+    parser.add_argument(
+        "--windows",
+        type=int,
+        default=None,
+        help="number of windows (--text: default 8, quick 2; corpus: default all of the split, quick 2)",
+    )
     parser.add_argument(
         "--ctx", type=int, default=None, help="context tokens per window (default 512, quick 128)"
     )
@@ -89,7 +114,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--groups",
         default="tier,sweep,frontier,peer",
-        help="comma-separated row groups to run (tier, sweep, frontier, peer); fp16 always runs",
+        help="comma-separated row groups to run (tier, sweep, frontier, peer, engine: score-free, "
+        "non-evicting rows an engine's paged cache can use); fp16 always runs",
+    )
+    parser.add_argument(
+        "--specs",
+        default=None,
+        metavar="A,B,...",
+        help="with --groups engine: measure these specs (score-free, non-evicting) instead of the default list",
     )
     parser.add_argument("--device", default="cpu", help="torch device for the model and the codecs")
     parser.add_argument(
@@ -121,9 +153,44 @@ class _Acc:
     enc: float = 0.0
     dec: float = 0.0
     n: int = 0
+    timed_fp16: int = 0  # FP16 bytes of the windows whose encode/decode time is counted
+    where: list[tuple[str, str]] = field(default_factory=list)  # (kind, doc) of each window
 
 
-def build_configs(quick: bool, block: int, peers: bool) -> list[Any]:
+ENGINE_SPECS: tuple[str, ...] = (
+    "lossless",
+    "k4v4",
+    "k4v2",
+    "k2v2-sink4",
+    "k4v2-sink4-z",
+    "k4v4-p8-sink4-z-hp16",
+    "k4v4-p8-nf-sink4-z-hp16",
+    "k4v3-p8-sink4-z-hp8",
+    "k3v3-p8-sink4-z-hp16",
+    "k4v2-p8-sink4-z-hp16",
+    "k3v2-p8-sink4-z-hp16",
+    "k3v2-p8-sink4-z-hp8",
+    "k3v2-p8-sink4-z",
+    "k2v2-p8-sink4-z-hp32",
+)
+"""The engine group: score-free, non-evicting specs (a paged cache needs every position and its
+kernels expose no attention weights), in the order of the table."""
+
+
+def engine_configs(block: int, specs: str | None = None) -> list[Any]:
+    """Rows of the engine group (``--groups engine``): ``ENGINE_SPECS``, or the comma-separated
+    ``specs``, each of which must be engine-usable (no eviction)."""
+    from deltastore.bench.quality_configs import CodecConfig
+    from deltastore.codecs import CodecSpec
+
+    chosen = ENGINE_SPECS if specs is None else tuple(x.strip() for x in specs.split(",") if x.strip())
+    for spec in chosen:
+        if CodecSpec.parse(spec).evicts:
+            raise InvalidArgument(f"{spec} evicts tokens: an engine's paged cache needs every position")
+    return [CodecConfig(spec, spec, "engine", scores=None, block=block) for spec in chosen]
+
+
+def build_configs(quick: bool, block: int, peers: bool, specs: str | None = None) -> list[Any]:
     """The rows, in table order: reference tiers, the report's 12, our frontier, then peers."""
     from deltastore.bench.quality_configs import CodecConfig, EvictQuantConfig
     from deltastore.codecs import TIERS
@@ -132,6 +199,7 @@ def build_configs(quick: bool, block: int, peers: bool) -> list[Any]:
         return CodecConfig(name, spec, group, scores=scores, block=block)
 
     rows: list[Any] = [tier("fp16", "fp16"), tier("lossless (bit-exact)", "lossless"), tier("K8V8", "k8v8")]
+    rows += engine_configs(block, specs)
     if quick:
         return [
             *rows,
@@ -280,11 +348,35 @@ def build_configs(quick: bool, block: int, peers: bool) -> list[Any]:
     return rows
 
 
-def _load_text(path: Path | None) -> tuple[str, str]:
-    if path is None:
-        return resources.files("deltastore.bench").joinpath("data", DEFAULT_TEXT).read_text(
-            "utf-8"
-        ), DEFAULT_TEXT
+def corpus_manifest() -> list[dict[str, Any]]:
+    """The shipped corpus's documents (``bench/data/corpus/manifest.json``)."""
+    root = resources.files("deltastore.bench").joinpath("data", CORPUS)
+    return json.loads(root.joinpath("manifest.json").read_text("utf-8"))["documents"]
+
+
+def corpus_windows(tok: Any, split: str, ctx: int, eval_len: int, per_doc: int = 4) -> list[Any]:
+    """Windows of every document of ``split`` ("tune" or "report"), in manifest order."""
+    import torch
+
+    from deltastore.bench.quality_eval import Window, doc_windows
+
+    root = resources.files("deltastore.bench").joinpath("data", CORPUS)
+    out = []
+    for doc in corpus_manifest():
+        if doc["split"] != split:
+            continue
+        ids = tok(root.joinpath(doc["file"]).read_text("utf-8"), add_special_tokens=False)["input_ids"]
+        for s in doc_windows(len(ids), ctx, eval_len, per_doc):
+            w = torch.tensor([ids[s : s + ctx + eval_len]], dtype=torch.long)
+            out.append(Window(w, ctx, doc=doc["name"], kind=doc["kind"]))
+    if not out:
+        raise InvalidArgument(
+            f"no corpus document of split {split!r} holds a window of {ctx + eval_len} tokens"
+        )
+    return out
+
+
+def _load_text(path: Path) -> tuple[str, str]:
     try:
         return path.read_text("utf-8"), str(path)
     except (OSError, UnicodeDecodeError) as exc:
@@ -303,26 +395,37 @@ def run_benchmark(
     import transformers
     from tqdm import tqdm
 
-    from deltastore.bench.quality_configs import score_key
+    from deltastore.bench.quality_configs import fp16_nbytes, score_key
     from deltastore.bench.quality_eval import Window, continuation_logprobs, kl_top1, make_windows, prefill
     from deltastore.bench.quality_peers import KVPressConfig, PressBank, peers_unavailable
+    from deltastore.bench.serving_refs import memcpy_gbps
     from deltastore.client.models import load_model
 
-    n_windows = args.windows or (2 if args.quick else 8)
     ctx = args.ctx or (128 if args.quick else 512)
     eval_len = args.eval or (16 if args.quick else 64)
-    text, text_name = _load_text(args.text)
+    groups = {g.strip() for g in args.groups.split(",") if g.strip()}
+    if not groups <= set(GROUPS):
+        raise InvalidArgument(f"unknown row group in --groups {args.groups!r}")
     transformers.utils.logging.disable_progress_bar()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     model, tok = load_model(args.model, device=args.device)
-    ids = tok(text, add_special_tokens=False)["input_ids"]
-    windows = [Window(w, ctx) for w in make_windows(ids, n_windows, ctx, eval_len, args.seed)]
-    skipped = {} if args.no_peers or args.quick else peers_unavailable()
-    groups = {g.strip() for g in args.groups.split(",") if g.strip()}
-    if not groups <= {"tier", "sweep", "frontier", "peer"}:
-        raise InvalidArgument(f"unknown row group in --groups {args.groups!r}")
-    configs = build_configs(args.quick, args.block, peers=not (args.no_peers or args.quick))
+    if args.text is not None:
+        text, text_name = _load_text(args.text)
+        n_windows = args.windows or (2 if args.quick else 8)
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        windows = [Window(w, ctx) for w in make_windows(ids, n_windows, ctx, eval_len, args.seed)]
+    else:
+        text_name = f"{CORPUS}:{args.split}"
+        windows = corpus_windows(tok, args.split, ctx, eval_len, args.per_doc)
+        n_windows = args.windows or (2 if args.quick else len(windows))
+        if n_windows < len(windows):  # an even subset, every kind represented
+            windows = [windows[i * len(windows) // n_windows] for i in range(n_windows)]
+        n_windows = len(windows)
+    skipped = {} if args.no_peers or args.quick or "peer" not in groups else peers_unavailable()
+    configs = build_configs(
+        args.quick, args.block, peers=not (args.no_peers or args.quick), specs=getattr(args, "specs", None)
+    )
     configs = [c for c in configs if c.group in groups or c.spec == "fp16"]
     configs = [c for c in configs if c.group != "peer" or c.__class__.__name__ not in _peer_classes(skipped)]
     acc = {c.name: _Acc() for c in configs}
@@ -332,6 +435,8 @@ def run_benchmark(
     capture_s = prefill_s = 0.0
     measured_capture = False
     windows_done = 0
+    rss_mb: list[float] = []
+    memcpy_gbs = memcpy_gbps(64 << 20)  # the ceiling encode and decode speeds are read against
     press_rows = [c for c in configs if isinstance(c, KVPressConfig)]
     bank = PressBank(model, press_rows) if press_rows else None
 
@@ -345,7 +450,12 @@ def run_benchmark(
             "eval": eval_len,
             "block": args.block,
             "seed": args.seed,
+            "split": None if args.text is not None else args.split,
+            "per_doc": None if args.text is not None else args.per_doc,
             "device": args.device,
+            "threads": torch.get_num_threads(),
+            "memcpy_gbs": memcpy_gbs,
+            "rss_mb_per_window": rss_mb,
             "protocol": "cache = first ctx-1 tokens; continuation of eval tokens teacher-forced from the last context token",
             "prefill_s": prefill_s,
             "score_capture_overhead": (capture_s - prefill_s) / max(prefill_s, 1e-9),
@@ -358,14 +468,17 @@ def run_benchmark(
     with tqdm(total=len(windows) * (len(configs) + 1), desc="quality", unit="run") as bar:
         for w in windows:
             caps = {key: _capture(key, w.n_cached) for key in sources}
-            if not measured_capture:  # once: a plain prefill vs one with the product's score hooks
+            if not measured_capture and sources:  # once: a plain prefill vs one with the score hooks
                 prefill_s, capture_s = _capture_cost(model, w, args.block)
                 measured_capture = True
             with ExitStack() as stack:  # hooks only read: the cache is the plain prefill's
                 for name in sources:
                     stack.enter_context(caps[name].attach(model))
                 pruned = stack.enter_context(bank.attach()) if bank is not None else {}
+                t0 = time.perf_counter()
                 prefill(model, w)
+                if not sources and not prefill_s:  # no score rows: the first plain prefill is the reference
+                    prefill_s = capture_s = time.perf_counter() - t0
             w.scores = {name: caps[name].layer_scores(len(w.layers)) for name in sources}
             w.pruned = {name: layers for name, layers in pruned.items() if name not in bank.errors}
             for name, why in (bank.errors if bank is not None else {}).items():
@@ -388,17 +501,55 @@ def run_benchmark(
                 a = acc[cfg.name]
                 a.kl.append(kl)
                 a.top1.append(top1)
-                a.fp16 += sum(2 * (k.numel() + v.numel()) for k, v in w.layers)
+                a.fp16 += fp16_nbytes(w.layers)
                 a.stored += trial.nbytes
                 a.kept += trial.kept_fraction
-                a.enc += trial.encode_s
-                a.dec += trial.decode_s
+                if windows_done or len(windows) == 1:  # the first window pays one-time warm-ups
+                    a.enc += trial.encode_s
+                    a.dec += trial.decode_s
+                    a.timed_fp16 += fp16_nbytes(w.layers)
                 a.n += 1
+                a.where.append((w.kind, w.doc))
+                del trial
                 bar.update(1)
             windows_done += 1
+            # A window's cache, scores and reference are dropped once its rows are done, and freed
+            # heap pages go back to the system: peak memory stays flat across windows and rows.
+            w.layers, w.scores, w.pruned, w.ref_logprobs = [], {}, {}, None
+            gc.collect()
+            _trim_heap()
+            rss_mb.append(_rss_mb())
             if checkpoint is not None:
                 checkpoint(document(windows_done))
     return document(windows_done)
+
+
+def _trim_heap() -> None:
+    """Return freed heap pages to the OS (glibc ``malloc_trim``; a no-op elsewhere)."""
+    with suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def _rss_mb() -> float:
+    """Resident set size of this process in MB (Linux; 0 elsewhere)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def bootstrap_ci(values: list[float], n: int = BOOTSTRAP, seed: int = 0) -> tuple[float, float]:
+    """95% percentile bootstrap interval of the mean of ``values`` (resampled with replacement)."""
+    if len(values) < 2:
+        return (values[0], values[0]) if values else (0.0, 0.0)
+    rng = random.Random(seed)
+    k = len(values)
+    means = sorted(sum(values[rng.randrange(k)] for _ in range(k)) / k for _ in range(n))
+    return means[int(0.025 * n)], means[int(0.975 * n) - 1]
 
 
 def _capture_cost(model: Any, window: Any, block: int, repeat: int = 3) -> tuple[float, float]:
@@ -433,7 +584,15 @@ def _summary(cfg: Any, a: _Acc) -> dict[str, Any]:
     import torch
 
     kl = torch.cat(a.kl)
-    kl_mean = float(kl.mean())
+    per_window = [float(x.mean()) for x in a.kl]
+    kl_mean = sum(per_window) / len(per_window)
+    lo, hi = bootstrap_ci(per_window)
+    by_kind: dict[str, list[float]] = {}
+    for (kind, _), value in zip(a.where, per_window, strict=True):
+        by_kind.setdefault(kind or "text", []).append(value)
+    kind_means = {k: sum(v) / len(v) for k, v in by_kind.items()}
+    worst_kind = max(kind_means, key=kind_means.__getitem__)
+    worst_at = max(range(len(per_window)), key=per_window.__getitem__)
     return {
         "config": cfg.name,
         "spec": cfg.spec,
@@ -444,13 +603,20 @@ def _summary(cfg: Any, a: _Acc) -> dict[str, Any]:
         "whole_prefix": getattr(cfg, "whole", 0),
         "ratio": a.fp16 / a.stored,
         "kl_mean": kl_mean,
+        "kl_ci95": [lo, hi],
+        "kl_by_kind": kind_means,
+        "worst_kind": worst_kind,
+        "worst_window": {"doc": a.where[worst_at][1], "kl": per_window[worst_at]},
+        "kl_windows": per_window,
         "kl_p95": float(torch.quantile(kl.double(), 0.95)),
         "top1": float(torch.cat(a.top1).mean()),
         "grade": grade(kl_mean),
         "kept_fraction": a.kept / a.n,
-        "encode_s": a.enc / a.n,
-        "decode_s": a.dec / a.n,
+        "encode_s": a.enc / max(1, a.n - (a.n > 1)),  # per timed window
+        "decode_s": a.dec / max(1, a.n - (a.n > 1)),
         "bytes_per_window": a.stored / a.n,
+        "encode_gbs": a.timed_fp16 / max(a.enc, 1e-12) / 1e9,
+        "decode_gbs": a.timed_fp16 / max(a.dec, 1e-12) / 1e9,
     }
 
 
@@ -466,22 +632,59 @@ def _peer_classes(skipped: dict[str, str]) -> set[str]:
     }
 
 
+def windows_to_separate(a: list[float], b: list[float]) -> int | None:
+    """Windows it takes for two rows' mean KL to differ at 95% (paired, normal approximation:
+    ``(1.96 * sd(d) / |mean(d)|)**2`` over the per-window differences d); None if equal."""
+    d = [x - y for x, y in zip(a, b, strict=True)]
+    if len(d) < 2:
+        return None
+    mean = sum(d) / len(d)
+    var = sum((x - mean) ** 2 for x in d) / (len(d) - 1)
+    if mean == 0:
+        return None
+    return max(2, int(-(-(1.96**2) * var // (mean * mean))))
+
+
 def markdown(doc: dict[str, Any]) -> str:
-    """The results as a markdown table; encode/decode times as multiples of the prefill time."""
+    """The results as a markdown table: mean KL with its 95% bootstrap interval over windows, the
+    worst kind of text, encode/decode speed in GB/s of FP16 KV beside this run's memcpy."""
+    where = doc["text"] + (
+        f" ({doc['split']} split, <= {doc['per_doc']} windows per document)" if doc.get("split") else ""
+    )
     lines = [
-        f"Model {doc['model']}, text {doc['text']}: {doc['windows']} windows x ({doc['ctx']} context + "
-        f"{doc['eval']} scored), block {doc['block']}. Ratio = FP16 bytes / every stored byte. "
-        f"Times are per window, in prefills ({doc['prefill_s']:.2f} s on {doc['device']}).",
+        f"Model {doc['model']}, text {where}: {doc['windows']} windows x ({doc['ctx']} context + "
+        f"{doc['eval']} scored), block {doc['block']}. Ratio = FP16 bytes / every stored byte. KL in "
+        f"nats: mean over windows [95% bootstrap interval]; worst = the kind of text with the highest "
+        f"mean. Encode/decode: GB/s of FP16 KV on {doc['device']} ({doc.get('threads', '?')} threads; "
+        f"memcpy {doc.get('memcpy_gbs', 0):.1f} GB/s in the same run).",
         "",
-        "| config | spec | group | ratio | KL mean | KL p95 | top-1 | grade | kept | encode | decode |",
-        "|---|---|---|---:|---:|---:|---:|---|---:|---:|---:|",
+        "| config | spec | group | ratio | KL mean [95% CI] | worst kind (KL) | top-1 | grade | kept | encode GB/s | decode GB/s |",
+        "|---|---|---|---:|---:|---|---:|---|---:|---:|---:|",
     ]
-    p = doc["prefill_s"] or 1.0
     for r in doc["rows"]:
+        lo, hi = r.get("kl_ci95", (r["kl_mean"], r["kl_mean"]))
+        worst = r.get("worst_kind", "")
         lines.append(
             f"| {r['config']} | `{r['spec']}` | {r['group']}{'' if r['dedup_safe'] else ' (not dedup-safe)'} | "
-            f"{r['ratio']:.2f}x | {r['kl_mean']:.4f} | {r['kl_p95']:.4f} | {r['top1']:.3f} | {r['grade']} | "
-            f"{r['kept_fraction']:.2f} | {r['encode_s'] / p:.2f} | {r['decode_s'] / p:.2f} |"
+            f"{r['ratio']:.2f}x | {r['kl_mean']:.4f} [{lo:.4f}, {hi:.4f}] | "
+            f"{worst} ({r.get('kl_by_kind', {}).get(worst, r['kl_mean']):.4f}) | {r['top1']:.3f} | {r['grade']} | "
+            f"{r['kept_fraction']:.2f} | {r.get('encode_gbs', 0):.2f} | {r.get('decode_gbs', 0):.2f} |"
+        )
+    ranked = sorted((r for r in doc["rows"] if r["kl_mean"] > 0), key=lambda r: r["ratio"])
+    pairs = [
+        (x["spec"], y["spec"], windows_to_separate(x["kl_windows"], y["kl_windows"]))
+        for x, y in itertools.pairwise(ranked)
+        if "kl_windows" in x and "kl_windows" in y
+    ]
+    if pairs:
+        lines.append(
+            "\nWindows needed to separate neighbouring rows (by ratio) at 95%, paired: "
+            + "; ".join(f"`{x}` vs `{y}` {n if n is not None else '-'}" for x, y, n in pairs)
+        )
+    rss = doc.get("rss_mb_per_window") or []
+    if rss:
+        lines.append(
+            f"\nResident memory after each window: {rss[0]:.0f} .. {max(rss):.0f} MB (last {rss[-1]:.0f})."
         )
     for name, why in doc["skipped"].items():
         lines.append(f"\nSkipped {name}: {why}")
@@ -501,6 +704,7 @@ def plot(doc: dict[str, Any], path: Path) -> None:
         "sweep": ("s", "tab:orange"),
         "frontier": ("D", "tab:green"),
         "peer": ("^", "tab:gray"),
+        "engine": ("P", "tab:cyan"),
     }
     floor = 1e-5  # KL 0 (fp16, bit-exact) drawn at the floor of the log axis
     for group, (marker, color) in styles.items():

@@ -25,6 +25,7 @@ __all__ = [
     "KVLayers",
     "Window",
     "continuation_logprobs",
+    "doc_windows",
     "kl_top1",
     "make_windows",
     "prefill",
@@ -48,10 +49,14 @@ class Window:
         scores: eviction scores by ``quality_configs.score_key`` (source and segment size), each a
             list over layers of (kv_heads, ctx - 1).
         pruned: caches that peers pruned during the prefill, by row name.
+        doc / kind: the corpus document and its kind ("prose", "docs", "code", "chat"); empty
+            for a single ``--text``.
     """
 
     ids: torch.Tensor
     ctx: int
+    doc: str = ""
+    kind: str = ""
     layers: KVLayers = field(default_factory=list)
     ref_logprobs: torch.Tensor | None = None
     prefill_s: float = 0.0
@@ -89,6 +94,17 @@ def make_windows(token_ids: Sequence[int], n: int, ctx: int, eval_len: int, seed
     rng = random.Random(seed)
     starts = [i * stride + rng.randrange(stride - length + 1) for i in range(n)]
     return [torch.tensor([token_ids[s : s + length]], dtype=torch.long) for s in starts]
+
+
+def doc_windows(n_tokens: int, ctx: int, eval_len: int, per_doc: int) -> list[int]:
+    """Start offsets of up to ``per_doc`` non-overlapping windows of ``ctx + eval_len`` tokens in a
+    document of ``n_tokens``, spread evenly from its start (no seed: the split is fixed)."""
+    length = ctx + eval_len
+    fit = min(n_tokens // length, per_doc)
+    if fit < 1:
+        return []
+    gap = (n_tokens - fit * length) // fit
+    return [i * (length + gap) for i in range(fit)]
 
 
 def cache_layers(past_key_values: object) -> KVLayers:

@@ -7,6 +7,7 @@ the codec's own size arithmetic.
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 from typing import Any
@@ -189,3 +190,52 @@ def test_recommend_also_needs_a_readable_run(tmp_path: Path, capsys: pytest.Capt
     argv = ["bench", "quality", "--quick", "--json", str(out), "--recommend", str(tmp_path / "r.json")]
     assert main([*argv, "--recommend-also", str(tmp_path / "missing.json")]) == 2
     assert "cannot read the quality run" in capsys.readouterr().err and not out.exists()
+
+
+def test_corpus_is_split_by_document_and_licensed() -> None:
+    """The shipped corpus: four kinds, each document wholly in one split, both splits holding
+    every kind, a licence for each, and enough text (~63K SmolLM2 tokens; ~4 characters each)."""
+    from importlib import resources
+
+    from deltastore.bench.quality import corpus_manifest
+
+    docs = corpus_manifest()
+    root = resources.files("deltastore.bench").joinpath("data", "corpus")
+    licences = root.joinpath("LICENSES.md").read_text("utf-8")
+    assert len({d["name"] for d in docs}) == len(docs)
+    kinds = {"prose", "docs", "code", "chat"}
+    for split in ("tune", "report"):
+        assert {d["kind"] for d in docs if d["split"] == split} == kinds
+    chars = 0
+    for d in docs:
+        assert d["split"] in ("tune", "report") and f"`{d['licence']}`" in licences
+        chars += len(root.joinpath(d["file"]).read_text("utf-8"))
+    assert chars > 160_000
+    assert all(d["split"] == "tune" for d in docs if d["name"].startswith("gardiner"))  # tuned on before
+
+
+def test_doc_windows_do_not_overlap() -> None:
+    from deltastore.bench.quality_eval import doc_windows
+
+    assert doc_windows(100, 60, 10, 4) == [0]
+    assert doc_windows(69, 60, 10, 4) == []
+    starts = doc_windows(2500, 512, 64, 4)
+    assert len(starts) == 4 and starts[0] == 0 and starts[-1] + 576 <= 2500
+    assert all(b - a >= 576 for a, b in itertools.pairwise(starts))
+    assert len(doc_windows(10_000, 512, 64, 3)) == 3
+
+
+def test_bootstrap_interval_and_separation() -> None:
+    from deltastore.bench.quality import bootstrap_ci, windows_to_separate
+
+    values = [0.01 * (i % 5) for i in range(40)]
+    lo, hi = bootstrap_ci(values)
+    mean = sum(values) / len(values)
+    assert lo < mean < hi and hi - lo < 0.02
+    assert bootstrap_ci(values) == (lo, hi)  # seeded: reproducible
+    assert bootstrap_ci([0.5]) == (0.5, 0.5)
+    a = [0.010 + 0.001 * (i % 3) for i in range(30)]
+    assert windows_to_separate(a, a) is None
+    near = windows_to_separate(a, [x + 0.0001 * (i % 4) for i, x in enumerate(a)])
+    far = windows_to_separate(a, [x + 0.005 for x in a])
+    assert far == 2 and near is not None and near > far
