@@ -15,10 +15,12 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import grpc
 from grpc import aio
 
+from deltastore.accounting import SavingsReport
 from deltastore.client.shm import decode_mapped
 from deltastore.client.sync import MAX_REPLANS, channel_options
 from deltastore.client.wire import (
     DEFAULT_NAMESPACE,
+    Deleted,
     PayloadCalls,
     Plan,
     PutResult,
@@ -206,15 +208,17 @@ class AsyncDeltaStoreClient:
         req = pb.HasBlocksRequest(namespace=self.namespace, keys=keys)
         return list((await self._call(lambda t: self._stub.HasBlocks(req, timeout=t), timeout)).present)
 
-    async def delete_snapshot(
-        self, session: str, turn: int, *, timeout: float | None = None
-    ) -> pb.DeleteSnapshotResponse:
+    async def delete_snapshot(self, session: str, turn: int, *, timeout: float | None = None) -> Deleted:
         req = pb.DeleteSnapshotRequest(namespace=self.namespace, session=session, turn=turn)
-        return await self._call(lambda t: self._stub.DeleteSnapshot(req, timeout=t), timeout)
+        return Deleted.from_proto(
+            await self._call(lambda t: self._stub.DeleteSnapshot(req, timeout=t), timeout)
+        )
 
-    async def delete_session(self, session: str, *, timeout: float | None = None) -> pb.DeleteSessionResponse:
+    async def delete_session(self, session: str, *, timeout: float | None = None) -> Deleted:
         req = pb.DeleteSessionRequest(namespace=self.namespace, session=session)
-        return await self._call(lambda t: self._stub.DeleteSession(req, timeout=t), timeout)
+        return Deleted.from_proto(
+            await self._call(lambda t: self._stub.DeleteSession(req, timeout=t), timeout)
+        )
 
     async def list_snapshots(
         self, session: str = "", *, timeout: float | None = None
@@ -223,6 +227,6 @@ class AsyncDeltaStoreClient:
         reply = await self._call(lambda t: self._stub.ListSnapshots(req, timeout=t), timeout)
         return [SnapshotSummary.from_proto(s) for s in reply.snapshots]
 
-    async def savings(self, namespace: str | None = None, *, timeout: float | None = None) -> dict[str, Any]:
+    async def savings(self, namespace: str | None = None, *, timeout: float | None = None) -> SavingsReport:
         req = pb.GetSavingsRequest(namespace=namespace or "")
         return savings_dict(await self._call(lambda t: self._stub.GetSavings(req, timeout=t), timeout))

@@ -14,9 +14,11 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 
+from deltastore.accounting import SavingsReport
 from deltastore.client.shm import decode_mapped
 from deltastore.client.wire import (
     DEFAULT_NAMESPACE,
+    Deleted,
     PayloadCalls,
     Plan,
     PutResult,
@@ -282,22 +284,20 @@ class DeltaStoreClient:
         req = pb.HasBlocksRequest(namespace=self.namespace, keys=keys)
         return list(self._call(lambda t: self._stub.HasBlocks(req, timeout=t), timeout).present)
 
-    def delete_snapshot(
-        self, session: str, turn: int, *, timeout: float | None = None
-    ) -> pb.DeleteSnapshotResponse:
+    def delete_snapshot(self, session: str, turn: int, *, timeout: float | None = None) -> Deleted:
         req = pb.DeleteSnapshotRequest(namespace=self.namespace, session=session, turn=turn)
-        return self._call(lambda t: self._stub.DeleteSnapshot(req, timeout=t), timeout)
+        return Deleted.from_proto(self._call(lambda t: self._stub.DeleteSnapshot(req, timeout=t), timeout))
 
-    def delete_session(self, session: str, *, timeout: float | None = None) -> pb.DeleteSessionResponse:
+    def delete_session(self, session: str, *, timeout: float | None = None) -> Deleted:
         req = pb.DeleteSessionRequest(namespace=self.namespace, session=session)
-        return self._call(lambda t: self._stub.DeleteSession(req, timeout=t), timeout)
+        return Deleted.from_proto(self._call(lambda t: self._stub.DeleteSession(req, timeout=t), timeout))
 
     def list_snapshots(self, session: str = "", *, timeout: float | None = None) -> list[SnapshotSummary]:
         req = pb.ListSnapshotsRequest(namespace=self.namespace, session=session)
         reply = self._call(lambda t: self._stub.ListSnapshots(req, timeout=t), timeout)
         return [SnapshotSummary.from_proto(s) for s in reply.snapshots]
 
-    def savings(self, namespace: str | None = None, *, timeout: float | None = None) -> dict[str, Any]:
+    def savings(self, namespace: str | None = None, *, timeout: float | None = None) -> SavingsReport:
         """Savings of one namespace (default: the whole store), as ``/v1/savings`` reports them."""
         req = pb.GetSavingsRequest(namespace=namespace or "")
         return savings_dict(self._call(lambda t: self._stub.GetSavings(req, timeout=t), timeout))

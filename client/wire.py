@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
+from deltastore.accounting import SavingsReport
 from deltastore.client.cache import KVLayers, as_layers, cache_tokens, slice_layers, to_dynamic_cache
 from deltastore.client.models import model_fingerprint
 from deltastore.errors import ChecksumMismatch, InvalidArgument, ResourceExhausted
@@ -34,6 +35,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_NAMESPACE",
+    "Deleted",
     "PayloadCalls",
     "Plan",
     "PlanSegment",
@@ -126,6 +128,20 @@ class PutResult:
     logical_bytes: int
     sent_bytes: int
     encoded_segments: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Deleted:
+    """What a DeleteSnapshot or DeleteSession freed (``deleted_snapshots``: 1 for DeleteSnapshot)."""
+
+    deleted_snapshots: int
+    freed_segments: int
+    freed_bytes: int
+
+    @classmethod
+    def from_proto(cls, msg: pb.DeleteSnapshotResponse | pb.DeleteSessionResponse) -> Deleted:
+        deleted = msg.deleted_snapshots if isinstance(msg, pb.DeleteSessionResponse) else 1
+        return cls(deleted, msg.freed_segments, msg.freed_bytes)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -528,10 +544,10 @@ def decode_snapshot(
     )
 
 
-def savings_dict(msg: pb.GetSavingsResponse) -> dict[str, Any]:
+def savings_dict(msg: pb.GetSavingsResponse) -> SavingsReport:
     """The GetSavings answer in the shape of the HTTP ``/v1/savings`` JSON."""
 
-    def one(s: pb.Savings) -> dict[str, Any]:
+    def one(s: pb.Savings) -> SavingsReport:
         return {
             "logical_bytes": s.logical_bytes,
             "stored_bytes": s.stored_bytes,

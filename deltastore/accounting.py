@@ -21,12 +21,43 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, TypedDict
 
 from deltastore.backend import ReadView, WriteBatch
 from deltastore.manifest import ns_prefix
 
-__all__ = ["COUNTERS", "Ledger", "read_counters", "savings_of"]
+__all__ = ["COUNTERS", "Ledger", "SavingsLayers", "SavingsReport", "read_counters", "savings_of"]
+
+
+class SavingsLayers(TypedDict):
+    """The factor of each layer; their product is ``ratio``."""
+
+    codec: float
+    prefix_dedup: float
+    temporal_delta: float
+
+
+class SavingsReport(TypedDict, total=False):
+    """One scope's savings, the shape every boundary speaks: the store's ``savings()``, the ops
+    API's ``/v1/savings`` JSON, GetSavings (``Savings`` carries the always-present part) and the
+    clients' ``savings()``. The byte breakdowns are the store's and HTTP's only; ``namespaces``
+    is present on a store-wide report, ``namespace``/``domain`` on one namespace's."""
+
+    logical_bytes: int
+    stored_bytes: int
+    ratio: float
+    layers: SavingsLayers
+    snapshots: int
+    sessions: int
+    blocks: int
+    unique_fp16_bytes: int
+    session_fp16_bytes: int
+    stored: dict[str, int]
+    namespace: str
+    domain: str
+    namespaces: dict[str, SavingsReport]
+    backend: dict[str, Any]
+
 
 COUNTERS: tuple[str, ...] = (
     "logical",  # L
@@ -89,7 +120,7 @@ def stored_bytes(counters: Mapping[str, int]) -> int:
     return sum(counters[name] for name in _STORED)
 
 
-def savings_of(counters: Mapping[str, int]) -> dict[str, Any]:
+def savings_of(counters: Mapping[str, int]) -> SavingsReport:
     """The savings report of one scope; all zeros when it is empty."""
     logical, ls, unique = counters["logical"], counters["session_fp16"], counters["unique_fp16"]
     stored = stored_bytes(counters)

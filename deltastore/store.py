@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from deltastore import accounting
-from deltastore.accounting import Ledger, read_counters, savings_of
+from deltastore.accounting import Ledger, SavingsReport, read_counters, savings_of
 from deltastore.addressing import (
     KEY_BYTES,
     Chain,
@@ -910,7 +910,7 @@ class Store:
         info = SnapshotInfo("", namespace, "", 0, model, codec, n_tokens, fp16_total, None, 0.0)
         return SnapshotStream(info, ids[:n_tokens], tuple(found), read)
 
-    def savings(self, namespace: str | None = None) -> dict[str, Any]:
+    def savings(self, namespace: str | None = None) -> SavingsReport:
         """Savings of the store (and of every namespace), or of one namespace as if alone.
 
         See :mod:`deltastore.accounting` for the definitions; ``ratio`` equals the product of

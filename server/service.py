@@ -22,6 +22,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from deltastore.accounting import SavingsReport
 from deltastore.backend import call_deadline
 from deltastore.codecs import BlockHeader, CodecSpec, read_header
 from deltastore.codecs.bounds import check_expansion
@@ -486,18 +487,18 @@ def _summary(info: StoreSnapshotInfo) -> pb.SnapshotSummary:
     )
 
 
-def _savings(report: dict[str, Any]) -> pb.Savings:
-    layers = report.get("layers") or {}
+def _savings(report: SavingsReport) -> pb.Savings:
+    layers = report["layers"]
     return pb.Savings(
-        logical_bytes=report.get("logical_bytes", 0),
-        stored_bytes=report.get("stored_bytes", 0),
-        ratio=report.get("ratio", 0.0),
-        codec=layers.get("codec", 0.0),
-        prefix_dedup=layers.get("prefix_dedup", 0.0),
-        temporal_delta=layers.get("temporal_delta", 0.0),
-        snapshots=report.get("snapshots", 0),
-        sessions=report.get("sessions", 0),
-        blocks=report.get("blocks", 0),
+        logical_bytes=report["logical_bytes"],
+        stored_bytes=report["stored_bytes"],
+        ratio=report["ratio"],
+        codec=layers["codec"],
+        prefix_dedup=layers["prefix_dedup"],
+        temporal_delta=layers["temporal_delta"],
+        snapshots=report["snapshots"],
+        sessions=report["sessions"],
+        blocks=report["blocks"],
     )
 
 
