@@ -4,7 +4,8 @@
 |---|---|---|
 | ``DELTASTORE_DATA_DIR`` | LMDB directory | ``./data`` |
 | ``DELTASTORE_BLOCK_SIZE`` | tokens per aligned block (new sessions) | 64 |
-| ``DELTASTORE_MAX_STORED_BYTES`` | capacity; LRU sessions are evicted past it | unlimited |
+| ``DELTASTORE_MAX_STORED_BYTES`` | capacity; past it, the LRU session of the namespace storing the most is evicted | unlimited |
+| ``DELTASTORE_NAMESPACE_QUOTA_BYTES`` | stored bytes per namespace; past it, that namespace's own LRU sessions are evicted | unlimited |
 | ``DELTASTORE_SESSION_TTL_S`` | sessions idle longer than this expire | never |
 | ``DELTASTORE_SHARED_NAMESPACES`` | ``ns=group,ns2=group``: namespaces that dedup together | none |
 | ``DELTASTORE_LMDB_MAP_SIZE`` | initial LMDB map size, bytes | 1 GiB |
@@ -34,7 +35,12 @@ class StoreConfig:
     Attributes:
         block_size: tokens per aligned block for new sessions (see :mod:`deltastore.addressing`).
         max_stored_bytes: capacity in stored bytes (payloads, manifests, index); a put that
-            would exceed it evicts whole sessions, least recently used first. None: unlimited.
+            would exceed it evicts whole sessions: the least recently used session of the
+            namespace that stores the most (so one tenant cannot evict every other). None:
+            unlimited.
+        namespace_quota_bytes: stored bytes one namespace may hold (as if stored alone); a put
+            past it evicts that namespace's own least recently used sessions, never another's,
+            or fails with StoreFull. None: unlimited.
         session_ttl_s: a session not read or written for this many seconds expires (it reads
             as absent and is deleted by the next puts or by ``expire_sessions``). None: never.
         shared_groups: namespace -> dedup group; namespaces of one group dedup against each
@@ -47,6 +53,7 @@ class StoreConfig:
 
     block_size: int = DEFAULT_BLOCK_SIZE
     max_stored_bytes: int | None = None
+    namespace_quota_bytes: int | None = None
     session_ttl_s: float | None = None
     shared_groups: Mapping[str, str] = field(default_factory=dict)
     touch_interval_s: float = 10.0
@@ -57,6 +64,8 @@ class StoreConfig:
             raise InvalidArgument(f"block_size must be in [1, {MAX_BLOCK_SIZE}], got {self.block_size}")
         if self.max_stored_bytes is not None and self.max_stored_bytes <= 0:
             raise InvalidArgument("max_stored_bytes must be positive (or None for unlimited)")
+        if self.namespace_quota_bytes is not None and self.namespace_quota_bytes <= 0:
+            raise InvalidArgument("namespace_quota_bytes must be positive (or None for unlimited)")
         if self.session_ttl_s is not None and self.session_ttl_s <= 0:
             raise InvalidArgument("session_ttl_s must be positive (or None for never)")
         if self.touch_interval_s < 0 or self.expire_batch < 0:
@@ -119,6 +128,7 @@ def load_settings(data_dir: str | Path | None = None, env: Mapping[str, str] | N
     store = StoreConfig(
         block_size=_int(env, "DELTASTORE_BLOCK_SIZE") or DEFAULT_BLOCK_SIZE,
         max_stored_bytes=_int(env, "DELTASTORE_MAX_STORED_BYTES"),
+        namespace_quota_bytes=_int(env, "DELTASTORE_NAMESPACE_QUOTA_BYTES"),
         session_ttl_s=_float(env, "DELTASTORE_SESSION_TTL_S"),
         shared_groups=_groups(env.get("DELTASTORE_SHARED_NAMESPACES", "")),
     )

@@ -1069,28 +1069,53 @@ class Store:
         return victims
 
     def _make_room(self, b: WriteBatch, namespace: str, session: str) -> list[tuple[str, str]]:
-        """Evict least recently used sessions (never this one) until within max_stored_bytes."""
-        limit = self.config.max_stored_bytes
-        if limit is None:
-            return []
+        """Evict whole sessions (never this one) until within the namespace quota and capacity.
+
+        Over its quota, a namespace loses its own least recently used sessions. Over capacity,
+        the namespace that stores the most loses its least recently used session first, so a
+        tenant writing a lot evicts itself before it evicts anyone else.
+        """
         evicted: list[tuple[str, str]] = []
-        while accounting.stored_bytes(read_counters(b)) > limit:
-            victim = None
-            for key, _ in b.scan("sessions", b"t"):
-                _, ns, sess = split_lru_key(key)
-                if (ns, sess) != (namespace, session):
-                    victim = (ns, sess)
-                    break
+        keep = (namespace, session)
+        quota = self.config.namespace_quota_bytes
+        while quota is not None and accounting.stored_bytes(read_counters(b, namespace)) > quota:
+            victim = self._lru_victims(b, keep).get(namespace)
             if victim is None:
+                raise StoreFull(
+                    f"namespace {namespace!r} is over its quota of {quota} stored bytes even after "
+                    "evicting its other sessions",
+                    hint="raise DELTASTORE_NAMESPACE_QUOTA_BYTES, delete sessions, or use a stronger codec tier",
+                )
+            evicted.append(self._evict(b, victim))
+        limit = self.config.max_stored_bytes
+        while limit is not None and accounting.stored_bytes(read_counters(b)) > limit:
+            candidates = self._lru_victims(b, keep)
+            if not candidates:
                 raise StoreFull(
                     f"snapshot does not fit in max_stored_bytes={limit} even after evicting every other session",
                     hint="raise DELTASTORE_MAX_STORED_BYTES, or use a stronger codec tier",
                 )
-            ledger = Ledger()
-            self._drop_session(b, ledger, *victim)
-            ledger.flush(b)
-            evicted.append(victim)
+            biggest = max(
+                candidates, key=lambda ns: (accounting.stored_bytes(read_counters(b, ns)), -candidates[ns][2])
+            )
+            evicted.append(self._evict(b, candidates[biggest]))
         return evicted
+
+    @staticmethod
+    def _lru_victims(b: WriteBatch, keep: tuple[str, str]) -> dict[str, tuple[str, str, int]]:
+        """Per namespace, its least recently used session other than ``keep``: (ns, session, rank)."""
+        out: dict[str, tuple[str, str, int]] = {}
+        for rank, (key, _) in enumerate(b.scan("sessions", b"t")):
+            _, ns, sess = split_lru_key(key)
+            if (ns, sess) != keep and ns not in out:
+                out[ns] = (ns, sess, rank)
+        return out
+
+    def _evict(self, b: WriteBatch, victim: tuple[str, str, int]) -> tuple[str, str]:
+        ledger = Ledger()
+        self._drop_session(b, ledger, victim[0], victim[1])
+        ledger.flush(b)
+        return victim[0], victim[1]
 
     def expire_sessions(self, limit: int | None = None) -> list[tuple[str, str]]:
         """Delete sessions idle longer than ``session_ttl_s`` now; returns (namespace, session)s."""

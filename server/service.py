@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import logging
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from concurrent import futures
@@ -73,6 +74,53 @@ class _DeadlineExceeded(Exception):
     """The caller's deadline passed before the work could be committed."""
 
 
+class _InflightBudget:
+    """Bytes of PutSnapshot payloads held in memory per namespace, bounded (``max_inflight_bytes``)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._lock = threading.Lock()
+        self._by_namespace: dict[str, int] = {}
+
+    def hold(self, namespace: str) -> _Held:
+        return _Held(self, namespace)
+
+
+class _Held:
+    """One put's share of its namespace's in-flight budget; released once when the call ends."""
+
+    def __init__(self, budget: _InflightBudget, namespace: str) -> None:
+        self._budget = budget
+        self._namespace = namespace
+        self._held = 0
+
+    def update(self, total: int) -> None:
+        more = total - self._held
+        if more <= 0:
+            return
+        b = self._budget
+        with b._lock:
+            now = b._by_namespace.get(self._namespace, 0) + more
+            if now > b.limit:
+                raise ResourceExhausted(
+                    f"namespace {self._namespace!r} has {now - more} bytes of puts in flight; "
+                    f"{more} more would pass --max-inflight-bytes {b.limit}",
+                    hint="retry when the namespace's other puts have finished",
+                )
+            b._by_namespace[self._namespace] = now
+        self._held = total
+
+    def release(self) -> None:
+        b = self._budget
+        with b._lock:
+            left = b._by_namespace.get(self._namespace, 0) - self._held
+            if left > 0:
+                b._by_namespace[self._namespace] = left
+            else:
+                b._by_namespace.pop(self._namespace, None)
+            self._held = 0
+
+
 class _Call:
     """Per-call bookkeeping: the final status code, for metrics."""
 
@@ -88,6 +136,7 @@ class DeltaStoreService(pb_grpc.DeltaStoreServicer):
         self._settings = settings
         self._metrics = metrics
         self._shm = ShmExporter(settings.shm_dir, settings.shm_max_bytes) if settings.shm_dir else None
+        self._inflight = _InflightBudget(settings.max_inflight_bytes)
 
     # -- plumbing ------------------------------------------------------------------------------
 
@@ -172,6 +221,8 @@ class DeltaStoreService(pb_grpc.DeltaStoreServicer):
             model = _required("model", hdr.model)
             tokens = self._tokens(hdr.token_ids)
             parent = hdr.parent_turn if hdr.HasField("parent_turn") else None
+            held = self._inflight.hold(namespace)  # bytes this put keeps in memory, per namespace
+            context.add_callback(held.release)  # when the call ends, however it ends
             plan = self._store.plan_snapshot(
                 namespace, hdr.session, model=model, codec=codec, token_ids=tokens, parent_turn=parent
             )
@@ -196,6 +247,7 @@ class DeltaStoreService(pb_grpc.DeltaStoreServicer):
                         done = assembler.add(msg.chunk)
                     else:
                         raise InvalidArgument("PutSnapshot carries one header, then only chunks")
+                    held.update(assembler.received_bytes)
                     if done is None:
                         continue
                     key = done.key

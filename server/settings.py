@@ -44,6 +44,8 @@ class ServerSettings:
         max_snapshot_bytes: largest sum of payload bytes one PutSnapshot may carry.
         max_message_bytes: largest single gRPC message either way (chunks are ~1 MiB).
         max_tokens: largest token count of one snapshot.
+        max_inflight_bytes: most bytes of PutSnapshot payloads one namespace may have in the
+            server's memory at once (its concurrent puts together); RESOURCE_EXHAUSTED beyond.
         max_logical_bytes: largest FP16 size of one snapshot's KV, as its payload headers declare
             it (tokens x layers x kv heads x head dim x 4); bounds forged headers.
         chunk_bytes: payload bytes per streamed chunk.
@@ -77,6 +79,7 @@ class ServerSettings:
     max_message_bytes: int = 8 << 20
     max_tokens: int = 1 << 20
     max_logical_bytes: int = 1 << 36
+    max_inflight_bytes: int = 2 << 30
     chunk_bytes: int = 1 << 20
     workers: int = 16
     grace_seconds: float = 10.0
@@ -99,6 +102,7 @@ class ServerSettings:
             "max_message_bytes",
             "max_tokens",
             "max_logical_bytes",
+            "max_inflight_bytes",
             "chunk_bytes",
             "workers",
             "shm_max_bytes",
@@ -217,6 +221,10 @@ def add_setting_arguments(parser: argparse.ArgumentParser) -> None:
         ),
         "max_message_bytes": ("--max-message-bytes", "largest gRPC message (e.g. 8MiB)"),
         "max_tokens": ("--max-tokens", "largest token count of one snapshot"),
+        "max_inflight_bytes": (
+            "--max-inflight-bytes",
+            "most payload bytes of one namespace's puts held in memory at once (e.g. 2GiB)",
+        ),
         "max_logical_bytes": (
             "--max-logical-bytes",
             "largest FP16 size of one snapshot's KV as declared by its payloads (e.g. 64GiB)",

@@ -89,7 +89,7 @@ def test_damaged_records_stay_local(tmp_path: Path, how: str, reliability) -> No
     # The same store again, with the policy under test.
     config = {
         "ttl": StoreConfig(block_size=BLOCK, session_ttl_s=60),
-        "lru": StoreConfig(block_size=BLOCK, max_stored_bytes=int(stored_before * 2.2)),
+        "lru": StoreConfig(block_size=BLOCK, max_stored_bytes=int(stored_before * 1.3)),
         "delete": StoreConfig(block_size=BLOCK),
     }[how]
     clock.now += 3600  # the victims are idle past the TTL
@@ -107,7 +107,9 @@ def test_damaged_records_stay_local(tmp_path: Path, how: str, reliability) -> No
                 globex.put_snapshot(
                     f"g{i}", 0, tokens_for(10 + i, 70), make_cache(70, seed=10 + i), model=MODEL, codec="k4v2"
                 )
-            assert [s.session for s in globex.list_snapshots()] == ["g0", "g1", "g2", "g3"]
+            kept = [s.session for s in globex.list_snapshots()]
+            # (under capacity, the namespace storing the most pays first: globex itself, later on)
+            assert kept == ["g0", "g1", "g2", "g3"] if how != "lru" else kept[-1] == "g3"
             got = globex.get_snapshot("g3", 0, model=MODEL)
             assert got.n_tokens == 70
             left = {s.session for s in acme.list_snapshots()}
