@@ -87,7 +87,11 @@ class ServerProcess:
         shm_root = "/dev/shm" if os.path.isdir("/dev/shm") else None
         self._shm = tempfile.TemporaryDirectory(prefix="deltastore-bench-shm-", dir=shm_root)
         self.shm_dir = self._shm.name
-        child_env = dict(os.environ, DELTASTORE_SHM_DIR=self.shm_dir, **(env or {}))
+        # The benchmark's own private server, read by clients over TCP loopback: trust those for
+        # shared memory (a production server serves it on its unix socket only).
+        child_env = dict(
+            os.environ, DELTASTORE_SHM_DIR=self.shm_dir, DELTASTORE_SHM_PEERS="loopback", **(env or {})
+        )
         if block_size is not None:
             child_env["DELTASTORE_BLOCK_SIZE"] = str(block_size)
         cmd = [sys.executable, "-m", "deltastore", "serve", "--data-dir", str(self.data_dir)]
