@@ -65,6 +65,14 @@ def mapped_payloads(
                 f"cannot remove {path} after opening it: {exc.strerror}",
                 hint="mount shm_dir writable here; the server removes unclaimed files after a minute",
             ) from None
+        folder = os.stat(shm_dir)
+        if info.st_uid != folder.st_uid or stat.S_IMODE(info.st_mode) != 0o600 or folder.st_mode & 0o022:
+            # The server makes each export 0600 in its own directory: anything else was made or
+            # can be swapped by someone else. (Its bytes are checked against their digests too.)
+            raise InvalidArgument(
+                f"{path} is not an export of the server: mode {stat.S_IMODE(info.st_mode):o}, owner uid "
+                f"{info.st_uid}, in a directory of uid {folder.st_uid} mode {stat.S_IMODE(folder.st_mode):o}"
+            )
         sizes = [s.size_bytes for s in reply.info.segments]
         total = sum(sizes)
         if total > max_bytes:

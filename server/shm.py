@@ -20,6 +20,7 @@ import contextlib
 import errno
 import logging
 import os
+import stat
 import tempfile
 import threading
 import time
@@ -117,8 +118,19 @@ class ShmExporter:
     def _prepare(self) -> None:
         try:  # again on every export: a cleanup job may have removed the directory
             self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            st = os.lstat(self.directory)
         except OSError as exc:
             raise self._unusable(exc) from None
+        # A directory someone else made (or can write) lets them read, replace or unlink an
+        # export before its worker maps it: accept only our own, private one (not a link).
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
+            raise NotConfigured(
+                f"the shared-memory directory {self.directory} is "
+                + ("not a directory (a link?)" if not stat.S_ISDIR(st.st_mode) else
+                   f"mode {stat.S_IMODE(st.st_mode):o}, owner uid {st.st_uid}")
+                + f"; it must be a directory of uid {os.geteuid()} with mode 700",
+                hint="chmod 700 and chown it to the server's user, or let the server create it",
+            )  # fmt: skip
 
     def _write(self, snap: SnapshotStream, names: list[str]) -> str:
         try:

@@ -209,6 +209,7 @@ def test_client_refuses_file_names_outside_the_directory(tmp_path: Path, name: s
 
 def test_client_refuses_a_file_of_the_wrong_size(tmp_path: Path) -> None:
     (tmp_path / f"{PREFIX}x").write_bytes(b"12345")
+    (tmp_path / f"{PREFIX}x").chmod(0o600)  # as the server makes them
     reply = pb.GetSnapshotShmResponse(
         info=pb.SnapshotInfo(segments=[pb.Segment(size_bytes=4)]), file=f"{PREFIX}x"
     )

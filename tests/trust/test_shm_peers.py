@@ -10,6 +10,7 @@ import socket
 from pathlib import Path
 
 import grpc
+import pytest
 from trust_helpers import MODEL, make_cache, start_service, tokens_for
 
 from deltastore.client.sync import DeltaStoreClient
@@ -79,4 +80,42 @@ def test_shm_callers(tmp_path: Path, reliability) -> None:
         "GetSnapshotShm on the unix socket; with --shm-peers loopback from 127.0.0.1 and [::1]",
         len(outcomes),
         "served",
+    )
+
+
+def test_shm_directory_and_files_must_be_private(tmp_path: Path, reliability) -> None:
+    """A directory another user made or can write is refused; a planted file is not mapped."""
+
+    from deltastore.client.shm import mapped_payloads
+    from deltastore.errors import InvalidArgument, NotConfigured
+    from deltastore.v1 import deltastore_pb2 as pb
+    from deltastore.v1.protocol import SHM_FILE_PREFIX
+
+    open_dir = tmp_path / "open"
+    open_dir.mkdir()
+    open_dir.chmod(0o777)
+    target = tmp_path / "private"
+    target.mkdir(mode=0o700)
+    link = tmp_path / "link"
+    link.symlink_to(target)
+    refused = 0
+    for where in (open_dir, link):
+        try:
+            svc = start_service(tmp_path / f"d-{where.name}", shm_dir=str(where))
+        except NotConfigured:
+            refused += 1
+        else:
+            svc.stop()
+    assert refused == 2
+    planted = target / f"{SHM_FILE_PREFIX}planted"
+    planted.write_bytes(b"x" * 64)
+    planted.chmod(0o644)
+    reply = pb.GetSnapshotShmResponse(file=planted.name)
+    reply.info.segments.add(size_bytes=64)
+    with pytest.raises(InvalidArgument, match="not an export"), mapped_payloads(target, reply, 1 << 20):
+        pass
+    reliability.record(
+        "--shm-dir pre-created with mode 777, or a symlink; a planted 0644 file named like an export",
+        3,
+        "server refuses the directory at start; client refuses the file",
     )
