@@ -111,6 +111,11 @@ class Service:
         policy = load_auth_file(s.auth_file) if s.auth_file else None
         self._policy = policy
         tls = TlsFiles.from_paths(s.tls_cert, s.tls_key, s.tls_client_ca)
+        if policy is not None and policy.certs and not s.tls_client_ca:
+            raise InvalidArgument(
+                f"{s.auth_file} maps client certificates to tenants, but no client certificate is asked for",
+                hint="give --tls-client-ca (with --tls-cert/--tls-key), or drop 'certs' from the auth file",
+            )
         self.stall_guard = StallGuard(
             s.stall_seconds,
             min_rate_bytes=s.min_rate_bytes,

@@ -163,14 +163,17 @@ class AuthPolicy:
         self.cross_tenant_groups = frozenset(
             _names(raw.get("cross_tenant_dedup_groups", []), "cross_tenant_dedup_groups", source)
         )
-        unknown = set(raw) - {"keys", "tenants", "shared_namespaces", "cross_tenant_dedup_groups"}
+        unknown = set(raw) - {"keys", "certs", "tenants", "shared_namespaces", "cross_tenant_dedup_groups"}
         if unknown:
             raise InvalidArgument(f"{source}: unknown top-level entries {sorted(unknown)}")
 
         self.owner: dict[str, str] = {}  # exclusive namespace -> tenant
         self._tenants: dict[str, Principal] = {}
+        certs_raw = _mapping(raw.get("certs", {}), "certs", source)
         named = {
-            str(v.get("tenant")) for v in keys_raw.values() if isinstance(v, Mapping) and v.get("tenant")
+            str(v.get("tenant"))
+            for v in (*keys_raw.values(), *certs_raw.values())
+            if isinstance(v, Mapping) and v.get("tenant")
         }
         for tenant in sorted(set(tenants_raw) | named):
             check_name("tenant", tenant)
@@ -196,6 +199,18 @@ class AuthPolicy:
             if any(hmac.compare_digest(digest, k.digest) for k in self._keys):
                 raise InvalidArgument(f"{source}: the same key is configured twice")
             self._keys.append(_Key(digest, principal))
+        # mTLS: a client certificate's subject common name -> a tenant (or the ops role).
+        self.certs: dict[str, Principal] = {}
+        for common_name, entry in certs_raw.items():
+            entry = _mapping(entry, "cert entry", source)
+            if entry.get("role", "tenant") == "ops":
+                self.certs[str(common_name)] = Principal(
+                    str(entry.get("tenant") or "ops"), Role.OPS, None, {}
+                )
+            elif entry.get("tenant"):
+                self.certs[str(common_name)] = self._tenants[str(entry["tenant"])]
+            else:
+                raise InvalidArgument(f"{source}: cert {common_name!r} needs a 'tenant' or role 'ops'")
 
     def replace_with(self, other: AuthPolicy) -> None:
         """Take over another policy's keys, tenants and grants (a reloaded auth file), in place.
@@ -244,6 +259,16 @@ class AuthPolicy:
                 found = entry.principal
         if found is None:
             raise AuthError("unknown API key")
+        return found
+
+    def authenticate_cert(self, common_name: str | None) -> Principal:
+        """The principal of a verified client certificate's common name (mTLS); AuthError if unmapped."""
+        found = self.certs.get(common_name or "")
+        if found is None:
+            raise AuthError(
+                "no API key, and the client certificate maps to no tenant",
+                hint="send 'authorization: Bearer <key>', or list the certificate's CN under 'certs'",
+            )
         return found
 
     def check_dedup_groups(self, groups: Mapping[str, str]) -> None:
@@ -354,16 +379,40 @@ class AuthInterceptor(grpc.ServerInterceptor):
         if handler is None or method.startswith(_OPEN_GRPC_PREFIXES):
             return handler
         metadata = details.invocation_metadata or ()  # type: ignore[attr-defined]
+        presented = presented_key((m.key, m.value) for m in metadata)
+        if presented is None and self.policy.certs:
+            return self._by_certificate(handler, method)
         try:
-            principal = self.policy.authenticate(presented_key((m.key, m.value) for m in metadata))
+            principal = self.policy.authenticate(presented)
         except AuthError as exc:
             return _refusing(handler, exc, method)
-        if not method.startswith(_SERVICE):  # reflection: any valid key
-            return handler
-        name = method[len(_SERVICE) :]
-        if principal.role is Role.OPS and name not in OPS_METHODS:
-            return _refusing(handler, PermissionDenied("ops keys may only read savings and metrics"), method)
-        return _scoped(handler, principal, name)
+        return _authorized(handler, principal, method)
+
+    def _by_certificate(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+        """No key: the tenant of the verified client certificate, known only once the call runs."""
+
+        def behavior(request: Any, context: grpc.ServicerContext) -> Any:
+            names = (context.auth_context() or {}).get("x509_common_name") or []
+            try:
+                principal = self.policy.authenticate_cert(names[0].decode() if names else None)
+            except AuthError as exc:
+                log.info("%s from %s refused: %s", method, context.peer(), exc.message)
+                _fail(context, exc)
+            chosen = _authorized(handler, principal, method)
+            run = chosen.unary_unary or chosen.unary_stream or chosen.stream_unary or chosen.stream_stream
+            return run(request, context)
+
+        return _replace(handler, behavior)
+
+
+def _authorized(handler: grpc.RpcMethodHandler, principal: Principal, method: str) -> grpc.RpcMethodHandler:
+    """The handler as ``principal`` may run it: scoped to its namespaces, or refused."""
+    if not method.startswith(_SERVICE):  # reflection: any valid key
+        return handler
+    name = method[len(_SERVICE) :]
+    if principal.role is Role.OPS and name not in OPS_METHODS:
+        return _refusing(handler, PermissionDenied("ops keys may only read savings and metrics"), method)
+    return _scoped(handler, principal, name)
 
 
 def _resolve(principal: Principal, name: str, request: Any, field: Any) -> None:

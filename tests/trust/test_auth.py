@@ -435,3 +435,43 @@ def test_sighup_reloads_the_auth_file(tmp_path: Path, reliability) -> None:
         2,
         "old key UNAUTHENTICATED and new key served at once; broken file refused, keys in use kept",
     )
+
+
+def test_mtls_certificate_maps_to_a_tenant(tmp_path: Path, reliability) -> None:
+    """With mTLS, a client certificate's common name can stand for an API key (auth file 'certs')."""
+    from trust_helpers import auth_config, make_pki
+
+    pki = make_pki(tmp_path / "pki")
+    config = auth_config()
+    config["certs"] = {"worker-1": {"tenant": "acme"}}
+    auth = str(write_auth(tmp_path / "auth.json", config))
+    with pytest.raises(InvalidArgument, match="client certificate"):  # certs without mTLS: refused
+        start_service(tmp_path / "plain", auth_file=auth)
+    svc = start_service(
+        tmp_path / "mtls",
+        auth_file=auth,
+        tls_cert=str(pki.server_cert),
+        tls_key=str(pki.server_key),
+        tls_client_ca=str(pki.ca),
+    )
+    ca = pki.ca.read_bytes()
+    creds = grpc.ssl_channel_credentials(ca, pki.client_key.read_bytes(), pki.client_cert.read_bytes())
+    try:
+        with client(svc.grpc_port, None, "acme", credentials=creds, timeout=5) as c:  # no API key at all
+            c.put_snapshot("s", 0, tokens_for(0, 20), make_cache(20), model=MODEL)
+            assert [s.session for s in c.list_snapshots()] == ["s"]
+        with client(svc.grpc_port, None, "globex", credentials=creds, timeout=5) as c:
+            with pytest.raises(grpc.RpcError) as err:
+                c.list_snapshots()
+            assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        with client(svc.grpc_port, None, "acme", credentials=creds, timeout=5) as c:
+            keyed = grpc.composite_channel_credentials(creds, grpc.access_token_call_credentials(KEY_GLOBEX))
+            with client(svc.grpc_port, None, "globex", credentials=keyed, timeout=5) as g:
+                assert g.list_snapshots() == []  # a key, when sent, decides
+    finally:
+        svc.stop()
+    reliability.record(
+        "mTLS client certificate (CN mapped to a tenant) without an API key; other tenant's namespace",
+        3,
+        "served as that tenant; PERMISSION_DENIED elsewhere; certs without --tls-client-ca refused at start",
+    )
