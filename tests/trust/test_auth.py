@@ -9,6 +9,7 @@ import logging
 import ssl
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import httpx
@@ -264,6 +265,16 @@ def test_cross_tenant_dedup_needs_opt_in(tmp_path: Path) -> None:
 # -- TLS ---------------------------------------------------------------------------------------
 
 
+def _mtls_service(where: Path, auth: str, pki: Any) -> Service:
+    return start_service(
+        where,
+        auth_file=auth,
+        tls_cert=str(pki.server_cert),
+        tls_key=str(pki.server_key),
+        tls_client_ca=str(pki.ca),
+    )
+
+
 def test_tls_and_mtls(tmp_path: Path, reliability) -> None:
     pki = make_pki(tmp_path / "pki")
     ca = pki.ca.read_bytes()
@@ -300,13 +311,7 @@ def test_tls_and_mtls(tmp_path: Path, reliability) -> None:
     finally:
         svc.stop()
 
-    svc = start_service(
-        tmp_path / "mtls",
-        auth_file=auth,
-        tls_cert=str(pki.server_cert),
-        tls_key=str(pki.server_key),
-        tls_client_ca=str(pki.ca),
-    )
+    svc = _mtls_service(tmp_path / "mtls", auth, pki)
     try:
         with tls_client(svc.grpc_port, pki.client_cert, pki.client_key) as c:
             assert c.list_snapshots() == []
@@ -447,13 +452,7 @@ def test_mtls_certificate_maps_to_a_tenant(tmp_path: Path, reliability) -> None:
     auth = str(write_auth(tmp_path / "auth.json", config))
     with pytest.raises(InvalidArgument, match="client certificate"):  # certs without mTLS: refused
         start_service(tmp_path / "plain", auth_file=auth)
-    svc = start_service(
-        tmp_path / "mtls",
-        auth_file=auth,
-        tls_cert=str(pki.server_cert),
-        tls_key=str(pki.server_key),
-        tls_client_ca=str(pki.ca),
-    )
+    svc = _mtls_service(tmp_path / "mtls", auth, pki)
     ca = pki.ca.read_bytes()
     creds = grpc.ssl_channel_credentials(ca, pki.client_key.read_bytes(), pki.client_cert.read_bytes())
     try:
