@@ -344,6 +344,8 @@ class DeltaStoreConnector(KVConnectorBase_V1):
         if not self.cfg.load:
             return 0, False
         prompt = list(request.prompt_token_ids or [])
+        if len(request.all_token_ids) > len(prompt):
+            return 0, False  # resumed after preemption: its blocks arrive as a cached request; recompute
         with self._lock:
             for tokens in self._saving.values():
                 if len(tokens) <= len(prompt) and prompt[: len(tokens)] == tokens:
