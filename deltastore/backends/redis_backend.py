@@ -260,6 +260,11 @@ def _errors(what: str) -> Iterator[None]:
         raise DeltaStoreError(f"Redis error during {what}: {exc}") from exc
 
 
+def _as_bytes(value: Any) -> bytes:
+    """A Redis reply item (bytes; str only if a client decodes responses) as bytes."""
+    return value.encode() if isinstance(value, str) else bytes(value)
+
+
 def _encode_counter(value: int) -> bytes:
     return value.to_bytes(COUNTER_NBYTES, "little", signed=True)
 
@@ -901,16 +906,16 @@ class RedisBackend(Backend):
         """
         tag = self.tag
         with _errors("listing payload keys"):
-            found = {bytes(k) for k in self.client.scan_iter(match=f"{self.prefix}:d:*", count=1000)}
+            found = {_as_bytes(k) for k in self.client.scan_iter(match=f"{self.prefix}:d:*", count=1000)}
             if not found:
                 return []
-            named: set[bytes] = set(self.client.hkeys(f"{tag}:pend"))
+            named = {_as_bytes(k) for k in self.client.hkeys(f"{tag}:pend")}
             for ks in sorted(OUT_OF_LINE):
-                named.update(bytes(v)[_HDR:] for _, v in self.client.hscan_iter(f"{tag}:v:{ks}"))
+                named.update(_as_bytes(v)[_HDR:] for _, v in self.client.hscan_iter(f"{tag}:v:{ks}"))
                 for key in self.client.zrange(f"{tag}:hk:{ks}", 0, -1):
-                    for member in self.client.zrange(f"{tag}:H:{ks}:".encode() + bytes(key), 0, -1):
-                        named.add(bytes(member)[2 * _HDR :])
-            named.update(bytes(m) for m in self.client.smembers(self._free_key))
+                    for member in self.client.zrange(f"{tag}:H:{ks}:".encode() + _as_bytes(key), 0, -1):
+                        named.add(_as_bytes(member)[2 * _HDR :])
+            named.update(_as_bytes(m) for m in self.client.smembers(self._free_key))
         return sorted(name.decode() for name in found - named)
 
     def remove_stray_values(self, names: list[str]) -> int:

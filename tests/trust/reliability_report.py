@@ -19,6 +19,13 @@ AREAS = {
     "corruption": "Corruption",
     "crash": "Crash",
     "load": "Load and full store",
+    "damage_local": "Damage stays local (quarantine, repair)",
+    "bombs": "Decompression bombs and forged sizes",
+    "end_to_end": "End-to-end integrity (client-side checks)",
+    "shm_peers": "Shared memory boundary",
+    "threads": "Handler threads and streams",
+    "quotas": "Per-tenant quotas",
+    "small_leaks": "Small leaks",
 }
 
 
