@@ -12,8 +12,8 @@ import pytest
 import yaml
 from trust_helpers import KEY_ACME, ServeProcess, client, start_service, write_auth
 
-from bench.redis_local import LocalRedis
 from deltastore.backends import redact_url
+from deltastore.bench.redis_local import LocalRedis
 from deltastore.errors import InvalidArgument
 from deltastore.server.app import add_arguments
 from deltastore.server.settings import ServerSettings, is_loopback_address
