@@ -62,7 +62,9 @@ from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStat
 from deltastore.addressing import token_bytes
 from deltastore.client.sync import DeltaStoreClient
 from deltastore.client.wire import Retry
+from deltastore.errors import InvalidArgument
 from deltastore.integrations.vllm.config import ConnectorConfig, save_alignment, vllm_fingerprint
+from deltastore.manifest import check_session
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -223,6 +225,41 @@ def split_kv(kv: torch.Tensor, head_size: int, *, cpu_backend: bool) -> tuple[to
 # -- the connector -----------------------------------------------------------------------------
 
 
+def _keyed_by_tokens(request: Request) -> bool:
+    """Is the request's KV a function of its token ids and the model alone?
+
+    A LoRA adapter, multimodal inputs (images share placeholder tokens) or a cache salt (vLLM's
+    per-tenant prefix-cache isolation) change the KV of the same tokens: such requests are neither
+    looked up nor saved, so KV of one never serves another.
+    """
+    return request.lora_request is None and not request.mm_features and not request.cache_salt
+
+
+def _session_params(request: Request) -> tuple[str | None, int | None]:
+    """``kv_transfer_params={"deltastore": {"session": str, "turn": int >= 0}}``, validated.
+
+    They come from API callers: anything malformed is logged and ignored (the KV is still saved
+    under its prefix), never raised into the engine.
+    """
+    params = request.kv_transfer_params
+    ours = params.get("deltastore") if isinstance(params, dict) else None
+    if ours is None:
+        return None, None
+    session, turn = (ours.get("session"), ours.get("turn")) if isinstance(ours, dict) else (None, None)
+    try:
+        if not isinstance(ours, dict) or session is None:
+            raise InvalidArgument("expected {'session': str, 'turn': int}")
+        check_session(session)
+        if turn is not None and (
+            isinstance(turn, bool) or not isinstance(turn, int) or not 0 <= turn < 1 << 32
+        ):
+            raise InvalidArgument(f"turn {turn!r} is not a non-negative integer")
+    except InvalidArgument as exc:
+        log.warning("request %s: kv_transfer_params.deltastore ignored: %s", request.request_id, exc)
+        return None, None
+    return session, turn
+
+
 class DeltaStoreConnector(KVConnectorBase_V1):
     """DeltaStore as vLLM's KV connector; see the module docstring."""
 
@@ -314,11 +351,18 @@ class DeltaStoreConnector(KVConnectorBase_V1):
         return time.monotonic() >= self._down_until
 
     def _failed(self, what: str, exc: BaseException) -> None:
-        self._down_until = time.monotonic() + self.cfg.cooldown_s
-        if isinstance(exc, grpc.RpcError) and exc.code() in (
-            grpc.StatusCode.UNAVAILABLE,
-            grpc.StatusCode.DEADLINE_EXCEEDED,
-        ):
+        """Log a failed call; only a store that is down or too slow is skipped for a while.
+
+        A per-request failure (DATA_LOSS of one block, a refused save, a short answer) costs that
+        request a recompute and nothing else: pausing the store for every request would let one
+        damaged block or one bad caller turn the cache off for all.
+        """
+        code = exc.code() if isinstance(exc, grpc.RpcError) else None
+        down = code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) or isinstance(
+            exc, (ConnectionError, TimeoutError)
+        )
+        if down:
+            self._down_until = time.monotonic() + self.cfg.cooldown_s
             # A fresh channel after the cooldown: one in reconnect backoff would keep failing
             # (or wait out its connect timeout) for a while after the store is back.
             with self._lock:
@@ -326,14 +370,12 @@ class DeltaStoreConnector(KVConnectorBase_V1):
             if old is not None:
                 with contextlib.suppress(Exception):
                     old.close()
-        code = exc.code().name if isinstance(exc, grpc.RpcError) else type(exc).__name__
-        detail = exc.details() if isinstance(exc, grpc.RpcError) else str(exc)
         log.warning(
-            "DeltaStore %s failed (%s: %s); recomputing, store skipped for %.1fs",
+            "DeltaStore %s failed (%s: %s); recomputing%s",
             what,
-            code,
-            detail,
-            self.cfg.cooldown_s,
+            code.name if code is not None else type(exc).__name__,
+            exc.details() if isinstance(exc, grpc.RpcError) else str(exc),
+            f", store skipped for {self.cfg.cooldown_s:.1f}s" if down else "",
         )
 
     # -- scheduler side ------------------------------------------------------------------------
@@ -344,8 +386,12 @@ class DeltaStoreConnector(KVConnectorBase_V1):
         if not self.cfg.load:
             return 0, False
         prompt = list(request.prompt_token_ids or [])
-        if len(request.all_token_ids) > len(prompt):
-            return 0, False  # resumed after preemption: its blocks arrive as a cached request; recompute
+        if request.num_preemptions > 0 or len(request.all_token_ids) > len(prompt):
+            # resumed after preemption: vLLM schedules it as a cached request, whose blocks this
+            # connector does not load; no external tokens, so vLLM recomputes them
+            return 0, False
+        if not _keyed_by_tokens(request):
+            return 0, False
         with self._lock:
             for tokens in self._saving.values():
                 if len(tokens) <= len(prompt) and prompt[: len(tokens)] == tokens:
@@ -363,9 +409,12 @@ class DeltaStoreConnector(KVConnectorBase_V1):
             self._failed("LookupPrefix", exc)
             return 0, False
         # Whole vLLM blocks only: vLLM's own prefix cache works in whole blocks, and a load that
-        # ends inside a block changed the greedy output on the CPU backend (measured); the store's
-        # finer blocks still dedup across requests.
+        # ends inside a block changed the greedy output on the CPU backend (measured). A match that
+        # ends in a stored tail (another client's partial block) is floored to whole store blocks
+        # as well (lcm), since GetPrefix serves a tail only where it ends exactly.
         matched = matched // self.block_size * self.block_size
+        if matched % self.cfg.store_block_size:
+            matched = matched // self.align * self.align
         self._store_has[request.request_id] = matched
         self.counters.add(lookups=1, lookup_hits=int(matched > num_computed_tokens))
         log.debug(
@@ -406,17 +455,17 @@ class DeltaStoreConnector(KVConnectorBase_V1):
         n = computed // self.align * self.align
         if n <= 0 or n // self.block_size > len(block_ids):
             return False, None
-        params = (request.kv_transfer_params or {}).get("deltastore") or {}
-        session = params.get("session")
+        if not _keyed_by_tokens(request):
+            return False, None
+        session, turn = _session_params(request)
         if not session and n <= had:
             return False, None  # the store already holds all of it (no session to record)
-        turn = params.get("turn")
         spec = SaveSpec(
             request.request_id,
             tokens[:n],
             list(block_ids[: n // self.block_size]),
-            str(session) if session else None,
-            int(turn) if turn is not None else (0 if session else None),
+            session,
+            turn if turn is not None else (0 if session else None),
         )
         with self._lock:
             self._to_dispatch.append(spec)
