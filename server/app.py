@@ -130,6 +130,9 @@ class Service:
         store = self._store
         if policy is not None:
             policy.check_dedup_groups(store.config.shared_groups)
+        from deltastore.server.janitor import Janitor
+
+        self.janitor = Janitor(store).start()
         self.metrics = Metrics(store.savings)
         self.health = health.HealthServicer()
         self._grpc, self.grpc_port = create_server(
@@ -198,6 +201,7 @@ class Service:
             self._http_thread.join(timeout=self.settings.grace_seconds + 5)
         if self._grpc is not None:
             self.stall_guard.close()
+            self.janitor.stop()
         if self._store is not None:
             self._store.close()
 
