@@ -18,10 +18,12 @@ shm_dir                none        the server's ``--shm-dir`` as mounted here (s
 lookup_timeout_s       1.0         deadline of a LookupPrefix (scheduler, on the request's path)
 load_timeout_s         10.0        deadline of a GetPrefix (worker, before the forward pass)
 save_timeout_s         60.0        deadline of a put (background)
-cooldown_s             5.0         after a failed call, skip the store this long (no stalls)
+cooldown_s             5.0         after the store was down or too slow, skip it this long
 save                   true        store finished requests' KV
 load                   true        load stored prefixes
 store_block_size       64          the store's block size (its ``--block-size``), for alignment
+max_pending_saves      32          saves in flight past which finished requests are not saved
+                                   (a slow store never pins the engine's KV blocks)
 =====================  ==========  ==============================================================
 """
 
@@ -57,6 +59,7 @@ _KEYS = {
     "save",
     "load",
     "store_block_size",
+    "max_pending_saves",
 }
 
 
@@ -77,6 +80,7 @@ class ConnectorConfig:
     save: bool = True
     load: bool = True
     store_block_size: int = 64
+    max_pending_saves: int = 32
 
     @classmethod
     def from_extra(cls, extra: dict[str, Any] | None) -> ConnectorConfig:
@@ -106,8 +110,8 @@ class ConnectorConfig:
         for name in ("lookup_timeout_s", "load_timeout_s", "save_timeout_s"):
             if not getattr(cfg, name) > 0:
                 raise InvalidArgument(f"DeltaStoreConnector: {name} must be > 0")
-        if cfg.store_block_size < 1:
-            raise InvalidArgument("DeltaStoreConnector: store_block_size must be >= 1")
+        if cfg.store_block_size < 1 or cfg.max_pending_saves < 1:
+            raise InvalidArgument("DeltaStoreConnector: store_block_size and max_pending_saves must be >= 1")
         return dataclasses.replace(cfg, codec=spec.canonical())
 
 

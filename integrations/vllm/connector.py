@@ -122,6 +122,7 @@ _COUNTERS = (
     "load_seconds",
     "saves",
     "save_errors",
+    "saves_skipped",
     "tokens_saved",
     "bytes_written",
     "segments_encoded",
@@ -456,6 +457,12 @@ class DeltaStoreConnector(KVConnectorBase_V1):
         if n <= 0 or n // self.block_size > len(block_ids):
             return False, None
         if not _keyed_by_tokens(request):
+            return False, None
+        with self._lock:
+            backlog = len(self._saving)
+        if backlog >= self.cfg.max_pending_saves:
+            # a slow store must not pin the engine's KV blocks: past the backlog, skip the save
+            self.counters.add(saves_skipped=1)
             return False, None
         session, turn = _session_params(request)
         if not session and n <= had:
