@@ -159,6 +159,10 @@ class _Acc:
 
 ENGINE_SPECS: tuple[str, ...] = (
     "lossless",
+    "k8v8",
+    "fp8",
+    "k8v4-p8-sink4-z",
+    "k8v3-p8-sink4-z-hp8",
     "k4v4",
     "k4v2",
     "k2v2-sink4",
@@ -174,7 +178,9 @@ ENGINE_SPECS: tuple[str, ...] = (
     "k2v2-p8-sink4-z-hp32",
 )
 """The engine group: score-free, non-evicting specs (a paged cache needs every position and its
-kernels expose no attention weights), in the order of the table."""
+kernels expose no attention weights), chosen on the tuning split (docs/results/quality_levers.md);
+``deltastore bench quality --groups engine --split report --per-doc 2`` regenerates
+docs/results/quality-engine.* from them."""
 
 
 def engine_configs(block: int, specs: str | None = None) -> list[Any]:

@@ -46,3 +46,23 @@ def test_bench_codecs_writes_json_md_png(tmp_path: Path) -> None:
     assert doc["rows"][0]["ratio_vs_fp16"] > 3.0
     assert "| k4v2-g64-kc |" in out.with_suffix(".md").read_text()
     assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_max_kl_engine_picks_a_non_evicting_spec_within_its_interval(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`codecs --max-kl X --engine`: the shipped engine table (report split) answers with a spec an
+    engine's paged cache can take, whose interval's upper end is within the budget."""
+    from deltastore.codecs import CodecSpec
+    from deltastore.codecs.tiers import load_table, pick_tier
+
+    table = load_table(engine=True)
+    assert table["source"]["split"] == "report"
+    for budget in (0.0, 0.01, 0.05, 0.2):
+        assert main(["codecs", "--max-kl", str(budget), "--engine", "--json"]) == 0
+        doc = json.loads(capsys.readouterr().out)
+        assert doc["spec"] == pick_tier(budget, engine=True)
+        assert not CodecSpec.parse(doc["spec"]).evicts and doc["engine"]
+        assert doc.get("kl_hi", doc["kl_mean"]) <= budget
+    assert main(["codecs", "--engine"]) == 2
+    assert "--max-kl" in capsys.readouterr().err
