@@ -9,9 +9,11 @@ from the mapping: no stream, no reassembly.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import mmap
 import os
 import re
+import socket
 import stat
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from deltastore.client.wire import RestoredSnapshot, decode_snapshot
 from deltastore.errors import InvalidArgument, NotConfigured, ResourceExhausted
 from deltastore.v1 import deltastore_pb2 as pb
-from deltastore.v1.protocol import SHM_FILE_PREFIX
+from deltastore.v1.protocol import SHM_FD_PREFIX, SHM_FD_SOCKET, SHM_FILE_PREFIX
 
 if TYPE_CHECKING:
     import torch
@@ -28,6 +30,28 @@ if TYPE_CHECKING:
 __all__ = ["decode_mapped", "mapped_payloads"]
 
 _NAME = re.compile(re.escape(SHM_FILE_PREFIX) + r"[A-Za-z0-9_]{1,64}")
+_FD_NAME = re.compile(re.escape(SHM_FD_PREFIX) + r"[0-9a-f]{32}")
+_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE
+
+
+def _claim_memfd(shm_dir: Path, name: str) -> int:
+    """The sealed memfd behind a one-time token, received over the server's unix socket."""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+            conn.settimeout(10)
+            conn.connect(str(shm_dir / SHM_FD_SOCKET))
+            conn.sendall(name.removeprefix(SHM_FD_PREFIX).encode("ascii") + b"\n")
+            _, fds, _, _ = socket.recv_fds(conn, 16, 1)
+    except OSError as exc:
+        raise NotConfigured(
+            f"cannot claim the shared-memory export from {shm_dir / SHM_FD_SOCKET}: {exc.strerror or exc}",
+            hint="shm_dir must be the server's --shm-dir as mounted here",
+        ) from None
+    if not fds:
+        raise NotConfigured("the server holds no export under that token (claimed already, or expired)")
+    for extra in fds[1:]:
+        os.close(extra)
+    return fds[0]
 
 
 @contextlib.contextmanager
@@ -44,35 +68,42 @@ def mapped_payloads(
         ResourceExhausted: the snapshot is larger than ``max_bytes``.
     """
     name = reply.file
-    if not _NAME.fullmatch(name):
+    from_file = not _FD_NAME.fullmatch(name)
+    if from_file and not _NAME.fullmatch(name):
         raise InvalidArgument(f"the server named an invalid shared-memory file {name!r}")
     path = Path(shm_dir) / name
-    try:  # never follow a link, never block on a FIFO someone left there
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    except OSError as exc:
-        raise NotConfigured(
-            f"cannot open the snapshot file the server wrote, {path}: {exc.strerror}",
-            hint="shm_dir must be the server's --shm-dir as mounted here, readable by this user",
-        ) from None
+    if not from_file:
+        fd = _claim_memfd(Path(shm_dir), name)
+    else:
+        try:  # never follow a link, never block on a FIFO someone left there
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except OSError as exc:
+            raise NotConfigured(
+                f"cannot open the snapshot file the server wrote, {path}: {exc.strerror}",
+                hint="shm_dir must be the server's --shm-dir as mounted here, readable by this user",
+            ) from None
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
             raise InvalidArgument(f"{path} is not a regular file")
-        try:
-            os.unlink(path)
-        except OSError as exc:
-            raise NotConfigured(
-                f"cannot remove {path} after opening it: {exc.strerror}",
-                hint="mount shm_dir writable here; the server removes unclaimed files after a minute",
-            ) from None
-        folder = os.stat(shm_dir)
-        if info.st_uid != folder.st_uid or stat.S_IMODE(info.st_mode) != 0o600 or folder.st_mode & 0o022:
-            # The server makes each export 0600 in its own directory: anything else was made or
-            # can be swapped by someone else. (Its bytes are checked against their digests too.)
-            raise InvalidArgument(
-                f"{path} is not an export of the server: mode {stat.S_IMODE(info.st_mode):o}, owner uid "
-                f"{info.st_uid}, in a directory of uid {folder.st_uid} mode {stat.S_IMODE(folder.st_mode):o}"
-            )
+        if from_file:
+            try:
+                os.unlink(path)
+            except OSError as exc:
+                raise NotConfigured(
+                    f"cannot remove {path} after opening it: {exc.strerror}",
+                    hint="mount shm_dir writable here; the server removes unclaimed files after a minute",
+                ) from None
+            folder = os.stat(shm_dir)
+            if info.st_uid != folder.st_uid or stat.S_IMODE(info.st_mode) != 0o600 or folder.st_mode & 0o022:
+                # The server makes each export 0600 in its own directory: anything else was made or
+                # can be swapped by someone else. (Its bytes are checked against their digests too.)
+                raise InvalidArgument(
+                    f"{path} is not an export of the server: mode {stat.S_IMODE(info.st_mode):o}, owner uid "
+                    f"{info.st_uid}, in a directory of uid {folder.st_uid} mode {stat.S_IMODE(folder.st_mode):o}"
+                )
+        elif fcntl.fcntl(fd, fcntl.F_GET_SEALS) & _SEALS != _SEALS:
+            raise InvalidArgument("the shared-memory export is not sealed against writing")
         sizes = [s.size_bytes for s in reply.info.segments]
         total = sum(sizes)
         if total > max_bytes:

@@ -41,6 +41,7 @@ from deltastore.server.metrics import Metrics
 from deltastore.server.readahead import read_ahead
 from deltastore.server.settings import ServerSettings
 from deltastore.server.shm import ShmExporter
+from deltastore.server.shm_fd import MemfdExporter
 from deltastore.server.status import grpc_code
 from deltastore.store import PlannedSegment, SegmentPayload, SnapshotStream, Store
 from deltastore.store import SnapshotInfo as StoreSnapshotInfo
@@ -135,7 +136,10 @@ class DeltaStoreService(pb_grpc.DeltaStoreServicer):
         self._store = store
         self._settings = settings
         self._metrics = metrics
-        self._shm = ShmExporter(settings.shm_dir, settings.shm_max_bytes) if settings.shm_dir else None
+        self._shm: ShmExporter | MemfdExporter | None = None
+        if settings.shm_dir:
+            exporter = MemfdExporter if settings.shm_mode == "memfd" else ShmExporter
+            self._shm = exporter(settings.shm_dir, settings.shm_max_bytes)
         self._inflight = _InflightBudget(settings.max_inflight_bytes)
 
     # -- plumbing ------------------------------------------------------------------------------

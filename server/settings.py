@@ -64,6 +64,9 @@ class ServerSettings:
         shm_dir: shared-memory directory for GetSnapshotShm (a worker on the same host mounts
             it); "" disables the call.
         shm_max_bytes: most bytes of snapshot files in ``shm_dir`` not yet claimed by a worker.
+        shm_mode: ``file`` (default: each export a 0600 file in ``shm_dir``) or ``memfd`` (a
+            sealed anonymous memory file handed over a unix socket in ``shm_dir`` to the one caller
+            holding its one-time token: nothing another process of the same user could open).
         shm_peers: who may ask for shared memory: ``unix`` (default: callers on the unix socket
             only; a TCP peer that looks local may be a remote caller behind a local proxy) or
             ``loopback`` (also TCP callers from 127.0.0.0/8 and ::1, an explicit choice).
@@ -94,6 +97,7 @@ class ServerSettings:
     shm_dir: str = ""
     shm_max_bytes: int = 2 << 30
     shm_peers: str = "unix"
+    shm_mode: str = "file"
     insecure: bool = False
 
     def __post_init__(self) -> None:
@@ -122,6 +126,8 @@ class ServerSettings:
             raise InvalidArgument(f"grace_seconds must be >= 0, got {self.grace_seconds}")
         if not self.grpc_address:
             raise InvalidArgument("a gRPC address is required")
+        if self.shm_mode not in ("file", "memfd"):
+            raise InvalidArgument(f"shm_mode must be 'file' or 'memfd', got {self.shm_mode!r}")
         if self.shm_peers not in ("unix", "loopback"):
             raise InvalidArgument(f"shm_peers must be 'unix' or 'loopback', got {self.shm_peers!r}")
 
@@ -253,6 +259,10 @@ def add_setting_arguments(parser: argparse.ArgumentParser) -> None:
         "shm_dir": (
             "--shm-dir",
             "shared-memory directory for GetSnapshotShm, e.g. /dev/shm/deltastore ('' = off)",
+        ),
+        "shm_mode": (
+            "--shm-mode",
+            "'file' (an export file per get) or 'memfd' (sealed memory handed to the caller only)",
         ),
         "shm_peers": (
             "--shm-peers",

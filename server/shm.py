@@ -25,13 +25,14 @@ import tempfile
 import threading
 import time
 import weakref
+from collections.abc import Callable
 from pathlib import Path
 
 from deltastore.errors import ChecksumMismatch, NotConfigured, ResourceExhausted
 from deltastore.store import PlannedSegment, SnapshotStream
 from deltastore.v1.protocol import SHM_FILE_PREFIX
 
-__all__ = ["ORPHAN_SECONDS", "ShmExporter"]
+__all__ = ["ORPHAN_SECONDS", "ShmExporter", "check_room", "prepare_private_dir"]
 
 log = logging.getLogger(__name__)
 
@@ -70,13 +71,7 @@ class ShmExporter:
         total = snap.payload_bytes
         with self._lock:
             self._prepare()
-            pending = self.sweep() + self._reserved
-            if pending + total > self.max_bytes:
-                raise ResourceExhausted(
-                    f"{pending} bytes of snapshot files in {self.directory} are not yet claimed; "
-                    f"{total} more would pass the limit of {self.max_bytes}",
-                    hint="raise --shm-max-bytes, or read with GetSnapshot",
-                )
+            check_room(self.sweep() + self._reserved, total, self.max_bytes)
             self._reserved += total
         names: list[str] = []
         try:
@@ -116,21 +111,7 @@ class ShmExporter:
         return left
 
     def _prepare(self) -> None:
-        try:  # again on every export: a cleanup job may have removed the directory
-            self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-            st = os.lstat(self.directory)
-        except OSError as exc:
-            raise self._unusable(exc) from None
-        # A directory someone else made (or can write) lets them read, replace or unlink an
-        # export before its worker maps it: accept only our own, private one (not a link).
-        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
-            raise NotConfigured(
-                f"the shared-memory directory {self.directory} is "
-                + ("not a directory (a link?)" if not stat.S_ISDIR(st.st_mode) else
-                   f"mode {stat.S_IMODE(st.st_mode):o}, owner uid {st.st_uid}")
-                + f"; it must be a directory of uid {os.geteuid()} with mode 700",
-                hint="chmod 700 and chown it to the server's user, or let the server create it",
-            )  # fmt: skip
+        prepare_private_dir(self.directory, self._unusable)
 
     def _write(self, snap: SnapshotStream, names: list[str]) -> str:
         try:
@@ -171,6 +152,35 @@ class ShmExporter:
         return NotConfigured(
             f"cannot use {where}: {exc.strerror}", hint="check --shm-dir: it must be a writable directory"
         )
+
+
+def check_room(pending: int, total: int, max_bytes: int) -> None:
+    """Refuse an export of ``total`` bytes when ``pending`` unclaimed ones leave no room."""
+    if pending + total > max_bytes:
+        raise ResourceExhausted(
+            f"{pending} bytes of shared-memory exports are not yet claimed; {total} more would pass "
+            f"the limit of {max_bytes}",
+            hint="raise --shm-max-bytes, or read with GetSnapshot",
+        )
+
+
+def prepare_private_dir(directory: Path, unusable: Callable[[OSError], Exception]) -> None:
+    """Create the shared directory 0700 if missing; refuse one that is not ours and private."""
+    try:  # again on every export: a cleanup job may have removed the directory
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        st = os.lstat(directory)
+    except OSError as exc:
+        raise unusable(exc) from None
+    # A directory someone else made (or can write) lets them read, replace or unlink an
+    # export before its worker maps it: accept only our own, private one (not a link).
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
+        raise NotConfigured(
+            f"the shared-memory directory {directory} is "
+            + ("not a directory (a link?)" if not stat.S_ISDIR(st.st_mode) else
+               f"mode {stat.S_IMODE(st.st_mode):o}, owner uid {st.st_uid}")
+            + f"; it must be a directory of uid {os.geteuid()} with mode 700",
+            hint="chmod 700 and chown it to the server's user, or let the server create it",
+        )  # fmt: skip
 
 
 def _start_sweeper(exporter: ShmExporter) -> None:

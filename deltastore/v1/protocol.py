@@ -28,6 +28,8 @@ __all__ = [
     "DEFAULT_CHUNK_BYTES",
     "ERROR_TYPE_KEY",
     "KEY_BYTES",
+    "SHM_FD_PREFIX",
+    "SHM_FD_SOCKET",
     "SHM_FILE_PREFIX",
     "Assembled",
     "ChunkAssembler",
@@ -47,6 +49,10 @@ SHM_FILE_PREFIX = "deltastore-get-"
 """Names of GetSnapshotShm files: this prefix, then characters of ``[A-Za-z0-9_]`` only."""
 """Trailing metadata key naming the ``deltastore.errors`` class behind a non-OK status, so a
 client can tell e.g. MissingSegments (plan again) from another FAILED_PRECONDITION."""
+SHM_FD_PREFIX = "deltastore-fd-"
+"""GetSnapshotShm names starting with this are one-time tokens for a sealed memfd, handed over the
+unix socket ``SHM_FD_SOCKET`` in the shared directory (``--shm-mode memfd``), never a file."""
+SHM_FD_SOCKET = "deltastore-fd.sock"
 
 
 class _HasChunk(Protocol):

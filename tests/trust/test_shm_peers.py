@@ -15,6 +15,7 @@ from trust_helpers import MODEL, make_cache, start_service, tokens_for
 
 from deltastore.client.sync import DeltaStoreClient
 from deltastore.server.service import _on_this_host
+from deltastore.v1.protocol import SHM_FD_PREFIX, SHM_FD_SOCKET
 
 TOKENS = tokens_for(40, 40)
 
@@ -27,7 +28,7 @@ def _roundtrip(target: str, shm: Path) -> grpc.StatusCode:
             assert c.get_snapshot("s", 0, model=MODEL).n_tokens == 40
         except grpc.RpcError as exc:
             return exc.code()
-    assert list(shm.iterdir()) == []
+    assert [p.name for p in shm.iterdir() if p.name != SHM_FD_SOCKET] == []
     return grpc.StatusCode.OK
 
 
@@ -118,4 +119,50 @@ def test_shm_directory_and_files_must_be_private(tmp_path: Path, reliability) ->
         "--shm-dir pre-created with mode 777, or a symlink; a planted 0644 file named like an export",
         3,
         "server refuses the directory at start; client refuses the file",
+    )
+
+
+def test_memfd_exports_reach_only_their_caller(tmp_path: Path, reliability) -> None:
+    """--shm-mode memfd: nothing to open in the directory; a sealed fd for the token holder, once."""
+    import os
+
+    from deltastore.client.shm import _claim_memfd
+    from deltastore.errors import NotConfigured
+    from deltastore.server.shm_fd import MemfdExporter
+    from deltastore.settings import StoreConfig
+    from deltastore.store import SegmentPayload, Store
+
+    sock = tmp_path / "ds.sock"
+    svc = start_service(
+        tmp_path / "svc", grpc_address=f"unix:{sock}", shm_dir=str(tmp_path / "shm"), shm_mode="memfd"
+    )
+    try:
+        assert _roundtrip(f"unix:{sock}", tmp_path / "shm") is grpc.StatusCode.OK
+    finally:
+        svc.stop()
+    with Store.open(tmp_path / "data", StoreConfig(block_size=16)) as store:
+        plan = store.plan_snapshot("ns", "s", "m", "k4v2", list(range(32)))
+        payloads = {x.key: SegmentPayload(b"p" * 1000, x.n_tokens, 4096 * x.n_tokens) for x in plan.missing}
+        store.put_snapshot("ns", "s", 0, "m", "k4v2", list(range(32)), payloads)
+        exporter = MemfdExporter(tmp_path / "shm2", 1 << 30)
+        try:
+            name = exporter.export(store.open_snapshot("ns", "s", 0))
+            assert [p.name for p in (tmp_path / "shm2").iterdir()] == [SHM_FD_SOCKET]  # nothing to open
+            with pytest.raises(NotConfigured):  # another process guessing a token
+                _claim_memfd(tmp_path / "shm2", SHM_FD_PREFIX + "0" * 32)
+            fd = _claim_memfd(tmp_path / "shm2", name)
+            try:
+                assert os.fstat(fd).st_size == 2000 and os.pread(fd, 4, 0) == b"pppp"
+                with pytest.raises(PermissionError):  # sealed: not even its holder can change it
+                    os.pwrite(fd, b"x", 0)
+            finally:
+                os.close(fd)
+            with pytest.raises(NotConfigured):  # one time only
+                _claim_memfd(tmp_path / "shm2", name)
+        finally:
+            exporter.close()
+    reliability.record(
+        "--shm-mode memfd: list the directory, guess a token, claim twice, write to the export",
+        4,
+        "only the socket is there; guessed and second claims get nothing; the export is sealed",
     )
