@@ -20,6 +20,7 @@ import json
 import math
 import os
 import platform
+import re
 import shutil
 import statistics
 import subprocess
@@ -36,6 +37,7 @@ LMCACHE_SETUP = (
     "no CPU path), 256-token chunks, local CPU cache (2 GiB) over the fs:// remote backend"
 )
 LMCACHE_VENV = Path(".venv-lmcache/bin/python")
+_RETRIEVED = re.compile(r"Retrieved (\d+) out of \d+ required tokens")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -80,7 +82,8 @@ def _vllm_python(arg: str) -> str:
     raise SystemExit("no interpreter with vLLM: run `make install-vllm` or pass --vllm-python")
 
 
-def _worker(python: str, *args: str, env: dict[str, str] | None = None) -> None:
+def _worker(python: str, *args: str, env: dict[str, str] | None = None) -> str:
+    """Run one worker command; its stderr (the engine's log) is returned."""
     proc = subprocess.run(
         [python, "-m", "deltastore.bench.vllm_worker", *args],
         stderr=subprocess.PIPE,
@@ -89,6 +92,7 @@ def _worker(python: str, *args: str, env: dict[str, str] | None = None) -> None:
     )
     if proc.returncode != 0:
         raise RuntimeError(f"vllm worker {args[0]} failed:\n{proc.stderr[-6000:]}")
+    return proc.stderr
 
 
 def _percentile(xs: list[float], q: float) -> float:
@@ -215,7 +219,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
                     spec["answers"] = results["recompute"]["answers"]
                 (tmp / "spec.json").write_text(json.dumps(spec))
                 run_args = ("run", str(tmp / "spec.json"), str(tmp / "out.json"))
-                _worker(runner.get("python", python), *run_args, env=runner.get("env"))
+                log = _worker(runner.get("python", python), *run_args, env=runner.get("env"))
                 results[name] = json.loads((tmp / "out.json").read_text())
                 if name.startswith("deltastore-"):
                     results[name]["stored_bytes"] = srv.savings(f"bench-{name.split('-', 1)[1]}")[
@@ -225,6 +229,8 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
                     results[name]["stored_bytes"] = _dir_bytes(example_dir)
                 elif name == "lmcache":
                     results[name]["stored_bytes"] = _dir_bytes(lmcache_dir)
+                    # LMCache's own log: "Retrieved N out of M required tokens"
+                    results[name]["tokens_loaded"] = sum(map(int, _RETRIEVED.findall(log)))
         finally:
             srv.stop()
             shutil.rmtree(example_dir, ignore_errors=True)
@@ -248,7 +254,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
                 "tokens_loaded": (
                     sum(r["connector"].get("tokens_loaded", 0) for r in recs)
                     if name.startswith("deltastore-")
-                    else None
+                    else results[name].get("tokens_loaded")
                 ),
                 "prompt_tokens_later_turns": sum(r["prompt_tokens"] for r in recs if r["turn"] >= 1),
             }
