@@ -123,6 +123,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="A,B,...",
         help="with --groups engine: measure these specs (score-free, non-evicting) instead of the default list",
     )
+    parser.add_argument(
+        "--only",
+        default=None,
+        metavar="A,B,...",
+        help="keep only the rows (of the chosen groups) whose spec is one of these (fp16 always runs)",
+    )
     parser.add_argument("--device", default="cpu", help="torch device for the model and the codecs")
     parser.add_argument(
         "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
@@ -433,6 +439,12 @@ def run_benchmark(
         args.quick, args.block, peers=not (args.no_peers or args.quick), specs=getattr(args, "specs", None)
     )
     configs = [c for c in configs if c.group in groups or c.spec == "fp16"]
+    if getattr(args, "only", None):
+        only = {x.strip() for x in args.only.split(",") if x.strip()}
+        unknown = only - {c.spec for c in configs}
+        if unknown:
+            raise InvalidArgument(f"--only: no row of groups {sorted(groups)} has spec {sorted(unknown)}")
+        configs = [c for c in configs if c.spec in only or c.spec == "fp16"]
     configs = [c for c in configs if c.group != "peer" or c.__class__.__name__ not in _peer_classes(skipped)]
     acc = {c.name: _Acc() for c in configs}
     # Scores per (source, segment size): a worker scores the store's own blocks, so rows stored in
