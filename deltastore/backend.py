@@ -23,6 +23,7 @@ prefixes or hash tags. Keys are at most :data:`MAX_KEY_BYTES` bytes.
 from __future__ import annotations
 
 import abc
+import mmap
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
@@ -107,7 +108,7 @@ class WriteBatch(ReadView):
     """The view of a transaction in progress: reads see its own writes."""
 
     @abc.abstractmethod
-    def put(self, keyspace: str, key: bytes, value: bytes) -> None:
+    def put(self, keyspace: str, key: bytes, value: bytes | bytearray | memoryview | mmap.mmap) -> None:
         """Store ``value`` under ``key``, replacing any previous value."""
 
     @abc.abstractmethod

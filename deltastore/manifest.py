@@ -211,7 +211,7 @@ def encode_block(
 
 
 def decode_block(
-    raw: bytes | memoryview, name: str, *, check: bool = True
+    raw: bytes | Buffer, name: str, *, check: bool = True
 ) -> tuple[BlockMeta, memoryview, memoryview]:
     """Parse a block record without copying: (meta, token bytes, payload).
 

@@ -27,6 +27,7 @@ expire: they read as absent at once and are deleted by later puts or :meth:`Stor
 
 from __future__ import annotations
 
+import functools
 import logging
 import struct
 import time
@@ -300,7 +301,7 @@ class SnapshotStream:
         whatever ``fn`` keeps of it must be a copy.
         """
         for seg in self.segments:
-            yield self._read(seg, lambda fp16, payload, seg=seg: fn(seg, fp16, payload))
+            yield self._read(seg, functools.partial(fn, seg))
 
 
 @dataclass(frozen=True)
@@ -485,7 +486,7 @@ class Store:
         model: str,
         codec: str,
         token_ids: Sequence[int],
-        payloads: Mapping[str | bytes, SegmentPayload],
+        payloads: Mapping[bytes, SegmentPayload] | Mapping[str, SegmentPayload],
         parent_turn: int | None = None,
     ) -> PutResult:
         """Store a snapshot from the payloads of the segments its plan reported missing.
@@ -603,11 +604,11 @@ class Store:
             ledger.add("sessions", 1, namespace=namespace)
 
         new_payload = temporal = shared = n_new = n_temporal = n_shared = 0
-        for seg, meta, record in parts:
-            if record is not None:
-                b.put("blocks", block_key(domain, seg.key), record)
+        for seg, meta, new_record in parts:
+            if new_record is not None:
+                b.put("blocks", block_key(domain, seg.key), new_record)
             session_had, _ = self._ref(b, ledger, namespace, session, domain, seg.key, meta, +1)
-            if record is not None:
+            if new_record is not None:
                 new_payload += meta.payload_nbytes
                 n_new += 1
             elif session_had:
@@ -876,7 +877,7 @@ class Store:
         found: list[PlannedSegment] = []
         fp16_total = 0
 
-        def take(view: ReadView, start: int, end: int, key: bytes) -> bool:
+        def take(view: ReadView, start: int, end: int, key: Key) -> bool:
             nonlocal fp16_total
             head = _block_head(view, block_key(domain, key), key.hex(), end - start)
             if head is None:

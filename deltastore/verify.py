@@ -195,8 +195,8 @@ def _recount(view: ReadView) -> _Recount:
         ns, sess, rest = split_session_prefix(raw_key)
         name = f"{ns}/{sess}/{turn_of_manifest_key(rest)}"
         last = (bytes(raw_key), name, len(problems))
-        rec = sessions.get((ns, sess))
-        if rec is None:
+        srec = sessions.get((ns, sess))
+        if srec is None:
             problems.append(f"manifest {name}: its session does not exist")
             continue
         try:
@@ -208,19 +208,19 @@ def _recount(view: ReadView) -> _Recount:
         add("manifest_bytes", len(raw_key) + len(value), ns)
         add("logical", m.fp16_nbytes, ns)
         add("snapshots", 1, ns)
-        if m.block_size != rec.block_size:
-            problems.append(f"manifest {name}: block size {m.block_size} != session's {rec.block_size}")
+        if m.block_size != srec.block_size:
+            problems.append(f"manifest {name}: block size {m.block_size} != session's {srec.block_size}")
         pos, fp16, tokens, complete = 0, 0, [], True
         for seg in m.segments:
             if seg.start != pos or seg.end <= seg.start:
                 problems.append(f"manifest {name}: segment [{seg.start}, {seg.end}) does not follow {pos}")
             pos = seg.end
-            g_refs[(rec.domain, seg.key)] += 1
+            g_refs[(srec.domain, seg.key)] += 1
             s_refs[(ns, sess, seg.key)] += 1
-            if rec.domain != ns:
+            if srec.domain != ns:
                 n_refs[(ns, seg.key)] += 1
-                ns_domain[ns] = rec.domain
-            block = blocks.get((rec.domain, seg.key))
+                ns_domain[ns] = srec.domain
+            block = blocks.get((srec.domain, seg.key))
             if block is None:
                 problems.append(f"manifest {name}: segment {seg.hex} points at no block")
                 complete = False
@@ -235,7 +235,7 @@ def _recount(view: ReadView) -> _Recount:
         elif complete:
             if fp16 != m.fp16_nbytes:
                 problems.append(f"manifest {name}: logical bytes {m.fp16_nbytes} != sum of blocks {fp16}")
-            chain = Chain(seed(rec.domain, m.model, m.codec, m.block_size), b"".join(tokens), m.block_size)
+            chain = Chain(seed(srec.domain, m.model, m.codec, m.block_size), b"".join(tokens), m.block_size)
             bad = [s.hex for s in m.segments if chain.segment_key(s.start, s.end) != s.key]
             if bad:
                 problems.append(f"manifest {name}: token ids do not hash to keys {', '.join(bad[:3])}")
@@ -270,10 +270,10 @@ def _recount(view: ReadView) -> _Recount:
     rc.stored_refs, rc.expected_refs = stored_refs, expected_refs
 
     for (domain, _key), (meta, _, nbytes) in blocks.items():
-        ns = None if domain.startswith("shared:") else domain
-        add("unique_fp16", meta.fp16_nbytes, ns)
-        add("block_bytes", nbytes, ns)
-        add("blocks", 1, ns)
+        owner = None if domain.startswith("shared:") else domain
+        add("unique_fp16", meta.fp16_nbytes, owner)
+        add("block_bytes", nbytes, owner)
+        add("blocks", 1, owner)
     entry = COUNTER_NBYTES
     for domain, key in g_refs:
         add(
@@ -282,16 +282,16 @@ def _recount(view: ReadView) -> _Recount:
             None if domain.startswith("shared:") else domain,
         )
     for ns, key in n_refs:
-        meta, _, nbytes = blocks.get((ns_domain[ns], key), (None, b"", 0))
+        bmeta, _, nbytes = blocks.get((ns_domain[ns], key), (None, b"", 0))
         add("index_bytes", len(ns_ref_key(ns, key)) + entry, ns)
-        add("unique_fp16", meta.fp16_nbytes if meta else 0, ns, store=False)
+        add("unique_fp16", bmeta.fp16_nbytes if bmeta else 0, ns, store=False)
         add("block_bytes", nbytes, ns, store=False)
         add("blocks", 1, ns, store=False)
     for ns, sess, key in s_refs:
         domain = sessions[(ns, sess)].domain
-        meta = blocks.get((domain, key), (None,))[0]
+        bmeta = blocks.get((domain, key), (None,))[0]
         add("index_bytes", len(session_ref_key(ns, sess, key)) + entry, ns)
-        add("session_fp16", meta.fp16_nbytes if meta else 0, ns)
+        add("session_fp16", bmeta.fp16_nbytes if bmeta else 0, ns)
 
     # Counters: stored == recount, for the store and every namespace.
     stored_counters = dict(view.scan_counters(KS))

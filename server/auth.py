@@ -188,13 +188,13 @@ class AuthPolicy:
                 raise InvalidArgument(
                     f"{source}: role must be 'tenant' or 'ops', got {entry.get('role')!r}"
                 ) from None
-            tenant = entry.get("tenant")
+            owner = entry.get("tenant")
             if role is Role.TENANT:
-                if not tenant:
+                if not owner:
                     raise InvalidArgument(f"{source}: a tenant key needs a 'tenant'")
-                principal = self._tenants[str(tenant)]
+                principal = self._tenants[str(owner)]
             else:
-                principal = Principal(str(tenant or "ops"), Role.OPS, None, {})
+                principal = Principal(str(owner or "ops"), Role.OPS, None, {})
             digest = _digest(str(key_text), source)
             if any(hmac.compare_digest(digest, k.digest) for k in self._keys):
                 raise InvalidArgument(f"{source}: the same key is configured twice")
@@ -375,10 +375,10 @@ class AuthInterceptor(grpc.ServerInterceptor):
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler | None:
         handler = continuation(details)
-        method: str = details.method  # type: ignore[attr-defined]
+        method: str = details.method
         if handler is None or method.startswith(_OPEN_GRPC_PREFIXES):
             return handler
-        metadata = details.invocation_metadata or ()  # type: ignore[attr-defined]
+        metadata = details.invocation_metadata or ()
         presented = presented_key((m.key, m.value) for m in metadata)
         if presented is None and self.policy.certs:
             return self._by_certificate(handler, method)

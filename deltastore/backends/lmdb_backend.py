@@ -32,6 +32,7 @@ Choices, and why:
 
 from __future__ import annotations
 
+import mmap
 import os
 import threading
 from collections.abc import Callable, Iterator
@@ -159,7 +160,7 @@ class _View(ReadView):
 
 
 class _Batch(_View, WriteBatch):
-    def put(self, keyspace: str, key: bytes, value: bytes) -> None:
+    def put(self, keyspace: str, key: bytes, value: bytes | bytearray | memoryview | mmap.mmap) -> None:
         self._txn.put(key, value, db=self._db(keyspace))
 
     def put_if_absent(self, keyspace: str, key: bytes, value: bytes) -> bool:

@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import abc
 import hashlib
+import mmap
 import re
 import secrets
 import threading
@@ -61,7 +62,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, TypeAlias, TypeVar
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 import redis
@@ -102,7 +103,10 @@ _FREE_PAGE = 512  # freed data keys one client deletes after a commit, at most
 _CHUNK_BYTES = 32 << 20  # payload bytes written per lease renewal
 T = TypeVar("T")
 Value = bytes | None  # None in a write buffer: deleted
-Client = redis.Redis | RedisCluster
+# redis.Redis | RedisCluster. redis-py annotates each command with the union of its sync and
+# async results (and str for decoded replies), so typed uses would need a cast at every call;
+# replies are bytes here (no decode_responses) and checked where they are parsed.
+Client: TypeAlias = Any
 
 _UNAVAILABLE = (
     rex.ConnectionError,
@@ -524,7 +528,7 @@ class _Batch(_Reader, WriteBatch):
             raise InvalidArgument(f"keys must be 1..{MAX_KEY_BYTES} bytes, got {len(key)}")
         self.writes.setdefault(keyspace, {})[key] = value
 
-    def put(self, keyspace: str, key: bytes, value: bytes) -> None:
+    def put(self, keyspace: str, key: bytes, value: bytes | bytearray | memoryview | mmap.mmap) -> None:
         self._write(self._b.check_keyspace(keyspace), key, bytes(value))
 
     def put_if_absent(self, keyspace: str, key: bytes, value: bytes) -> bool:
@@ -590,7 +594,10 @@ class RedisBackend(Backend):
 
     def _connect(self) -> Client:
         cfg = self.config
-        timeouts = {"socket_timeout": cfg.timeout_s, "socket_connect_timeout": min(cfg.timeout_s, 2.0)}
+        timeouts: dict[str, Any] = {
+            "socket_timeout": cfg.timeout_s,
+            "socket_connect_timeout": min(cfg.timeout_s, 2.0),
+        }
         if not cfg.cluster:
             with _errors("connect"):
                 return redis.Redis.from_url(cfg.url, health_check_interval=30, **timeouts)

@@ -1,7 +1,8 @@
 """Subprocess workers of the crash and concurrency tests: ``python store_workers.py MODE DIR ARG``.
 
 ``crash``: keeps extending sessions (and sometimes deleting one) with the default durable
-settings, printing ``ACK ...`` after each call returns, until killed.
+settings, printing ``ACK ...`` after each call returns (and ``BEGIN DEL`` before a delete), until
+killed.
 ``overlap``: puts snapshots sharing one system prompt, then exits.
 Tokens are a pure function of (session, length) and payloads of their key, so the parent can
 check every acknowledged snapshot bit for bit.
@@ -52,6 +53,7 @@ def crash(data_dir: str, rng_seed: int) -> None:
         session = f"s{idx}"
         infos = store.list_snapshots("acme", session)
         if infos and rng.random() < 0.08:
+            print(f"BEGIN DEL {session}", flush=True)  # a kill may land after the commit, before the ACK
             store.delete_session("acme", session)
             print(f"ACK DEL {session}", flush=True)
             continue
