@@ -243,7 +243,7 @@ def _encode_layers(
         sections.append(as_bytes(to_fp16(torch.stack([ks[:, :, :sink], vs[:, :, :sink]], dim=1))))
     sections += low_parts
     if spec.high:  # per layer: 8-bit K codes, K params, V codes, V params of the newest tokens
-        parts = []
+        parts: list[torch.Tensor] = []
         if high:
             for x in (ks, vs):
                 parts += _high_codec(spec).encode(x[:, :, -high:].reshape(n_layers * h, high, d))
@@ -329,7 +329,7 @@ def encode_block(
     sizes = [p.numel() for p in sections]
     if sizes != [size for _, size in expected]:  # a codec broke the format's arithmetic: a bug, not input
         raise RuntimeError(f"section sizes {sizes} differ from the format's {expected}")
-    body = memoryview(torch.cat(sections).cpu().numpy()).cast("B")
+    body = torch.cat(sections).cpu().numpy().data.cast("B")
     table, chunks, offset = [], [], 0
     for (kind, _), size in zip(expected, sizes, strict=True):
         raw = body[offset : offset + size]

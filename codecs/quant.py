@@ -158,7 +158,7 @@ class IntCodec(TensorCodec):
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         h = x.shape[0]
-        per = self._heads_per_call(tuple(x.shape), x.device)
+        per = self._heads_per_call((x.shape[0], x.shape[1], x.shape[2]), x.device)
         if per == h:
             return self._encode(x)
         chunks = [self._encode(x[i : i + per]) for i in range(0, h, per)]

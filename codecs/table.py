@@ -38,7 +38,14 @@ def tier_row(tier: Tier, block: dict[str, int] = REFERENCE_BLOCK) -> dict[str, A
     spec = tier.spec
     data_dependent = spec.entropy or spec.kind == "lossless"
     elements = block["n_layers"] * 2 * block["kv_heads"] * block["n_tokens"] * block["head_dim"]
-    bits = None if data_dependent else 8 * encoded_nbytes(spec, **block) / elements
+    size = None
+    if not data_dependent:
+        n_layers, kv_heads, head_dim = block["n_layers"], block["kv_heads"], block["head_dim"]
+        n_tokens, start = block["n_tokens"], block["start"]
+        size = encoded_nbytes(
+            spec, n_layers=n_layers, kv_heads=kv_heads, head_dim=head_dim, n_tokens=n_tokens, start=start
+        )
+    bits = None if size is None else 8 * size / elements
     kept = spec.kept_tokens(block["n_tokens"], block["start"]) if spec.evicts else None
     return {
         "name": tier.name,

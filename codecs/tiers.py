@@ -89,9 +89,9 @@ def recommend(doc: dict[str, Any], *others: dict[str, Any]) -> dict[str, Any]:
     """
     docs = (doc, *others)
     for other in others:
-        for key in ("model", "ctx", "eval", "block"):
-            if other[key] != doc[key]:
-                raise InvalidArgument(f"runs differ in {key}: {doc[key]!r} vs {other[key]!r}")
+        for field in ("model", "ctx", "eval", "block"):
+            if other[field] != doc[field]:
+                raise InvalidArgument(f"runs differ in {field}: {doc[field]!r} vs {other[field]!r}")
     tables = [_rows(d) for d in docs]
     points = []
     for key, r in tables[0].items():
@@ -113,9 +113,9 @@ def recommend(doc: dict[str, Any], *others: dict[str, Any]) -> dict[str, Any]:
             point["kl_lo"], point["kl_hi"] = (round(x, 5) for x in worst["kl_ci95"])
             point["worst_kind"] = worst.get("worst_kind")
             point["kl_by_kind"] = {k: round(v, 5) for k, v in worst.get("kl_by_kind", {}).items()}
-        for key in ("encode_gbs", "decode_gbs"):
-            if key in r:
-                point[key] = round(r[key], 3)
+        for metric in ("encode_gbs", "decode_gbs"):
+            if metric in r:
+                point[metric] = round(r[metric], 3)
         if others:
             point["kl_by_text"] = {d["text"]: round(x["kl_mean"], 5) for d, x in zip(docs, runs, strict=True)}
         points.append(point)
