@@ -17,8 +17,9 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from deltastore.client.aio import AsyncDeltaStoreClient
+    from deltastore.client.results import Plan, PutResult, RestoredSnapshot, SnapshotSummary
     from deltastore.client.sync import DeltaStoreClient
-    from deltastore.client.wire import Plan, PutResult, RestoredSnapshot, Retry, SnapshotSummary
+    from deltastore.client.wire import Retry
 
 __all__ = [
     "AsyncDeltaStoreClient",
@@ -33,11 +34,11 @@ __all__ = [
 _HOME = {
     "AsyncDeltaStoreClient": "deltastore.client.aio",
     "DeltaStoreClient": "deltastore.client.sync",
-    "Plan": "deltastore.client.wire",
-    "PutResult": "deltastore.client.wire",
-    "RestoredSnapshot": "deltastore.client.wire",
+    "Plan": "deltastore.client.results",
+    "PutResult": "deltastore.client.results",
+    "RestoredSnapshot": "deltastore.client.results",
     "Retry": "deltastore.client.wire",
-    "SnapshotSummary": "deltastore.client.wire",
+    "SnapshotSummary": "deltastore.client.results",
 }
 
 

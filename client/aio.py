@@ -16,27 +16,29 @@ import grpc
 from grpc import aio
 
 from deltastore.accounting import SavingsReport
+from deltastore.client.results import (
+    Deleted,
+    Plan,
+    PutResult,
+    RestoredSnapshot,
+    SnapshotSummary,
+    put_result,
+    savings_dict,
+)
 from deltastore.client.shm import decode_mapped
 from deltastore.client.sync import MAX_REPLANS, channel_options
 from deltastore.client.wire import (
     DEFAULT_NAMESPACE,
-    Deleted,
     PayloadCalls,
-    Plan,
-    PutResult,
     PutRound,
-    RestoredSnapshot,
     Retry,
     SnapshotReader,
-    SnapshotSummary,
     decode_snapshot,
     error_type,
     fingerprint,
     plan_request,
     put_requests,
-    put_result,
     remaining,
-    savings_dict,
 )
 from deltastore.v1 import deltastore_pb2 as pb
 from deltastore.v1 import deltastore_pb2_grpc as pb_grpc

@@ -19,7 +19,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from deltastore.client.wire import RestoredSnapshot, decode_snapshot
+from deltastore.client.results import RestoredSnapshot
+from deltastore.client.wire import decode_snapshot
 from deltastore.errors import InvalidArgument, NotConfigured, ResourceExhausted
 from deltastore.v1 import deltastore_pb2 as pb
 from deltastore.v1.protocol import SHM_FD_PREFIX, SHM_FD_SOCKET, SHM_FILE_PREFIX

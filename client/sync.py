@@ -15,26 +15,28 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import grpc
 
 from deltastore.accounting import SavingsReport
+from deltastore.client.results import (
+    Deleted,
+    Plan,
+    PutResult,
+    RestoredSnapshot,
+    SnapshotSummary,
+    put_result,
+    savings_dict,
+)
 from deltastore.client.shm import decode_mapped
 from deltastore.client.wire import (
     DEFAULT_NAMESPACE,
-    Deleted,
     PayloadCalls,
-    Plan,
-    PutResult,
     PutRound,
-    RestoredSnapshot,
     Retry,
-    SnapshotSummary,
     decode_snapshot,
     error_type,
     fingerprint,
     plan_request,
     put_requests,
-    put_result,
     read_snapshot_stream,
     remaining,
-    savings_dict,
 )
 from deltastore.v1 import deltastore_pb2 as pb
 from deltastore.v1 import deltastore_pb2_grpc as pb_grpc

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from service_helpers import MODEL, make_cache
 
+from deltastore.client.results import RestoredSnapshot
 from deltastore.client.sync import DeltaStoreClient
-from deltastore.client.wire import RestoredSnapshot
 
 SPEC = "k4v4-sink4-z-keep50-r64"
 
