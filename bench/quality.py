@@ -11,6 +11,10 @@ each wholly in the *tuning* split (levers and tiers are chosen there) or the *re
 (every published figure), up to ``--per-doc`` non-overlapping windows per document. A row's KL is
 the mean over windows of each window's mean KL, with a 95% bootstrap interval over windows, and
 per kind of text. ``--text FILE`` measures one file instead (windows placed by ``--seed``).
+
+Why one long module: the single driver of a benchmark whose groups share one model load, one
+set of windows and one JSON document; configs, evaluation, peers and tiers live beside it in
+``quality_configs``, ``quality_eval``, ``quality_peers`` and ``codecs.tiers``.
 """
 
 from __future__ import annotations

@@ -5,6 +5,9 @@ for every layer. Steps, all in torch on the tensors' device: eviction (optional)
 tokens, the 8-bit newest tokens (hp<N>) and the 2-bit demoted ones (lo<L>) split off (optional)
 -> per-tensor codec (fp16, lossless byte planes, fp8, integer codes) -> one device-to-host copy of
 all sections -> zstd per section (lossless, or option z) -> header. ``len(payload)`` is every byte stored for the block.
+
+Why one long module: encode and decode of the format's sections mirror each other line for
+line; keeping them together is what keeps them in step (``format.py`` holds the layout).
 """
 
 from __future__ import annotations

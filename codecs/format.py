@@ -34,6 +34,9 @@ whose set bits, divided by n_layers * kv_heads, must be a whole number, at most
 ``ceil(n_tokens * L / 100)`` and at most the kept tokens past the sink and the 8-bit ones.
 Everything else is derived as above.
 Each section holds one part (codes, scales, ...) of every layer, layer after layer.
+
+Why one long module: it is the block format's specification in code; header, section table
+and every section's size arithmetic are read together.
 """
 
 from __future__ import annotations

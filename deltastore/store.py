@@ -23,6 +23,11 @@ Why eviction cannot hurt dedup or temporal reuse:
 Capacity policy: least recently used session first (a put or a get refreshes a session's clock,
 gets at most every ``touch_interval_s``); optionally sessions idle longer than ``session_ttl_s``
 expire: they read as absent at once and are deleted by later puts or :meth:`Store.expire_sessions`.
+
+Why one long module: every public operation is one backend transaction that shares the
+same ledger, refcount and quarantine helpers; cutting it by concept (plan and put, streaming
+reads, deletion and eviction) into modules over one transaction context is the planned next
+step (docs/ARCHITECTURE.md), not done yet.
 """
 
 from __future__ import annotations

@@ -5,6 +5,9 @@ What the server adds is what only a network boundary needs: size limits, chunk f
 deadlines, validating every incoming payload's header against the segment it claims to be, error
 codes, and metrics. ``create_server(store, address)`` returns ``(server, port)`` so tests bind
 port 0.
+
+Why one long module: one handler per rpc of one service, each a conversion around a store
+call, sharing the validation helpers below.
 """
 
 from __future__ import annotations

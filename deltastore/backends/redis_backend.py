@@ -47,6 +47,9 @@ URLs: ``redis://[user:pass@]host:port[/db]``, ``rediss://`` (TLS), and
 ``view_lease_ms`` (60000), ``timeout_s`` (socket timeout, 10), ``payload_cache_mb`` (64),
 ``wait_replicas`` (0), ``wait_timeout_ms`` (1000) and ``max_attempts`` (5: tries of one
 transaction whose lease ran out, also bounded by ``lock_wait_s`` and the call's deadline).
+
+Why one long module: the views, the write batch and the commit protocol share the key layout
+and the Lua scripts' contract (redis_scripts.py); they change together.
 """
 
 from __future__ import annotations

@@ -2,6 +2,9 @@
 
 Every bad input must get a clear status (never INTERNAL or UNKNOWN), leave the store unchanged,
 keep the server serving, and hold memory to what was actually sent.
+
+Why one long module: one scenario family (hostile input) over every handler, sharing its
+stream-attack helpers.
 """
 
 from __future__ import annotations
