@@ -10,7 +10,7 @@ BENCH_DIR ?= bench-results
 VLLM_VENV ?= .venv-vllm
 VLLM_BIN := $(VLLM_VENV)/bin
 
-.PHONY: fuzz install install-vllm install-lmcache install-peers serve test test-core test-vllm lint proto bench-codecs bench-quality bench-serving bench-backends gpu-check clean
+.PHONY: bench-vllm fuzz install install-vllm install-lmcache install-peers serve test test-core test-vllm lint proto bench-codecs bench-quality bench-serving bench-backends gpu-check clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -102,6 +102,10 @@ bench-serving: install
 
 bench-backends: install
 	$(BIN)/deltastore bench backends --json $(BENCH_DIR)/backends.json
+
+# Engines run in .venv-vllm (and the lmcache row in .venv-lmcache); the driver, with matplotlib, here.
+bench-vllm: install install-vllm install-lmcache
+	$(BIN)/deltastore bench vllm --json $(BENCH_DIR)/vllm.json
 
 # On a CUDA machine, in an environment that has a CUDA torch and this package installed
 # (`make gpu-check GPU_PY=python3`): the CUDA test cases (skipped elsewhere), then codec speed.

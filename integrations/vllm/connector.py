@@ -35,6 +35,9 @@ Identity: without session info a save is recorded under a session named after th
 OpenAI server's ``kv_transfer_params`` set to ``{"deltastore": {"session": "chat-42", "turn": 3}}``
 it is recorded as that session's turn (parent: the turn before, when stored), so per-session
 savings, temporal deltas and ``/v1/sessions`` work as for HF workers.
+
+Why one long module: vLLM's connector API is one class whose scheduler and worker halves
+exchange the metadata defined here; configuration lives in ``config.py``.
 """
 
 from __future__ import annotations
