@@ -49,7 +49,9 @@ __all__ = [
 Buffer: TypeAlias = bytearray | memoryview | mmap.mmap
 STORE_FORMAT = b"deltastore-store/1"
 MAX_TURN = (1 << 32) - 1
-_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"
+"""Namespaces and shared-group names (the ops API's schema states it too)."""
+_NAME_RE = re.compile(NAME_PATTERN)
 _MAX_SESSION = 128
 _MAX_LABEL = 256
 _U64BE = struct.Struct(">Q")

@@ -22,13 +22,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from deltastore import __version__
 from deltastore.errors import DeltaStoreError, InvalidArgument, NotFound
+from deltastore.manifest import NAME_PATTERN
 from deltastore.server.metrics import Metrics
 from deltastore.server.status import error_body, http_status
 
 __all__ = ["create_app"]
 
 DEFAULT_NAMESPACE = "default"
-NAMESPACE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"  # deltastore.manifest.check_name
+NAMESPACE_PATTERN = f"^{NAME_PATTERN}$"  # what deltastore.manifest.check_name accepts
 
 
 class ErrorDetail(BaseModel):

@@ -579,8 +579,9 @@ class _HandlerCapture:
         self.handlers = dict(handlers)
 
 
-def _add_service(servicer: DeltaStoreService, server: grpc.Server) -> None:
-    """The generated registration, with the payload streams' chunk messages (de)serialized by hand.
+def method_handlers(servicer: pb_grpc.DeltaStoreServicer) -> dict[str, grpc.RpcMethodHandler]:
+    """The handler table the server registers: the generated one, with the payload streams' chunk
+    messages (de)serialized by hand and every request deserializer made tolerant.
 
     The wire format is unchanged (any protobuf client interoperates); chunks skip Python protobuf's
     copies: incoming ones are views into the received message, outgoing ones are serialized once.
@@ -604,7 +605,11 @@ def _add_service(servicer: DeltaStoreService, server: grpc.Server) -> None:
         request_deserializer=pb.GetPrefixRequest.FromString,
         response_serializer=wire_serializer,
     )
-    handlers = {name: tolerant(name, handler) for name, handler in handlers.items()}
+    return {name: tolerant(name, handler) for name, handler in handlers.items()}
+
+
+def _add_service(servicer: DeltaStoreService, server: grpc.Server) -> None:
+    handlers = method_handlers(servicer)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
     server.add_registered_method_handlers(SERVICE_NAME, handlers)
 

@@ -25,7 +25,7 @@ import atheris
 with atheris.instrument_imports(include=["deltastore"]):
     from deltastore.codecs.format import read_header
     from deltastore.errors import DeltaStoreError
-    from deltastore.server.malformed import tolerant
+    from deltastore.server.service import method_handlers
     from deltastore.v1 import deltastore_pb2 as pb
     from deltastore.v1 import deltastore_pb2_grpc as pb_grpc
     from deltastore.v1.protocol import ChunkAssembler, WireChunk, encode_chunk_message, parse_chunk_message
@@ -88,28 +88,14 @@ def fuzz_block(data: bytes) -> None:
             raise AssertionError(f"{k.shape[1]} tokens decoded of {header.n_tokens} declared")
 
 
-_REQUEST_PARSERS = []
+_REQUEST_PARSERS: list = []
 
 
 def _request_parsers() -> list:
-    """Every rpc's request deserializer, wrapped as the server wraps it (never raises)."""
-    if _REQUEST_PARSERS:
-        return _REQUEST_PARSERS
-    import grpc
-
-    class Capture:
-        def add_generic_rpc_handlers(self, handlers: tuple) -> None:
-            for handler in handlers:
-                for name, method in handler._method_handlers.items():
-                    _REQUEST_PARSERS.append(tolerant(name, method).request_deserializer)
-
-        def add_registered_method_handlers(self, _service: str, handlers: dict) -> None:
-            for name, method in handlers.items():
-                _REQUEST_PARSERS.append(tolerant(name, method).request_deserializer)
-
-    pb_grpc.add_DeltaStoreServicer_to_server(pb_grpc.DeltaStoreServicer(), Capture())
-    assert _REQUEST_PARSERS, "no request deserializer found"
-    del grpc
+    """Every rpc's request deserializer exactly as the server registers it (never raises)."""
+    if not _REQUEST_PARSERS:
+        handlers = method_handlers(pb_grpc.DeltaStoreServicer())
+        _REQUEST_PARSERS.extend(h.request_deserializer for h in handlers.values())
     return _REQUEST_PARSERS
 
 
