@@ -14,6 +14,10 @@ api_key                none        API key (``authorization: Bearer``); ``api_ke
 tls_ca / tls_cert /    none        PEM files: server CA, and client cert/key for mTLS (TLS is on
 tls_key                            when ``tls_ca`` is set)
 codec                  "k4v2"      codec spec; evicting specs (``keep``/``pe``/``adapt``) are refused
+max_kl                 none        instead of ``codec``: a quality budget (mean KL, nats per token);
+                                   the codec is the engine-usable tier with the highest measured
+                                   ratio whose KL (upper end of its 95% interval) fits it
+                                   (``deltastore codecs --max-kl X --engine``)
 shm_dir                none        the server's ``--shm-dir`` as mounted here (same host)
 lookup_timeout_s       1.0         deadline of a LookupPrefix (scheduler, on the request's path)
 load_timeout_s         10.0        deadline of a GetPrefix (worker, before the forward pass)
@@ -38,7 +42,8 @@ from typing import Any
 import blake3
 
 from deltastore.codecs import CodecSpec
-from deltastore.errors import InvalidArgument
+from deltastore.codecs.tiers import pick_tier
+from deltastore.errors import InvalidArgument, NotFound
 
 __all__ = ["ConnectorConfig", "save_alignment", "vllm_fingerprint"]
 
@@ -51,6 +56,7 @@ _KEYS = {
     "tls_cert",
     "tls_key",
     "codec",
+    "max_kl",
     "shm_dir",
     "lookup_timeout_s",
     "load_timeout_s",
@@ -72,6 +78,7 @@ class ConnectorConfig:
     tls_cert: str | None = None
     tls_key: str | None = None
     codec: str = "k4v2"
+    max_kl: float | None = None
     shm_dir: str | None = None
     lookup_timeout_s: float = 1.0
     load_timeout_s: float = 10.0
@@ -99,6 +106,8 @@ class ConnectorConfig:
         key_env = extra.pop("api_key_env", None)
         if key_env and not extra.get("api_key"):
             extra["api_key"] = os.environ.get(key_env) or None
+        if extra.get("max_kl") is not None:
+            extra["codec"] = _codec_for_budget(extra["max_kl"], extra.get("codec"))
         cfg = cls(**extra)
         spec = CodecSpec.parse(cfg.codec)
         if spec.eviction != "none":
@@ -113,6 +122,25 @@ class ConnectorConfig:
         if cfg.store_block_size < 1 or cfg.max_pending_saves < 1:
             raise InvalidArgument("DeltaStoreConnector: store_block_size and max_pending_saves must be >= 1")
         return dataclasses.replace(cfg, codec=spec.canonical())
+
+
+def _codec_for_budget(max_kl: object, codec: object) -> str:
+    """The engine-usable tier for a KL budget (the shipped engine table, measured on text nobody
+    tuned on); a budget and an explicit codec together are ambiguous, so they are refused."""
+    if codec is not None:
+        raise InvalidArgument(
+            "DeltaStoreConnector: give either codec or max_kl in kv_connector_extra_config, not both",
+            hint="max_kl picks the codec: drop codec, or drop max_kl to pin one",
+        )
+    if isinstance(max_kl, bool) or not isinstance(max_kl, int | float) or not max_kl >= 0:
+        raise InvalidArgument(f"DeltaStoreConnector: max_kl must be a number >= 0, got {max_kl!r}")
+    try:
+        return pick_tier(float(max_kl), engine=True)
+    except NotFound as exc:
+        raise InvalidArgument(
+            f"DeltaStoreConnector: no engine-usable tier measured within max_kl={max_kl}",
+            hint="raise max_kl (lossless, KL 0, always fits), or see `deltastore codecs --engine`",
+        ) from exc
 
 
 def save_alignment(vllm_block_size: int, store_block_size: int) -> int:

@@ -304,11 +304,12 @@ class DeltaStoreConnector(KVConnectorBase_V1):
         self._pool: ThreadPoolExecutor | None = None
         _INSTANCES.add(self)
         log.info(
-            "DeltaStoreConnector (%s) -> %s ns=%s codec=%s model=%s save alignment %d tokens",
+            "DeltaStoreConnector (%s) -> %s ns=%s codec=%s%s model=%s save alignment %d tokens",
             role.name,
             self.cfg.target,
             self.cfg.namespace,
             self.cfg.codec,
+            "" if self.cfg.max_kl is None else f" (engine tier for max_kl={self.cfg.max_kl})",
             self.model,
             self.align,
         )

@@ -54,3 +54,24 @@ def test_unknown_keys_and_missing_target_are_refused() -> None:
 
 def test_alignment() -> None:
     assert save_alignment(128, 64) == 128 and save_alignment(16, 64) == 64
+
+
+@pytest.mark.parametrize("budget", [0.0, 0.002, 0.02, 0.05, 1.0])
+def test_max_kl_picks_the_engine_tier_for_the_budget(budget: float) -> None:
+    from deltastore.codecs.tiers import load_table, pick_tier
+
+    cfg = ConnectorConfig.from_extra({"target": "x:1", "max_kl": budget})
+    assert cfg.codec == CodecSpec.parse(pick_tier(budget, engine=True)).canonical()
+    assert not CodecSpec.parse(cfg.codec).evicts and cfg.max_kl == budget
+    point = next(
+        p for p in load_table(engine=True)["points"] if CodecSpec.parse(p["spec"]).canonical() == cfg.codec
+    )
+    assert point.get("kl_hi", point["kl_mean"]) <= budget  # the budget holds at the interval's upper end
+
+
+def test_max_kl_is_exclusive_with_codec_and_must_be_a_budget() -> None:
+    with pytest.raises(InvalidArgument, match="either codec or max_kl"):
+        ConnectorConfig.from_extra({"target": "x:1", "codec": "k4v2", "max_kl": 0.02})
+    for bad in (-0.1, "0.02", True, float("nan")):
+        with pytest.raises(InvalidArgument, match="max_kl must be a number"):
+            ConnectorConfig.from_extra({"target": "x:1", "max_kl": bad})
