@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from deltastore.errors import InvalidArgument, ResourceExhausted
-from deltastore.server.settings import ServerSettings, add_setting_arguments, parse_size
+from deltastore.server.settings import ServerSettings, add_setting_arguments
+from deltastore.settings import parse_size
 from deltastore.v1 import deltastore_pb2 as pb
 from deltastore.v1.protocol import ChunkAssembler, iter_chunks
 
