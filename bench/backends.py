@@ -199,7 +199,7 @@ def _drive(open_store: Callable[[], Store], w: Workload, tick: Callable[[], None
 def _engines(args: argparse.Namespace, root: Path) -> Iterator[dict[str, Callable[[], Backend]]]:
     """Openers of a fresh backend per engine (local servers started as needed, stopped after)."""
     from deltastore.backends.lmdb_backend import LmdbBackend, LmdbConfig
-    from deltastore.backends.redis_backend import RedisBackend
+    from deltastore.backends.redis import RedisBackend
     from deltastore.bench.redis_local import LocalRedis, LocalRedisCluster
 
     fsync = "always" if args.durability == "fsync" else "everysec"

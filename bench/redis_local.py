@@ -123,7 +123,11 @@ class LocalRedis:
         with self.client() as client:
             while True:
                 try:
-                    if client.ping():
+                    # A replica is started once it replicates (its first sync may wait seconds
+                    # for repl-diskless-sync-delay): WAIT on the primary counts it from then on.
+                    if client.ping() and (
+                        not self.replica_of or client.info("replication")["master_link_status"] == "up"
+                    ):
                         return self
                 except (redis.ConnectionError, redis.exceptions.BusyLoadingError):
                     pass

@@ -2,7 +2,7 @@
 
 ``lmdb:///path`` (or a bare path) is the embedded default; ``redis://host:port``,
 ``rediss://...``, ``redis+cluster://host:port,host:port`` and ``rediss+cluster://...`` open the
-Redis backend (see :mod:`deltastore.backends.redis_backend`). Both ``deltastore serve`` and
+Redis backend (see :mod:`deltastore.backends.redis`). Both ``deltastore serve`` and
 ``deltastore verify`` open stores through :func:`open_backend`, so they accept the same URLs.
 """
 
@@ -54,7 +54,7 @@ def _open_lmdb(url: str, lmdb: LmdbConfig | None) -> Backend:
 
 
 def _open_redis(url: str, lmdb: LmdbConfig | None) -> Backend:
-    from deltastore.backends.redis_backend import RedisBackend
+    from deltastore.backends.redis import RedisBackend
 
     return RedisBackend.from_url(url)
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from redis_harness import OPTIONS, require_redis_server, shared_cluster, unique_prefix
 
-from deltastore.backends.redis_backend import RedisBackend
+from deltastore.backends.redis import RedisBackend
 from deltastore.bench.redis_local import LocalRedis, LocalRedisCluster
 
 

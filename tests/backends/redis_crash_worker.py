@@ -11,7 +11,7 @@ import sys
 
 from store_workers import BLOCK, CRASH_SESSIONS, crash_tokens, put_retrying
 
-from deltastore.backends.redis_backend import RedisBackend
+from deltastore.backends.redis import RedisBackend
 from deltastore.settings import StoreConfig
 from deltastore.store import Store
 

@@ -22,7 +22,7 @@ import pytest
 import redis
 
 from deltastore.backend import Backend
-from deltastore.backends.redis_backend import RedisBackend
+from deltastore.backends.redis import RedisBackend
 from deltastore.bench.redis_local import LocalRedisCluster, redis_binaries
 from deltastore.errors import DeltaStoreError
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import yaml
 
-from deltastore.backends.redis_backend import RedisConfig
+from deltastore.backends.redis import RedisConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -12,7 +12,8 @@ import pytest
 from redis_harness import OPTIONS
 
 from deltastore.backend import WriteBatch
-from deltastore.backends.redis_backend import RedisBackend, RedisConfig, _chunks
+from deltastore.backends.redis import RedisBackend, RedisConfig
+from deltastore.backends.redis.payloads import chunks
 from deltastore.bench.redis_local import LocalRedis, LocalRedisCluster
 from deltastore.errors import BackendUnavailable, IncompatibleFormat, InvalidArgument, StoreFull
 
@@ -38,7 +39,7 @@ def test_url_options_are_split_off_and_checked() -> None:
 
 def test_payload_writes_renew_the_lease_per_bounded_chunk() -> None:
     items = [("a", b"x" * 10), ("b", b"x" * 10), ("c", b"x" * 25), ("d", b"x" * 1)]
-    assert [[n for n, _ in c] for c in _chunks(items, 20)] == [["a", "b"], ["c"], ["d"]]
+    assert [[n for n, _ in c] for c in chunks(items, 20)] == [["a", "b"], ["c"], ["d"]]
 
 
 def test_a_view_reads_one_version_while_commits_replace_and_free_payloads(
@@ -138,9 +139,10 @@ def test_a_writer_whose_lease_expired_commits_nothing_and_runs_again(cluster_url
 def test_payloads_of_a_writer_that_died_before_committing_are_freed(cluster_url: str) -> None:
     dead = RedisBackend.from_url(cluster_url.replace("lock_lease_ms=3000", "lock_lease_ms=200"))
     # The dying writer's steps up to its commit: lock, intent, payload written; then it is gone.
-    token = dead._acquire()
-    name = dead._data_key()
-    dead.scripts["intent"](dead.seq_key, dead.tag, token, 200, name)
+    lock = dead.writer.acquire()
+    name = dead.payloads.new_name()
+    scripts = dead.meta.scripts
+    scripts(scripts.intent, lock.local.token, 200, name)
     dead.client.set(name, b"orphan")
     live = RedisBackend.from_url(cluster_url)
     live.transact(lambda t: t.put("blocks", b"k", b"v"))  # waits out the lease, then commits
@@ -186,6 +188,23 @@ def test_concurrent_writers_on_two_handles_serialize(cluster_url: str) -> None:
         assert view.get_counter("counters", b"n") == 100
     for h in handles:
         h.close()
+
+
+def test_a_commit_replayed_after_its_reply_was_lost_answers_committed(cluster_backend: RedisBackend) -> None:
+    # redis-py's Retry resends a command whose connection failed before the reply came back;
+    # the commit may have run. Its replay must answer "committed", not "lock lost" (a lost lock
+    # would run the transaction again and apply it twice).
+    b = cluster_backend
+    lock = b.writer.acquire()
+    scripts = b.meta.scripts
+    # ARGV after the tag: token, lease, no out-of-line keyspaces, no data keys, one write, trim budget.
+    args = [lock.local.token, 3000, 0, 0, 1, "counters", b"n", b"p", b"\x01" + bytes(7), 4096]
+    first = scripts(scripts.commit, *args)
+    assert scripts(scripts.commit, *args) == first
+    assert b.info()["commit_seq"] == first[0]
+    b.transact(lambda t: t.incr("counters", b"n", 1))  # the lock was released by the first run
+    with b.read() as view:
+        assert view.get_counter("counters", b"n") == 2
 
 
 def test_an_unreachable_server_is_unavailable() -> None:

@@ -10,7 +10,7 @@ import pytest
 from redis_harness import require_redis_server
 
 from deltastore.backend import call_deadline
-from deltastore.backends.redis_backend import RedisBackend
+from deltastore.backends.redis import RedisBackend
 from deltastore.bench.redis_local import LocalRedis
 from deltastore.errors import BackendUnavailable
 from deltastore.settings import StoreConfig

@@ -15,7 +15,7 @@ from pathlib import Path
 from store_testlib import payload_for, worker_env
 from store_workers import BLOCK, crash_tokens
 
-from deltastore.backends.redis_backend import RedisBackend
+from deltastore.backends.redis import RedisBackend
 from deltastore.settings import StoreConfig
 from deltastore.store import Store
 from deltastore.verify import verify_backend

@@ -10,7 +10,7 @@ import time
 import pytest
 from store_testlib import payload_for, put, random_tokens
 
-from deltastore.backends.redis_backend import RedisBackend
+from deltastore.backends.redis import RedisBackend
 from deltastore.bench.redis_local import LocalRedisCluster
 from deltastore.errors import BackendUnavailable, NotFound
 from deltastore.settings import StoreConfig

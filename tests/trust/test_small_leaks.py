@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from redis_harness import require_redis_server
 
-from deltastore.backends.redis_backend import RedisBackend
+from deltastore.backends.redis import RedisBackend
 from deltastore.bench.redis_local import LocalRedis
 from deltastore.server.shm import ShmExporter
 from deltastore.settings import StoreConfig

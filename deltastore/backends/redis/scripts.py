@@ -1,12 +1,17 @@
-"""Server-side Lua of the Redis backend: commit, snapshot reads, scans and read-view leases.
+"""The Lua half of the Redis backend: commit, snapshot reads, scans and read-view leases.
+
+Why Lua at all: a commit must check the writer's lease, apply every write as one new version
+and release the lock in one atomic step on the metadata's node, and a read view must read a
+key as of its sequence; no Redis command does either. redis-py's ``Script`` (via
+``register_script``) runs each by SHA and reloads it on NOSCRIPT (a restarted node).
 
 Every script touches only keys of the store's metadata hash tag ``{P}`` (``KEYS[1]`` is
 ``{P}:seq``, which routes the call in a cluster; the other keys are derived from ``ARGV[1]``,
-the tag ``{P}`` itself, and share its slot; in the Lua ``P`` names the tag). Layout, ``ks`` a keyspace name, ``HDR`` the 16-digit zero-padded commit
-sequence number of a version:
+the tag ``{P}`` itself, and share its slot; in the Lua ``P`` names the tag). Layout, ``ks`` a
+keyspace name, ``HDR`` the 16-digit zero-padded commit sequence number of a version:
 
 - ``{P}:seq``                 last committed sequence number
-- ``{P}:lock``                the write lock's token (SET NX PX; fenced by the commit script)
+- ``{P}:lock``                the write lock's token (redis-py's Lock: SET NX PX; fenced here)
 - ``{P}:v:<ks>``   HASH       key -> HDR .. value (for out-of-line keyspaces the value is a data key name)
 - ``{P}:i:<ks>``   ZSET       current keys, score 0 (ZRANGEBYLEX is the ordered scan)
 - ``{P}:H:<ks>:<key>`` ZSET   history of one key: score = seq that replaced it,
@@ -16,6 +21,9 @@ sequence number of a version:
 - ``{P}:rs`` / ``{P}:rx``     open read views: score = their sequence / their lease expiry (ms)
 - ``{P}:pend``     HASH       out-of-line data keys written by the lock holder, not yet committed
 - ``{P}:free``     SET        data keys no version references any more (deleted by clients)
+- ``{P}:done:<token>``        the sequence a writer's commit made, for one lease: a commit
+                              replayed after its reply was lost (redis-py retries a command on a
+                              connection error) answers as committed instead of "lock lost"
 
 History is written only while a read view is open (a view that opens later reads at a sequence
 at least as new), and trimmed once no open view is older than it.
@@ -23,7 +31,11 @@ at least as new), and trimmed once no open view is older than it.
 
 from __future__ import annotations
 
-__all__ = ["COMMIT", "GET_AT", "INTENT", "OPEN_VIEW", "RELEASE", "SCAN_AT"]
+from typing import Any
+
+from redis.commands.core import Script
+
+__all__ = ["HDR_DIGITS", "Scripts"]
 
 HDR_DIGITS = 16
 
@@ -120,23 +132,18 @@ for i = 4, #ARGV do redis.call('HSET', P .. ':pend', ARGV[i], ARGV[2]) end
 return #ARGV - 3
 """
 
-RELEASE = """
--- ARGV: P, token. Releases the write lock only if this token still holds it.
-local P = ARGV[1]
-if redis.call('GET', P .. ':lock') == ARGV[2] then return redis.call('DEL', P .. ':lock') end
-return 0
-"""
-
 COMMIT = (
     _PRELUDE
     + """
--- ARGV: P, token, n_ooc, ooc keyspaces..., n_data, data keys..., n_writes,
+-- ARGV: P, token, lease ms, n_ooc, ooc keyspaces..., n_data, data keys..., n_writes,
 --       (ks, key, op 'p'|'d', value)..., trim budget.
 -- Applies the writes as one new version if the caller still holds the lock, then releases it.
 -- Returns {seq, size of the free set}.
 local token = ARGV[2]
+local done = redis.call('GET', P .. ':done:' .. token)
+if done then return {tonumber(done), redis.call('SCARD', P .. ':free')} end
 if redis.call('GET', P .. ':lock') ~= token then return redis.error_reply('DSLOCK write lock lost') end
-local i = 3
+local i = 4
 local ooc = {}
 for _ = 1, tonumber(ARGV[i]) do i = i + 1; ooc[ARGV[i]] = true end
 i = i + 1
@@ -205,6 +212,28 @@ for _, m in ipairs(items) do
   redis.call('ZREM', P .. ':T', m)
 end
 redis.call('DEL', P .. ':lock')
+redis.call('SET', P .. ':done:' .. token, seq, 'PX', ARGV[3])
 return {seq, redis.call('SCARD', P .. ':free')}
 """
 )
+
+
+class Scripts:
+    """The scripts registered with one client (redis-py ``Script``: EVALSHA, loaded on NOSCRIPT).
+
+    Each call passes ``{P}:seq`` as its one key (it routes the call to the metadata's node in a
+    cluster) and the tag ``{P}`` as its first argument.
+    """
+
+    def __init__(self, client: Any, seq_key: str, tag: str) -> None:
+        self._seq_key = seq_key
+        self._tag = tag
+        self.open_view = client.register_script(OPEN_VIEW)
+        self.get_at = client.register_script(GET_AT)
+        self.scan_at = client.register_script(SCAN_AT)
+        self.intent = client.register_script(INTENT)
+        self.commit = client.register_script(COMMIT)
+
+    def __call__(self, script: Script, *args: bytes | str | int, client: Any = None) -> Any:
+        """Run ``script`` with this store's key and tag, on ``client`` (a pipeline) if given."""
+        return script(keys=[self._seq_key], args=[self._tag, *args], client=client)
