@@ -101,7 +101,7 @@ def _tokens(session: int, n: int, system: int) -> list[int]:
     return list(range(system)) + [rng.randrange(49152) for _ in range(n - system)]
 
 
-def _payloads(plan: Plan, w: Workload) -> dict[str | bytes, SegmentPayload]:
+def _payloads(plan: Plan, w: Workload) -> dict[bytes, SegmentPayload]:
     import blake3
 
     from deltastore.store import SegmentPayload
@@ -109,7 +109,7 @@ def _payloads(plan: Plan, w: Workload) -> dict[str | bytes, SegmentPayload]:
     per_token = w.fp16_per_token // w.compression
     return {
         s.key: SegmentPayload(
-            blake3.blake3(s.key.encode()).digest(length=per_token * s.n_tokens),
+            blake3.blake3(s.key).digest(length=per_token * s.n_tokens),
             s.n_tokens,
             w.fp16_per_token * s.n_tokens,
         )

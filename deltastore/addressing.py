@@ -50,7 +50,7 @@ __all__ = [
     "Chain",
     "Key",
     "Segment",
-    "key_from_hex",
+    "check_key",
     "seed",
     "token_bytes",
     "tokens_from_bytes",
@@ -68,15 +68,17 @@ Key = NewType("Key", bytes)
 """A 32-byte BLAKE3 digest naming a segment (shown as hex)."""
 
 
-def key_from_hex(text: str | bytes) -> Key:
-    """Validate a segment key given as 64 hex chars or 32 raw bytes."""
-    if isinstance(text, bytes | bytearray | memoryview):
-        raw = bytes(text)
-    else:
-        try:
-            raw = bytes.fromhex(text)
-        except ValueError:
-            raise InvalidArgument(f"segment key {text!r} is not hex") from None
+def check_key(value: bytes | bytearray | memoryview) -> Key:
+    """A segment key as every API below the text boundaries takes it: 32 raw bytes.
+
+    Hex is for text (JSON, logs, errors, the CLI): a ``str`` here is refused, never parsed, so a
+    key cannot silently change form on its way through.
+    """
+    if not isinstance(value, bytes | bytearray | memoryview):
+        raise InvalidArgument(
+            f"segment key must be {KEY_BYTES} raw bytes, got {type(value).__name__} {value!r:.80}"
+        )
+    raw = bytes(value)
     if len(raw) != KEY_BYTES:
         raise InvalidArgument(f"segment key must be {KEY_BYTES} bytes, got {len(raw)}")
     return Key(raw)

@@ -112,10 +112,6 @@ class WriteBatch(ReadView):
         """Store ``value`` under ``key``, replacing any previous value."""
 
     @abc.abstractmethod
-    def put_if_absent(self, keyspace: str, key: bytes, value: bytes) -> bool:
-        """Store ``value`` unless ``key`` exists; True when written (the dedup primitive)."""
-
-    @abc.abstractmethod
     def delete(self, keyspace: str, key: bytes) -> bool:
         """Remove ``key``; True when it existed."""
 

@@ -12,6 +12,7 @@ byte plus UTF-8, so prefixes never collide:
                 ``"t" + u64be(last_access_ms) + N(ns) + S(session)`` -> "" (the LRU order)
 - ``counters``  ``"g" + name`` / ``"n" + N(ns) + name`` -> accounting counters
 - ``meta``      ``"store_format"``               -> :data:`STORE_FORMAT`
+                ``"quarantine/" + kind + "/" + key`` -> a record set aside as damaged
 
 Records are fixed little-endian structs with a version byte. Block records keep the BLAKE3 digest
 of their payload (checked on every read); manifests end with a BLAKE3 digest of themselves.
@@ -31,6 +32,7 @@ from deltastore.addressing import KEY_BYTES, Key, Segment
 from deltastore.errors import ChecksumMismatch, FormatError, InvalidArgument
 
 __all__ = [
+    "QUARANTINE_PREFIX",
     "STORE_FORMAT",
     "BlockMeta",
     "Manifest",
@@ -42,12 +44,15 @@ __all__ = [
     "encode_block",
     "manifest_key",
     "payload_digest",
+    "quarantine_key",
     "seal_block",
     "session_key",
 ]
 
 Buffer: TypeAlias = bytearray | memoryview | mmap.mmap
 STORE_FORMAT = b"deltastore-store/1"
+QUARANTINE_PREFIX = b"quarantine/"
+"""``meta`` keys of records set aside as damaged, for ``deltastore verify --repair``."""
 MAX_TURN = (1 << 32) - 1
 NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"
 """Namespaces and shared-group names (the ops API's schema states it too)."""
@@ -129,6 +134,11 @@ def session_key(namespace: str, session: str) -> bytes:
 
 def lru_key(last_access_ms: int, namespace: str, session: str) -> bytes:
     return b"t" + _U64BE.pack(last_access_ms) + session_prefix(namespace, session)
+
+
+def quarantine_key(kind: bytes, key: bytes) -> bytes:
+    """Where a damaged record of ``kind`` (block, manifest, session) stored under ``key`` is set aside."""
+    return QUARANTINE_PREFIX + kind + b"/" + key
 
 
 def split_lru_key(raw: bytes) -> tuple[int, str, str]:

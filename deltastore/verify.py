@@ -9,7 +9,7 @@ quarantined. Exit status 0 when clean, 1 with a report of each problem otherwise
 
 ``deltastore verify --repair`` makes a damaged store clean again, in one transaction: it drops
 quarantined records (set aside by deletes and eviction that met damage, see
-:func:`deltastore.store.quarantine`), damaged blocks and session records, every snapshot with a
+:func:`deltastore.store.refcounts.quarantine`), damaged blocks and session records, every snapshot with a
 problem (a damaged manifest, a segment whose block is damaged or lost, wrong coverage or token
 ids), then sessions left without snapshots, and blocks nothing references; it rewrites session
 snapshot counts, the LRU index, refcounts and counters to the recount of what is left. Intact
@@ -31,6 +31,7 @@ from deltastore.addressing import Chain, Key, seed
 from deltastore.backend import COUNTER_NBYTES, Backend, ReadView, WriteBatch
 from deltastore.errors import DeltaStoreError
 from deltastore.manifest import (
+    QUARANTINE_PREFIX,
     STORE_FORMAT,
     BlockMeta,
     Manifest,
@@ -48,8 +49,6 @@ from deltastore.manifest import (
 )
 
 __all__ = ["RepairReport", "VerifyReport", "add_arguments", "repair_backend", "run", "verify_backend"]
-
-QUARANTINE_PREFIX = b"quarantine/"  # = deltastore.store.QUARANTINE_PREFIX (verify never imports the store)
 
 _MAX_SHOWN = 50
 

@@ -233,7 +233,7 @@ class DeltaStoreService(pb_grpc.DeltaStoreServicer):
             plan = self._store.plan_snapshot(
                 namespace, hdr.session, model=model, codec=codec, token_ids=tokens, parent_turn=parent
             )
-            segments = {bytes.fromhex(s.key): s for s in plan.segments}
+            segments: dict[bytes, PlannedSegment] = {s.key: s for s in plan.segments}
             limit = self._settings.max_snapshot_bytes
             # The assembler hashes each payload as its chunks arrive and writes it straight into
             # its block record: the store keeps both as they are.
@@ -343,7 +343,7 @@ class DeltaStoreService(pb_grpc.DeltaStoreServicer):
 
         def serialize(seg: PlannedSegment, _fp16: int, payload: memoryview) -> list[bytes]:
             # Straight from the stored record into the messages: the payload's only copy.
-            return list(encode_chunk_message(bytes.fromhex(seg.key), payload, chunk_bytes))
+            return list(encode_chunk_message(seg.key, payload, chunk_bytes))
 
         for seg, messages in zip(snap.segments, read_ahead(snap.map(serialize)), strict=True):
             # The next payload is read, verified and framed while this one is sent.
@@ -507,7 +507,7 @@ def _segment(seg: PlannedSegment) -> pb.Segment:
     return pb.Segment(
         start=seg.start,
         end=seg.end,
-        key=bytes.fromhex(seg.key),
+        key=seg.key,
         present=seg.present,
         size_bytes=seg.size_bytes,
         digest=seg.digest,

@@ -125,7 +125,7 @@ class ShmExporter:
 
             def write(seg: PlannedSegment, _fp16: int, payload: memoryview) -> None:
                 if len(payload) != seg.size_bytes:
-                    raise ChecksumMismatch(seg.key, f"{seg.size_bytes} bytes", f"{len(payload)} bytes")
+                    raise ChecksumMismatch(seg.key.hex(), f"{seg.size_bytes} bytes", f"{len(payload)} bytes")
                 written = 0
                 try:
                     while written < len(payload):  # write() into tmpfs: no page faults, unlike a mapping

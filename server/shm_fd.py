@@ -84,7 +84,7 @@ class MemfdExporter:
 
             def write(seg: PlannedSegment, _fp16: int, payload: memoryview) -> None:
                 if len(payload) != seg.size_bytes:
-                    raise ChecksumMismatch(seg.key, f"{seg.size_bytes} bytes", f"{len(payload)} bytes")
+                    raise ChecksumMismatch(seg.key.hex(), f"{seg.size_bytes} bytes", f"{len(payload)} bytes")
                 written = 0
                 while written < len(payload):
                     written += os.write(fd, payload[written:])

@@ -163,9 +163,6 @@ class _Batch(_View, WriteBatch):
     def put(self, keyspace: str, key: bytes, value: bytes | bytearray | memoryview | mmap.mmap) -> None:
         self._txn.put(key, value, db=self._db(keyspace))
 
-    def put_if_absent(self, keyspace: str, key: bytes, value: bytes) -> bool:
-        return bool(self._txn.put(key, value, overwrite=False, db=self._db(keyspace)))
-
     def delete(self, keyspace: str, key: bytes) -> bool:
         return bool(self._txn.delete(key, db=self._db(keyspace)))
 

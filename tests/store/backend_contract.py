@@ -55,13 +55,6 @@ class BackendContract:
         with b.read() as view:
             assert bytes(view.get("meta", b"k")) == b"two"
 
-    def test_put_if_absent_is_the_dedup_primitive(self, backend_factory: BackendFactory) -> None:
-        b = backend_factory()
-        assert b.transact(lambda t: t.put_if_absent("blocks", b"k", b"first")) is True
-        assert b.transact(lambda t: t.put_if_absent("blocks", b"k", b"second")) is False
-        with b.read() as view:
-            assert bytes(view.get("blocks", b"k")) == b"first"
-
     def test_delete(self, backend_factory: BackendFactory) -> None:
         b = backend_factory()
         b.transact(lambda t: t.put("sessions", b"k", b"v"))

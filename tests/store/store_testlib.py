@@ -57,12 +57,12 @@ BACKENDS: dict[str, Callable[[Path], BackendFactory]] = {
 }
 
 
-def payload_for(key: str, n_tokens: int) -> bytes:
+def payload_for(key: bytes, n_tokens: int) -> bytes:
     """Deterministic pseudo-random payload of a segment, so a test can predict what it reads back."""
-    return blake3.blake3(key.encode()).digest(length=PAYLOAD_PER_TOKEN * n_tokens + 17)
+    return blake3.blake3(key).digest(length=PAYLOAD_PER_TOKEN * n_tokens + 17)
 
 
-def payloads(plan: Plan) -> dict[str | bytes, SegmentPayload]:
+def payloads(plan: Plan) -> dict[bytes, SegmentPayload]:
     """Payloads of the segments a plan reports missing."""
     return {
         s.key: SegmentPayload(payload_for(s.key, s.n_tokens), s.n_tokens, FP16_PER_TOKEN * s.n_tokens)

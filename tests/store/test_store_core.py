@@ -49,9 +49,9 @@ def test_plan_reports_stored_segments_and_keys_follow_the_contract(small: Store)
     plan = small.plan_snapshot("acme", "s1", "m1", "k4v2", tokens)
     chain = Chain(seed("acme", "m1", "k4v2", B), token_bytes(tokens), B)
     assert [s.key for s in plan.segments] == [
-        chain.hashes[1].hex(),
-        chain.hashes[2].hex(),
-        plan.segments[2].key,
+        chain.hashes[1],
+        chain.hashes[2],
+        chain.segment_key(2 * B, 2 * B + 3),
     ]
     assert not any(s.present for s in plan.segments) and plan.block_size == B
     put(small, "acme", "s1", 0, tokens)
@@ -59,6 +59,31 @@ def test_plan_reports_stored_segments_and_keys_follow_the_contract(small: Store)
     assert [s.present for s in again.segments] == [True, True, True]
     assert again.segments[0].size_bytes == len(payload_for(again.segments[0].key, B))
     assert small.plan_snapshot("acme", "s1", "m1", "k4v2", []).segments == ()
+
+
+def test_segment_keys_are_raw_bytes_end_to_end(small: Store) -> None:
+    tokens = random_tokens(20, 2 * B + 3)
+    plan = small.plan_snapshot("acme", "s", "m1", "k4v2", tokens)
+    assert all(type(s.key) is bytes and len(s.key) == 32 for s in plan.segments)
+    put(small, "acme", "s", 0, tokens)
+    streamed = small.open_snapshot("acme", "s", 0)
+    prefix = small.get_prefix("acme", "m1", "k4v2", tokens)
+    read = small.get_snapshot("acme", "s", 0).segments
+    for keys in ([s.key for s in streamed.segments], [s.key for s in prefix.segments], [s.key for s in read]):
+        assert keys == [s.key for s in plan.segments]
+
+
+def test_hex_keys_are_refused_where_bytes_are_taken(small: Store) -> None:
+    tokens = random_tokens(21, B + 3)
+    plan = small.plan_snapshot("acme", "s", "m1", "k4v2", tokens)
+    as_hex = {s.key.hex(): p for s, p in zip(plan.missing, payloads(plan).values(), strict=True)}
+    with pytest.raises(InvalidArgument, match="32 raw bytes, got str"):
+        small.put_snapshot("acme", "s", 0, "m1", "k4v2", tokens, as_hex)  # type: ignore[arg-type]
+    with pytest.raises(InvalidArgument, match="32 raw bytes, got str"):
+        small.has_blocks("acme", [plan.segments[0].key.hex()])  # type: ignore[list-item]
+    with pytest.raises(InvalidArgument, match="must be 32 bytes, got 31"):
+        small.has_blocks("acme", [bytes(31)])
+    assert small.savings()["stored_bytes"] == 0
 
 
 def test_turn_extending_parent_writes_only_the_delta(small: Store) -> None:
@@ -96,7 +121,7 @@ def test_missing_segments_fail_and_write_nothing(small: Store) -> None:
     partial = dict(list(payloads(plan).items())[:1])
     with pytest.raises(MissingSegments) as info:
         small.put_snapshot("acme", "s", 0, "m1", "k4v2", tokens, partial)
-    assert info.value.keys == [plan.segments[1].key]
+    assert info.value.keys == [plan.segments[1].key.hex()]
     assert isinstance(info.value, MismatchError)  # FAILED_PRECONDITION class
     assert small.savings()["stored_bytes"] == 0
     assert small.list_snapshots("acme") == []
@@ -113,7 +138,7 @@ def test_payload_metadata_is_validated(small: Store) -> None:
     wrong_shape = {**good, tail: SegmentPayload(b"x" * 10, 3, 3 * FP16_PER_TOKEN * 2)}
     with pytest.raises(InvalidArgument, match="per token"):
         small.put_snapshot("acme", "s", 0, "m1", "k4v2", tokens, wrong_shape)
-    stray = {**good, "ab" * 32: SegmentPayload(b"x", 1, 10)}
+    stray = {**good, b"\xab" * 32: SegmentPayload(b"x", 1, 10)}
     with pytest.raises(InvalidArgument, match="not in this snapshot"):
         small.put_snapshot("acme", "s", 0, "m1", "k4v2", tokens, stray)
     with pytest.raises(InvalidArgument):
@@ -205,7 +230,7 @@ def test_lookup_prefix_and_has_blocks(small: Store) -> None:
     assert small.lookup_prefix("acme", "m1", "k8v8", tokens) == 0
     assert small.lookup_prefix("other", "m1", "k4v2", tokens) == 0
     keys = [s.key for s in small.plan_snapshot("acme", "x", "m1", "k4v2", tokens).segments]
-    assert small.has_blocks("acme", [*keys, "00" * 32]) == [True] * len(keys) + [False]
+    assert small.has_blocks("acme", [*keys, bytes(32)]) == [True] * len(keys) + [False]
 
 
 def test_list_snapshots(small: Store) -> None:
@@ -227,7 +252,7 @@ def test_corrupt_payload_is_detected_never_served(small: Store) -> None:
     tokens = random_tokens(13, B + 2)
     put(small, "acme", "s", 0, tokens)
     seg = small.plan_snapshot("acme", "x", "m1", "k4v2", tokens).segments[0]
-    bkey = block_key("acme", bytes.fromhex(seg.key))
+    bkey = block_key("acme", seg.key)
 
     def flip(t) -> None:
         raw = bytearray(t.get("blocks", bkey))
@@ -235,7 +260,7 @@ def test_corrupt_payload_is_detected_never_served(small: Store) -> None:
         t.put("blocks", bkey, bytes(raw))
 
     small.backend.transact(flip)
-    with pytest.raises(ChecksumMismatch, match=seg.key):
+    with pytest.raises(ChecksumMismatch, match=seg.key.hex()):
         small.get_snapshot("acme", "s", 0)
     assert not verify_backend(small.backend).clean
 
@@ -244,10 +269,10 @@ def test_corrupt_token_ids_are_detected(small: Store) -> None:
     tokens = random_tokens(14, B + 2)
     put(small, "acme", "s", 0, tokens)
     seg = small.plan_snapshot("acme", "x", "m1", "k4v2", tokens).segments[1]
-    bkey = block_key("acme", bytes.fromhex(seg.key))
+    bkey = block_key("acme", seg.key)
 
     def swap_tokens(t) -> None:
-        meta, toks, payload = decode_block(t.get("blocks", bkey), seg.key)
+        meta, toks, payload = decode_block(t.get("blocks", bkey), seg.key.hex())
         evil = bytes(toks)[:-4] + (123).to_bytes(4, "little")
         t.put("blocks", bkey, encode_block(evil, bytes(payload), meta.fp16_nbytes))
 

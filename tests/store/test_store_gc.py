@@ -138,6 +138,23 @@ def test_capacity_evicts_least_recently_used_sessions(store_factory: Callable[..
     assert verify_backend(store.backend).clean
 
 
+def test_one_put_evicts_several_sessions_biggest_namespace_first(store_factory: Callable[..., Store]) -> None:
+    one = _size_of_one_session(store_factory)
+    clock = FakeClock()
+    store = store_factory(StoreConfig(block_size=B, max_stored_bytes=int(4.5 * one)), clock)
+    for i, (namespace, session) in enumerate(
+        [("globex", "g0"), ("acme", "a0"), ("acme", "a1"), ("acme", "a2")]
+    ):
+        put(store, namespace, session, 0, random_tokens(i, 3 * B))
+        clock.tick()
+    # globex (g0 plus this three-times-larger put) stores the most: it loses g0 first; then only
+    # acme has sessions left to lose, oldest first, until the store fits again.
+    result = put(store, "globex", "g1", 0, random_tokens(9, 9 * B))
+    assert result.evicted_sessions == (("globex", "g0"), ("acme", "a0"), ("acme", "a1"))
+    assert sorted((i.namespace, i.session) for i in store.list_snapshots("acme")) == [("acme", "a2")]
+    assert verify_backend(store.backend).clean
+
+
 def test_eviction_keeps_segments_other_sessions_share(store_factory: Callable[..., Store]) -> None:
     one = _size_of_one_session(store_factory)
     clock = FakeClock()

@@ -20,7 +20,7 @@ from deltastore.store import Store
 B = 16
 
 
-def _populate(data_dir: Path) -> list[str]:
+def _populate(data_dir: Path) -> list[bytes]:
     """A small store; returns the segment keys of acme/a/1."""
     with Store.open(data_dir, StoreConfig(block_size=B)) as store:
         prefix = random_tokens(1, 2 * B)
@@ -56,9 +56,9 @@ def test_missing_directory_is_an_error(tmp_path: Path) -> None:
     assert proc.returncode == 2 and "no store" in proc.stderr
 
 
-def _flip_payload(key: str) -> Callable[[WriteBatch], None]:
+def _flip_payload(key: bytes) -> Callable[[WriteBatch], None]:
     def fn(t: WriteBatch) -> None:
-        bkey = block_key("acme", bytes.fromhex(key))
+        bkey = block_key("acme", key)
         raw = bytearray(t.get("blocks", bkey))
         raw[-3] ^= 0xFF
         t.put("blocks", bkey, bytes(raw))
@@ -66,23 +66,23 @@ def _flip_payload(key: str) -> Callable[[WriteBatch], None]:
     return fn
 
 
-def _drop_block(key: str) -> Callable[[WriteBatch], None]:
-    return lambda t: t.delete("blocks", block_key("acme", bytes.fromhex(key)))
+def _drop_block(key: bytes) -> Callable[[WriteBatch], None]:
+    return lambda t: t.delete("blocks", block_key("acme", key))
 
 
-def _bump_ref(key: str) -> Callable[[WriteBatch], None]:
-    return lambda t: t.incr("refs", global_ref_key("acme", bytes.fromhex(key)), 1)
+def _bump_ref(key: bytes) -> Callable[[WriteBatch], None]:
+    return lambda t: t.incr("refs", global_ref_key("acme", key), 1)
 
 
-def _orphan(_key: str) -> Callable[[WriteBatch], None]:
+def _orphan(_key: bytes) -> Callable[[WriteBatch], None]:
     return lambda t: t.put("blocks", block_key("acme", b"\x07" * 32), encode_block(b"\0" * 4, b"x", 10))
 
 
-def _drift(_key: str) -> Callable[[WriteBatch], None]:
+def _drift(_key: bytes) -> Callable[[WriteBatch], None]:
     return lambda t: t.incr("counters", global_counter_key("logical"), 1)
 
 
-def _corrupt_manifest(_key: str) -> Callable[[WriteBatch], None]:
+def _corrupt_manifest(_key: bytes) -> Callable[[WriteBatch], None]:
     def fn(t: WriteBatch) -> None:
         mkey = manifest_key("acme", "b", 0)
         raw = bytearray(t.get("manifests", mkey))

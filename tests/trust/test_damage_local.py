@@ -17,7 +17,6 @@ import grpc
 import pytest
 from trust_helpers import BLOCK, MODEL, client, make_cache, tokens_for
 
-from deltastore.addressing import key_from_hex
 from deltastore.manifest import block_key
 from deltastore.server.app import Service
 from deltastore.server.settings import ServerSettings
@@ -46,7 +45,7 @@ def _service(tmp_path: Path, config: StoreConfig, clock: Clock) -> Service:
 
 def _blocks_of(store: Store, namespace: str, session: str, turn: int) -> list[bytes]:
     stream = store.open_snapshot(namespace, session, turn)
-    return [block_key(namespace, key_from_hex(seg.key)) for seg in stream.segments]
+    return [block_key(namespace, seg.key) for seg in stream.segments]
 
 
 def _damage(store: Store, victim_blocks: list[bytes]) -> None:
