@@ -96,10 +96,10 @@ class Service:
 
     def start(self) -> Service:
         import uvicorn
-        from grpc_health.v1 import health
 
         from deltastore.server.auth import AuthInterceptor, HttpAuth, load_auth_file
         from deltastore.server.guard import StallGuard
+        from deltastore.server.health import HealthServicer
         from deltastore.server.http import create_app
         from deltastore.server.metrics import Metrics
         from deltastore.server.service import create_server
@@ -134,7 +134,7 @@ class Service:
 
         self.janitor = Janitor(store).start()
         self.metrics = Metrics(store.savings)
-        self.health = health.HealthServicer()
+        self.health = HealthServicer()
         self._grpc, self.grpc_port = create_server(
             store,
             self.settings.grpc_address,

@@ -23,7 +23,7 @@ from typing import Any
 from urllib.parse import unquote
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from deltastore.accounting import SavingsReport
@@ -39,6 +39,7 @@ from deltastore.errors import (
     ResourceExhausted,
 )
 from deltastore.manifest import block_payload_offset
+from deltastore.server.health import HEALTH_SERVICE, HealthServicer
 from deltastore.server.malformed import tolerant
 from deltastore.server.metrics import Metrics
 from deltastore.server.readahead import read_ahead
@@ -621,7 +622,7 @@ def create_server(
     settings: ServerSettings | None = None,
     metrics: Metrics | None = None,
     interceptors: Sequence[grpc.ServerInterceptor] = (),
-    health_servicer: health.HealthServicer | None = None,
+    health_servicer: HealthServicer | None = None,
     credentials: grpc.ServerCredentials | None = None,
 ) -> tuple[grpc.Server, int]:
     """Build and start a gRPC server with the DeltaStore, health and reflection services.
@@ -652,9 +653,9 @@ def create_server(
         maximum_concurrent_rpcs=settings.workers * 4,
     )
     _add_service(DeltaStoreService(store, settings, metrics), server)
-    health_servicer = health_servicer or health.HealthServicer()
+    health_servicer = health_servicer or HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    reflection.enable_server_reflection((SERVICE_NAME, HEALTH_SERVICE, reflection.SERVICE_NAME), server)
     if credentials is not None and not address.startswith("unix:"):
         port = server.add_secure_port(address, credentials)
     else:
