@@ -32,7 +32,7 @@ import redis.exceptions as rex
 from redis.lock import Lock
 
 from deltastore.backend import WriteBatch, deadline_left
-from deltastore.backends.redis.config import RedisConfig
+from deltastore.backends.redis.config import RETRIES, RedisConfig
 from deltastore.backends.redis.errors import LockLost, redis_errors
 from deltastore.backends.redis.payloads import OUT_OF_LINE, chunks, delete_keys
 from deltastore.backends.redis.views import Batch, Metadata
@@ -102,6 +102,8 @@ class Writer:
             self._release(lock)
             return 0
         lease = self.config.lock_lease_ms
+        # How long a resent commit may still arrive: every try of it bounded by timeout_s.
+        replay_ms = (RETRIES + 1) * int(self.config.timeout_s * 1000) + 1000
         with redis_errors("a commit"):
             for chunk in chunks(data, _CHUNK_BYTES):
                 # Each chunk renews the lease, so a large snapshot commits however long it takes
@@ -111,7 +113,7 @@ class Writer:
             ooc = sorted(OUT_OF_LINE)
             names = [n for n, _ in data]
             reply = self._run_commit(
-                [token, lease, len(ooc), *ooc, len(data), *names, n_writes, *args, _TRIM_BUDGET]
+                [token, replay_ms, len(ooc), *ooc, len(data), *names, n_writes, *args, _TRIM_BUDGET]
             )
         payloads.cache(data)
         return int(reply[1])

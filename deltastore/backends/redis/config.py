@@ -22,9 +22,10 @@ from deltastore.backends import redact_url
 from deltastore.backends.redis.errors import redis_errors
 from deltastore.errors import InvalidArgument
 
-__all__ = ["SCHEMES", "Client", "RedisConfig", "connect"]
+__all__ = ["RETRIES", "SCHEMES", "Client", "RedisConfig", "connect"]
 
 SCHEMES = ("redis", "rediss", "redis+cluster", "rediss+cluster")
+RETRIES = 2  # redis-py resends a command whose connection failed at most this many times
 _PREFIX_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 # redis.Redis | RedisCluster. redis-py annotates each command with the union of its sync and
 # async results (and str for decoded replies), so typed uses would need a cast at every call;
@@ -119,14 +120,14 @@ class RedisConfig:
 def _retry() -> Retry:
     """redis-py's own retry of connection errors and timeouts, the same for one node or a cluster.
 
-    Few, short tries (about 0.15 s of backoff in all): a connection dropped by a restart or a
-    failover is reopened, and a node that stays down surfaces as UNAVAILABLE quickly, for the
-    caller (the gRPC client) to retry the call. A resent command whose first reply was lost is
+    Few, short tries (jittered backoff, 0.3 s in all at most): a connection dropped by a restart
+    or a failover is reopened, and a node that stays down surfaces as UNAVAILABLE quickly, for
+    the caller (the gRPC client) to retry the call. A resent command whose first reply was lost is
     harmless: reads, payload SETs and DELs, intents and view registrations are idempotent, the
     commit script recognizes its own replay (scripts.py), and a replayed lock SET NX only makes
     the writer wait out its own lease.
     """
-    return Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), 2)
+    return Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), RETRIES)
 
 
 def connect(cfg: RedisConfig) -> Client:

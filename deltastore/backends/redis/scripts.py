@@ -21,9 +21,9 @@ keyspace name, ``HDR`` the 16-digit zero-padded commit sequence number of a vers
 - ``{P}:rs`` / ``{P}:rx``     open read views: score = their sequence / their lease expiry (ms)
 - ``{P}:pend``     HASH       out-of-line data keys written by the lock holder, not yet committed
 - ``{P}:free``     SET        data keys no version references any more (deleted by clients)
-- ``{P}:done:<token>``        the sequence a writer's commit made, for one lease: a commit
-                              replayed after its reply was lost (redis-py retries a command on a
-                              connection error) answers as committed instead of "lock lost"
+- ``{P}:done:<token>``        the sequence a writer's commit made, kept while redis-py may still
+                              resend it: a commit replayed after its reply was lost (a connection
+                              error) answers as committed instead of "lock lost"
 
 History is written only while a read view is open (a view that opens later reads at a sequence
 at least as new), and trimmed once no open view is older than it.
@@ -135,7 +135,7 @@ return #ARGV - 3
 COMMIT = (
     _PRELUDE
     + """
--- ARGV: P, token, lease ms, n_ooc, ooc keyspaces..., n_data, data keys..., n_writes,
+-- ARGV: P, token, replay ms (how long a replay is recognized), n_ooc, ooc keyspaces..., n_data, data keys..., n_writes,
 --       (ks, key, op 'p'|'d', value)..., trim budget.
 -- Applies the writes as one new version if the caller still holds the lock, then releases it.
 -- Returns {seq, size of the free set}.
