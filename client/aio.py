@@ -36,6 +36,7 @@ from deltastore.client.wire import (
     decode_snapshot,
     error_type,
     fingerprint,
+    has_blocks_request,
     plan_request,
     put_requests,
     remaining,
@@ -207,7 +208,7 @@ class AsyncDeltaStoreClient:
         return (await self._call(lambda t: self._stub.LookupPrefix(req, timeout=t), timeout)).matched_tokens
 
     async def has_blocks(self, keys: Sequence[bytes], *, timeout: float | None = None) -> list[bool]:
-        req = pb.HasBlocksRequest(namespace=self.namespace, keys=keys)
+        req = has_blocks_request(self.namespace, keys)
         return list((await self._call(lambda t: self._stub.HasBlocks(req, timeout=t), timeout)).present)
 
     async def delete_snapshot(self, session: str, turn: int, *, timeout: float | None = None) -> Deleted:

@@ -33,6 +33,7 @@ from deltastore.client.wire import (
     decode_snapshot,
     error_type,
     fingerprint,
+    has_blocks_request,
     plan_request,
     put_requests,
     read_snapshot_stream,
@@ -283,7 +284,7 @@ class DeltaStoreClient:
 
     def has_blocks(self, keys: Sequence[bytes], *, timeout: float | None = None) -> list[bool]:
         """Which of these 32-byte segment keys the store holds in this namespace."""
-        req = pb.HasBlocksRequest(namespace=self.namespace, keys=keys)
+        req = has_blocks_request(self.namespace, keys)
         return list(self._call(lambda t: self._stub.HasBlocks(req, timeout=t), timeout).present)
 
     def delete_snapshot(self, session: str, turn: int, *, timeout: float | None = None) -> Deleted:

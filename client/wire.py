@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
+from deltastore.addressing import check_key
 from deltastore.client.cache import KVLayers, as_layers, cache_tokens, slice_layers, to_dynamic_cache
 from deltastore.client.models import model_fingerprint
 from deltastore.client.results import Plan, RestoredSnapshot
@@ -41,6 +42,7 @@ __all__ = [
     "decode_snapshot",
     "encode_missing",
     "fingerprint",
+    "has_blocks_request",
     "plan_request",
     "put_requests",
     "read_snapshot_stream",
@@ -207,6 +209,11 @@ def plan_request(
         token_ids=token_ids,
         parent_turn=parent_turn,
     )
+
+
+def has_blocks_request(namespace: str, keys: Sequence[bytes]) -> pb.HasBlocksRequest:
+    """The HasBlocks request; each key is 32 raw bytes (a hex ``str`` is refused, not parsed)."""
+    return pb.HasBlocksRequest(namespace=namespace, keys=[check_key(k) for k in keys])
 
 
 def put_requests(
