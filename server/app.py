@@ -64,7 +64,7 @@ class Service:
     Args:
         settings: addresses, limits, data directory / backend URL.
         store: serve this store instead of opening ``settings.backend_url`` (it is closed on stop).
-        interceptors: gRPC server interceptors (auth, tracing).
+        interceptors: further gRPC server interceptors (tracing), run inside auth and the stall guard.
     """
 
     def __init__(
@@ -97,8 +97,9 @@ class Service:
     def start(self) -> Service:
         import uvicorn
 
-        from deltastore.server.auth import AuthInterceptor, HttpAuth, load_auth_file
+        from deltastore.server.auth import AuthLayer, HttpAuth, load_auth_file
         from deltastore.server.guard import StallGuard
+        from deltastore.server.handlers import Layer, Layered
         from deltastore.server.health import HealthServicer
         from deltastore.server.http import create_app
         from deltastore.server.metrics import Metrics
@@ -122,7 +123,9 @@ class Service:
             max_streams_per_caller=(s.max_streams_per_caller or max(1, s.workers // 2)) if policy else 0,
             max_watches=s.max_watches,
         )
-        interceptors = [*([AuthInterceptor(policy)] if policy else []), self.stall_guard, *self._interceptors]
+        # One interceptor wraps every handler (DeltaStore, health, reflection): auth outermost.
+        layers: list[Layer] = [*([AuthLayer(policy)] if policy else []), self.stall_guard]
+        interceptors = [Layered(layers), *self._interceptors]
         # -- end trust --
 
         if self._store is None:

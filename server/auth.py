@@ -40,9 +40,9 @@ Rules, and why:
   refuses to start when a dedup group spans namespaces of different owners, unless the group is
   listed in ``cross_tenant_dedup_groups``.
 
-Why one long module: the auth file's schema, the policy it builds and its two enforcement
-points (gRPC interceptor, ASGI middleware) change together; splitting policy from enforcement
-is listed as next structure work.
+The file's schema is ``server/auth_file.py``; the principal a key stands for, and how handlers
+resolve a request's namespace from it, ``server/principal.py``. Here: the policy the file builds
+and its two enforcement points, the gRPC handler layer and the ASGI middleware.
 """
 
 from __future__ import annotations
@@ -51,98 +51,31 @@ import hashlib
 import hmac
 import json
 import logging
-import os
-import re
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, MutableMapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping
 from dataclasses import dataclass
-from enum import Enum
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlencode
 
 import grpc
-from google.protobuf.message import Message
 
 from deltastore.errors import AuthError, DeltaStoreError, InvalidArgument, NotFound, PermissionDenied
 from deltastore.manifest import check_name
-from deltastore.server.malformed import Malformed
+from deltastore.server.auth_file import DIGEST, AuthFile, Identity, parse_auth_file, read_auth_file
+from deltastore.server.handlers import Handler
+from deltastore.server.principal import HOME_ALIASES, Access, Principal, Role, run_as
 from deltastore.server.status import error_body, grpc_code, http_status
 from deltastore.v1.protocol import ERROR_TYPE_KEY
 
-__all__ = [
-    "AuthInterceptor",
-    "AuthPolicy",
-    "HttpAuth",
-    "Principal",
-    "Role",
-    "load_auth_file",
-]
+__all__ = ["AuthLayer", "AuthPolicy", "HttpAuth", "load_auth_file", "presented_key"]
 
 log = logging.getLogger(__name__)
 
 MIN_KEY_CHARS = 16
-_DIGEST = re.compile(r"^sha256:([0-9a-f]{64})$")
-_HOME_ALIASES = ("", "default")
 _SERVICE = "/deltastore.v1.DeltaStore/"
 _OPEN_GRPC_PREFIXES = ("/grpc.health.v1.Health/",)
-
-
-class Role(str, Enum):
-    TENANT = "tenant"
-    OPS = "ops"
-
-
-class Access(str, Enum):
-    READ = "read"
-    WRITE = "write"
-
-
-# gRPC method -> the access it needs to its namespace. GetSavings is the one call ops may make.
-METHOD_ACCESS: dict[str, Access] = {
-    "PlanSnapshot": Access.READ,
-    "PutSnapshot": Access.WRITE,
-    "GetSnapshot": Access.READ,
-    "GetSnapshotShm": Access.READ,
-    "LookupPrefix": Access.READ,
-    "GetPrefix": Access.READ,
-    "HasBlocks": Access.READ,
-    "DeleteSnapshot": Access.WRITE,
-    "DeleteSession": Access.WRITE,
-    "ListSnapshots": Access.READ,
-    "GetSavings": Access.READ,
-}
 OPS_METHODS = frozenset({"GetSavings"})
-
-
-@dataclass(frozen=True)
-class Principal:
-    """Who a key belongs to and what it may touch.
-
-    Attributes:
-        tenant: tenant name (``"ops"`` for ops keys without one); shown in logs, never the key.
-        role: tenant or ops.
-        home: namespace that ``""`` / ``"default"`` resolve to (None: the tenant has none).
-        grants: namespace -> access (exclusive namespaces are ``write``).
-    """
-
-    tenant: str
-    role: Role
-    home: str | None
-    grants: Mapping[str, Access]
-
-    def namespace_for(self, requested: str, access: Access) -> str:
-        """The namespace a tenant's request acts in, or PermissionDenied (decided without the store)."""
-        if self.role is Role.OPS:
-            raise PermissionDenied("ops keys may only read savings and metrics")
-        if requested in _HOME_ALIASES:
-            if self.home is None:
-                raise PermissionDenied(f"tenant {self.tenant!r} has no home namespace; name one")
-            return self.home
-        granted = self.grants.get(requested)
-        if granted is None or (access is Access.WRITE and granted is not Access.WRITE):
-            verb = "write to" if granted is not None else "use"
-            raise PermissionDenied(f"tenant {self.tenant!r} may not {verb} namespace {requested!r}")
-        return requested
+"""The one DeltaStore call ops keys may make."""
 
 
 @dataclass(frozen=True)
@@ -154,102 +87,61 @@ class _Key:
 class AuthPolicy:
     """Keys, tenants and grants, checked once at load; see the module docstring for the file."""
 
-    def __init__(self, raw: Mapping[str, Any], *, source: str = "auth config") -> None:
+    def __init__(self, raw: Mapping[str, Any] | AuthFile, *, source: str = "auth config") -> None:
         self.source = source
-        shared = _names(raw.get("shared_namespaces", []), "shared_namespaces", source)
-        self.shared = frozenset(shared)
-        tenants_raw = _mapping(raw.get("tenants", {}), "tenants", source)
-        keys_raw = _mapping(raw.get("keys", {}), "keys", source)
-        if not keys_raw:
-            raise InvalidArgument(
-                f"{source}: no keys configured", hint="add at least one key, or drop the file"
-            )
-        self.cross_tenant_groups = frozenset(
-            _names(raw.get("cross_tenant_dedup_groups", []), "cross_tenant_dedup_groups", source)
-        )
-        unknown = set(raw) - {"keys", "certs", "tenants", "shared_namespaces", "cross_tenant_dedup_groups"}
-        if unknown:
-            raise InvalidArgument(f"{source}: unknown top-level entries {sorted(unknown)}")
-
+        file = raw if isinstance(raw, AuthFile) else parse_auth_file(raw, source)
+        self.shared = frozenset(file.shared_namespaces)
+        self.cross_tenant_groups = frozenset(file.cross_tenant_dedup_groups)
         self.owner: dict[str, str] = {}  # exclusive namespace -> tenant
         self._tenants: dict[str, Principal] = {}
-        certs_raw = _mapping(raw.get("certs", {}), "certs", source)
-        named = {
-            str(v.get("tenant"))
-            for v in (*keys_raw.values(), *certs_raw.values())
-            if isinstance(v, Mapping) and v.get("tenant")
-        }
-        for tenant in sorted(set(tenants_raw) | named):
+        named = {i.tenant for i in (*file.keys.values(), *file.certs.values()) if i.tenant}
+        for tenant in sorted(set(file.tenants) | named):
             check_name("tenant", tenant)
-            self._tenants[tenant] = self._tenant(tenant, tenants_raw.get(tenant, {}), shared, source)
-
+            entry = file.tenants.get(tenant)
+            own = [tenant] if entry is None or entry.namespaces is None else entry.namespaces
+            self._tenants[tenant] = self._tenant(tenant, own, entry.shared if entry else {})
         self._keys: list[_Key] = []
-        for key_text, entry in keys_raw.items():
-            entry = _mapping(entry, "key entry", source)
-            try:
-                role = Role(entry.get("role", "tenant"))
-            except ValueError:
-                raise InvalidArgument(
-                    f"{source}: role must be 'tenant' or 'ops', got {entry.get('role')!r}"
-                ) from None
-            owner = entry.get("tenant")
-            if role is Role.TENANT:
-                if not owner:
-                    raise InvalidArgument(f"{source}: a tenant key needs a 'tenant'")
-                principal = self._tenants[str(owner)]
-            else:
-                principal = Principal(str(owner or "ops"), Role.OPS, None, {})
-            digest = _digest(str(key_text), source)
+        for key_text, identity in file.keys.items():
+            digest = _digest(key_text, source)
             if any(hmac.compare_digest(digest, k.digest) for k in self._keys):
                 raise InvalidArgument(f"{source}: the same key is configured twice")
-            self._keys.append(_Key(digest, principal))
+            self._keys.append(_Key(digest, self._principal(identity)))
         # mTLS: a client certificate's subject common name -> a tenant (or the ops role).
-        self.certs: dict[str, Principal] = {}
-        for common_name, entry in certs_raw.items():
-            entry = _mapping(entry, "cert entry", source)
-            if entry.get("role", "tenant") == "ops":
-                self.certs[str(common_name)] = Principal(
-                    str(entry.get("tenant") or "ops"), Role.OPS, None, {}
-                )
-            elif entry.get("tenant"):
-                self.certs[str(common_name)] = self._tenants[str(entry["tenant"])]
-            else:
-                raise InvalidArgument(f"{source}: cert {common_name!r} needs a 'tenant' or role 'ops'")
+        self.certs: dict[str, Principal] = {cn: self._principal(i) for cn, i in file.certs.items()}
+
+    def _principal(self, identity: Identity) -> Principal:
+        if identity.role is Role.OPS:
+            return Principal(identity.tenant or "ops", Role.OPS, None, {})
+        return self._tenants[str(identity.tenant)]
 
     def replace_with(self, other: AuthPolicy) -> None:
         """Take over another policy's keys, tenants and grants (a reloaded auth file), in place.
 
-        The gRPC interceptor and the HTTP middleware hold this object, so both switch at once;
+        The gRPC layer and the HTTP middleware hold this object, so both switch at once;
         each lookup reads one attribute (the key list, the owner map), never a half-updated one.
         """
         self.__dict__.update(other.__dict__)
 
-    def _tenant(self, tenant: str, raw: Any, shared: list[str], source: str) -> Principal:
-        raw = _mapping(raw, f"tenants.{tenant}", source)
-        own = _names(raw.get("namespaces", [tenant]), f"tenants.{tenant}.namespaces", source)
+    def _tenant(self, tenant: str, own: list[str], shared: Mapping[str, Access]) -> Principal:
+        source = self.source
         grants: dict[str, Access] = {}
         for ns in own:
-            if ns in shared or ns in self.owner:
-                other = "a shared namespace" if ns in shared else f"tenant {self.owner[ns]!r}'s"
+            if ns in self.shared or ns in self.owner:
+                other = "a shared namespace" if ns in self.shared else f"tenant {self.owner[ns]!r}'s"
                 raise InvalidArgument(f"{source}: tenant {tenant!r} claims namespace {ns!r}, already {other}")
-            if ns in _HOME_ALIASES:
+            if ns in HOME_ALIASES:
                 raise InvalidArgument(
                     f"{source}: 'default' names the caller's home namespace; pick another name"
                 )
             self.owner[ns] = tenant
             grants[ns] = Access.WRITE
-        for ns, mode in _mapping(raw.get("shared", {}), f"tenants.{tenant}.shared", source).items():
-            if ns not in shared:
+        for ns, access in shared.items():
+            if ns not in self.shared:
                 raise InvalidArgument(
                     f"{source}: tenant {tenant!r} joins {ns!r}, which is not in shared_namespaces",
                     hint="sharing is opt-in: list the namespace in shared_namespaces first",
                 )
-            try:
-                grants[ns] = Access(mode)
-            except ValueError:
-                raise InvalidArgument(
-                    f"{source}: shared access must be 'read' or 'write', got {mode!r}"
-                ) from None
+            grants[ns] = access
         return Principal(tenant, Role.TENANT, own[0] if own else None, grants)
 
     def authenticate(self, presented: str | None) -> Principal:
@@ -291,47 +183,12 @@ class AuthPolicy:
 
 
 def load_auth_file(path: str | Path) -> AuthPolicy:
-    """Read an auth file (JSON, or TOML for ``*.toml``); warn when others can read its raw keys."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise InvalidArgument(f"cannot read auth file {path}: {exc.strerror}") from None
-    try:
-        if path.suffix == ".toml":
-            import tomllib  # Python 3.11+; JSON works everywhere
-
-            raw = tomllib.loads(text)
-        else:
-            raw = json.loads(text)
-    except (ImportError, ValueError) as exc:  # TOMLDecodeError and JSONDecodeError are ValueErrors
-        raise InvalidArgument(f"auth file {path} does not parse: {exc}") from None
-    policy = AuthPolicy(_mapping(raw, "auth file", str(path)), source=str(path))
-    if os.stat(path).st_mode & 0o077 and any(not _DIGEST.match(k) for k in raw.get("keys", {})):
-        log.warning(
-            "auth file %s holds raw keys and is readable by others; chmod 600 or use sha256: digests", path
-        )
-    return policy
-
-
-def _mapping(value: Any, what: str, source: str) -> Mapping[str, Any]:
-    if not isinstance(value, Mapping):
-        raise InvalidArgument(f"{source}: {what} must be a table/object, got {type(value).__name__}")
-    return value
-
-
-def _names(value: Any, what: str, source: str) -> list[str]:
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise InvalidArgument(f"{source}: {what} must be a list of names")
-    for name in value:
-        check_name(what, name)
-    if len(set(value)) != len(value):
-        raise InvalidArgument(f"{source}: {what} lists a name twice")
-    return list(value)
+    """The policy of an auth file (JSON, or TOML for ``*.toml``; see ``server/auth_file.py``)."""
+    return AuthPolicy(read_auth_file(path), source=str(path))
 
 
 def _digest(key_text: str, source: str) -> bytes:
-    match = _DIGEST.match(key_text)
+    match = DIGEST.match(key_text)
     if match:
         return bytes.fromhex(match.group(1))
     if len(key_text) < MIN_KEY_CHARS:
@@ -358,131 +215,46 @@ def presented_key(headers: Iterable[tuple[str, str | bytes]]) -> str | None:
 # -- gRPC --------------------------------------------------------------------------------------
 
 
-def _fail(context: grpc.ServicerContext, exc: DeltaStoreError) -> None:
-    context.set_trailing_metadata(((ERROR_TYPE_KEY, type(exc).__name__),))
-    context.abort(grpc_code(exc), str(exc))
+class AuthLayer:
+    """Authenticate every call but health checks and hand its principal to the handler.
 
-
-class AuthInterceptor(grpc.ServerInterceptor):
-    """Authenticate every call but health checks; resolve or refuse the namespace of DeltaStore calls.
-
-    The resolved namespace is written into the request before the handler sees it, so the service
-    itself never acts on a namespace the caller did not prove it may use.
+    A :data:`~deltastore.server.handlers.Layer`. The caller is resolved once per call (API key,
+    or the verified client certificate when no key is sent) and the handler runs as it
+    (:func:`deltastore.server.principal.run_as`); DeltaStore handlers then resolve and check the
+    namespace of the request themselves. Ops keys reach only ``GetSavings`` of the DeltaStore
+    service; reflection takes any valid key.
     """
 
     def __init__(self, policy: AuthPolicy) -> None:
         self.policy = policy
 
-    def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
-        details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler | None:
-        handler = continuation(details)
-        method: str = details.method
-        if handler is None or method.startswith(_OPEN_GRPC_PREFIXES):
+    def __call__(self, handler: Handler) -> Handler:
+        if handler.method.startswith(_OPEN_GRPC_PREFIXES):
             return handler
-        metadata = details.invocation_metadata or ()
-        presented = presented_key((m.key, m.value) for m in metadata)
-        if presented is None and self.policy.certs:
-            return self._by_certificate(handler, method)
-        try:
-            principal = self.policy.authenticate(presented)
-        except AuthError as exc:
-            return _refusing(handler, exc, method)
-        return _authorized(handler, principal, method)
+        method = handler.method
 
-    def _by_certificate(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
-        """No key: the tenant of the verified client certificate, known only once the call runs."""
-
-        def behavior(request: Any, context: grpc.ServicerContext) -> Any:
-            names = (context.auth_context() or {}).get("x509_common_name") or []
+        def authenticated(request: Any, context: grpc.ServicerContext) -> Any:
             try:
-                principal = self.policy.authenticate_cert(names[0].decode() if names else None)
-            except AuthError as exc:
+                principal = self._principal(method, context)
+            except DeltaStoreError as exc:
                 log.info("%s from %s refused: %s", method, context.peer(), exc.message)
-                _fail(context, exc)
-            chosen = _authorized(handler, principal, method)
-            run = chosen.unary_unary or chosen.unary_stream or chosen.stream_unary or chosen.stream_stream
-            return run(request, context)
+                context.set_trailing_metadata(((ERROR_TYPE_KEY, type(exc).__name__),))
+                context.abort(grpc_code(exc), str(exc))
+            return run_as(principal, handler.behavior, handler.response_streaming)(request, context)
 
-        return _replace(handler, behavior)
+        return handler.replace(behavior=authenticated)
 
-
-def _authorized(handler: grpc.RpcMethodHandler, principal: Principal, method: str) -> grpc.RpcMethodHandler:
-    """The handler as ``principal`` may run it: scoped to its namespaces, or refused."""
-    if not method.startswith(_SERVICE):  # reflection: any valid key
-        return handler
-    name = method[len(_SERVICE) :]
-    if principal.role is Role.OPS and name not in OPS_METHODS:
-        return _refusing(handler, PermissionDenied("ops keys may only read savings and metrics"), method)
-    return _scoped(handler, principal, name)
-
-
-def _resolve(principal: Principal, name: str, request: Any, field: Any) -> None:
-    """Rewrite ``field.namespace`` to the namespace the principal acts in (ops: unchanged)."""
-    if principal.role is Role.OPS:
-        return
-    field.namespace = principal.namespace_for(field.namespace, METHOD_ACCESS.get(name, Access.WRITE))
-
-
-def _scoped(handler: grpc.RpcMethodHandler, principal: Principal, name: str) -> grpc.RpcMethodHandler:
-    """The same handler, acting only in the namespaces ``principal`` may use."""
-    if handler.request_streaming:
-        inner_stream = handler.stream_unary or handler.stream_stream
-
-        def headers_checked(requests: Iterator[Any]) -> Iterator[Any]:
-            # Raised inside the service's own error mapping, so it is counted like any failure.
-            for i, msg in enumerate(requests):
-                # A chunk sent first, or bytes that did not parse, carry no namespace: the service
-                # refuses them itself (INVALID_ARGUMENT).
-                if i == 0 and isinstance(msg, Message) and msg.WhichOneof("part") == "header":
-                    _resolve(principal, name, msg, msg.header)
-                yield msg
-
-        def stream_behavior(requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
-            return inner_stream(headers_checked(requests), context)
-
-        return _replace(handler, stream_behavior)
-
-    inner = handler.unary_unary or handler.unary_stream
-
-    def unary_behavior(request: Any, context: grpc.ServicerContext) -> Any:
-        if isinstance(request, Malformed):  # no namespace to check: the handler refuses it
-            return inner(request, context)
-        try:
-            _resolve(principal, name, request, request)
-        except PermissionDenied as exc:
-            log.info("%s refused for tenant %s: %s", name, principal.tenant, exc.message)
-            _fail(context, exc)
-        return inner(request, context)
-
-    return _replace(handler, unary_behavior)
-
-
-def _refusing(handler: grpc.RpcMethodHandler, exc: DeltaStoreError, method: str) -> grpc.RpcMethodHandler:
-    """A handler of the same kind that fails the call with ``exc`` and never runs the real one."""
-
-    def behavior(_request: Any, context: grpc.ServicerContext) -> Any:
-        log.info("%s from %s refused: %s", method, context.peer(), exc.message)
-        _fail(context, exc)
-
-    return _replace(handler, behavior)
-
-
-def _replace(handler: grpc.RpcMethodHandler, behavior: Callable[..., Any]) -> grpc.RpcMethodHandler:
-    kinds = {
-        (False, False): grpc.unary_unary_rpc_method_handler,
-        (False, True): grpc.unary_stream_rpc_method_handler,
-        (True, False): grpc.stream_unary_rpc_method_handler,
-        (True, True): grpc.stream_stream_rpc_method_handler,
-    }
-    make = kinds[(handler.request_streaming, handler.response_streaming)]
-    return make(
-        behavior,
-        request_deserializer=handler.request_deserializer,
-        response_serializer=handler.response_serializer,
-    )
+    def _principal(self, method: str, context: grpc.ServicerContext) -> Principal:
+        presented = presented_key((m.key, m.value) for m in context.invocation_metadata() or ())
+        if presented is None and self.policy.certs:
+            names = (context.auth_context() or {}).get("x509_common_name") or []
+            principal = self.policy.authenticate_cert(names[0].decode() if names else None)
+        else:
+            principal = self.policy.authenticate(presented)
+        name = method[len(_SERVICE) :]
+        if method.startswith(_SERVICE) and principal.role is Role.OPS and name not in OPS_METHODS:
+            raise PermissionDenied("ops keys may only read savings and metrics")
+        return principal
 
 
 # -- HTTP --------------------------------------------------------------------------------------

@@ -28,10 +28,12 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import grpc
+
+from deltastore.server.handlers import Handler
 
 __all__ = ["StallGuard"]
 
@@ -60,8 +62,8 @@ def _caller(context: grpc.ServicerContext) -> str | None:
     return None
 
 
-class StallGuard(grpc.ServerInterceptor):
-    """Server interceptor that cancels streaming calls idle for ``stall_seconds``.
+class StallGuard:
+    """A handler layer that cancels streaming calls idle for ``stall_seconds``.
 
     Args:
         stall_seconds: longest time, in seconds, between two messages of one streaming call.
@@ -93,48 +95,39 @@ class StallGuard(grpc.ServerInterceptor):
     def close(self) -> None:
         self._wake.set()
 
-    def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
-        details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler | None:
-        handler = continuation(details)
-        method: str = getattr(details, "method", "")
-        if handler is not None and method == _WATCH:
+    def __call__(self, handler: Handler) -> Handler:
+        """The handler under watch (a :data:`~deltastore.server.handlers.Layer`): streaming calls
+        are registered and their messages counted; Health/Watch is bounded; unary calls pass."""
+        if handler.method == _WATCH:
             return self._watch_handler(handler)
-        if handler is None or not (handler.request_streaming or handler.response_streaming):
-            return handler
+        if handler.request_streaming == handler.response_streaming:
+            return handler  # unary calls, and bidirectional streams (none in this service)
         self._start()
-        if handler.request_streaming and not handler.response_streaming:
+        inner, method = handler.behavior, handler.method
+        if handler.request_streaming:
 
             def put_like(requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
                 call = self._register(context, method)
                 try:
-                    return handler.stream_unary(self._progress(call, requests), context)
+                    return inner(self._progress(call, requests), context)
                 finally:
                     self._unregister(call)
 
-            return grpc.stream_unary_rpc_method_handler(
-                put_like, handler.request_deserializer, handler.response_serializer
-            )
-        if handler.response_streaming and not handler.request_streaming:
+            return handler.replace(behavior=put_like)
 
-            def get_like(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-                call = self._register(context, method)
-                try:
-                    # Each response is pulled after the previous one was sent: a pull is progress.
-                    yield from self._progress(call, handler.unary_stream(request, context))
-                finally:
-                    self._unregister(call)
+        def get_like(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+            call = self._register(context, method)
+            try:
+                # Each response is pulled after the previous one was sent: a pull is progress.
+                yield from self._progress(call, inner(request, context))
+            finally:
+                self._unregister(call)
 
-            return grpc.unary_stream_rpc_method_handler(
-                get_like, handler.request_deserializer, handler.response_serializer
-            )
-        return handler  # bidirectional streams: none in this service
+        return handler.replace(behavior=get_like)
 
-    def _watch_handler(self, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    def _watch_handler(self, handler: Handler) -> Handler:
         """Health/Watch, bounded, and still non-blocking (no pool thread per watch)."""
-        inner = handler.unary_stream
+        inner = handler.behavior
 
         def watch(request: Any, context: grpc.ServicerContext, send_response_callback: Any = None) -> Any:
             with self._lock:
@@ -151,9 +144,7 @@ class StallGuard(grpc.ServerInterceptor):
 
         watch.experimental_non_blocking = True  # type: ignore[attr-defined]
         watch.experimental_thread_pool = None  # type: ignore[attr-defined]
-        return grpc.unary_stream_rpc_method_handler(
-            watch, handler.request_deserializer, handler.response_serializer
-        )
+        return handler.replace(behavior=watch)
 
     def _watch_ended(self) -> None:
         with self._lock:

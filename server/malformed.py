@@ -6,7 +6,7 @@ grpc's Python server answers a request message its deserializer cannot parse wit
 does not parse becomes a :class:`Malformed` marker, and the handler answers INVALID_ARGUMENT
 naming the method and the parser's complaint (unary requests) or raises ``InvalidArgument`` in
 the request iterator (streaming requests), where the service's error mapping reports it and
-nothing of the call is stored.
+nothing of the call is stored. It is a layer of ``server/handlers.py``.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from typing import Any
 import grpc
 
 from deltastore.errors import InvalidArgument
+from deltastore.server.handlers import Handler
 from deltastore.v1.protocol import ERROR_TYPE_KEY
 
 __all__ = ["Malformed", "tolerant"]
@@ -54,28 +55,19 @@ def _refuse(request: Malformed, context: grpc.ServicerContext) -> None:
     context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
 
 
-def tolerant(method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-    """``handler`` with a deserializer that never raises (see the module docstring)."""
-    parse = _parse(method, handler.request_deserializer)
-    serialize = handler.response_serializer
-    if handler.request_streaming:
-        behavior = handler.stream_unary or handler.stream_stream
-        factory = (
-            grpc.stream_unary_rpc_method_handler
-            if handler.stream_unary is not None
-            else grpc.stream_stream_rpc_method_handler
-        )
-        return factory(lambda requests, context: behavior(_checked(requests), context), parse, serialize)
-    behavior = handler.unary_unary or handler.unary_stream
-    factory = (
-        grpc.unary_unary_rpc_method_handler
-        if handler.unary_unary is not None
-        else grpc.unary_stream_rpc_method_handler
-    )
+def tolerant(handler: Handler) -> Handler:
+    """``handler`` with a deserializer that never raises (see the module docstring); a :data:`Layer`."""
+    behavior = handler.behavior
 
-    def guarded(request: Any, context: grpc.ServicerContext) -> Any:
+    def checked_stream(requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
+        return behavior(_checked(requests), context)
+
+    def checked(request: Any, context: grpc.ServicerContext) -> Any:
         if isinstance(request, Malformed):
             _refuse(request, context)
         return behavior(request, context)
 
-    return factory(guarded, parse, serialize)
+    return handler.replace(
+        behavior=checked_stream if handler.request_streaming else checked,
+        request_deserializer=_parse(handler.name, handler.request_deserializer),
+    )

@@ -17,12 +17,13 @@ import ipaddress
 import logging
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent import futures
 from typing import Any
 from urllib.parse import unquote
 
 import grpc
+from google.protobuf import message_factory
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -39,9 +40,11 @@ from deltastore.errors import (
     ResourceExhausted,
 )
 from deltastore.manifest import block_payload_offset
+from deltastore.server.handlers import Handler
 from deltastore.server.health import HEALTH_SERVICE, HealthServicer
 from deltastore.server.malformed import tolerant
 from deltastore.server.metrics import Metrics
+from deltastore.server.principal import Access, namespace_for, savings_namespace
 from deltastore.server.readahead import read_ahead
 from deltastore.server.settings import ServerSettings
 from deltastore.server.shm import ShmExporter
@@ -65,7 +68,6 @@ __all__ = ["SERVICE_NAME", "DeltaStoreService", "create_server"]
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["DeltaStore"].full_name
-DEFAULT_NAMESPACE = "default"
 
 
 _DEADLINE_SLACK_S = 0.25
@@ -204,9 +206,10 @@ class DeltaStoreService(pb_grpc.DeltaStoreServicer):
         self, request: pb.PlanSnapshotRequest, context: grpc.ServicerContext
     ) -> pb.PlanSnapshotResponse:
         with self._rpc("PlanSnapshot", context):
+            namespace = namespace_for(request.namespace, Access.READ)
             codec = self._codec(request.codec)
             plan = self._store.plan_snapshot(
-                _ns(request.namespace),
+                namespace,
                 request.session,
                 model=_required("model", request.model),
                 codec=codec,
@@ -225,7 +228,8 @@ class DeltaStoreService(pb_grpc.DeltaStoreServicer):
             if first is None or isinstance(first, WireChunk) or first.WhichOneof("part") != "header":
                 raise InvalidArgument("PutSnapshot must start with a header message")
             hdr = first.header
-            namespace, codec = _ns(hdr.namespace), self._codec(hdr.codec)
+            namespace = namespace_for(hdr.namespace, Access.WRITE)
+            codec = self._codec(hdr.codec)
             model = _required("model", hdr.model)
             tokens = self._tokens(hdr.token_ids)
             parent = hdr.parent_turn if hdr.HasField("parent_turn") else None
@@ -304,9 +308,9 @@ class DeltaStoreService(pb_grpc.DeltaStoreServicer):
                 logical_bytes=result.logical_bytes,
             )
 
-    def _open_snapshot(self, request: pb.GetSnapshotRequest) -> SnapshotStream:
+    def _open_snapshot(self, request: pb.GetSnapshotRequest, namespace: str) -> SnapshotStream:
         return self._store.open_snapshot(
-            _ns(request.namespace),
+            namespace,
             request.session,
             request.turn if request.HasField("turn") else None,
             model=request.model or None,
@@ -318,15 +322,17 @@ class DeltaStoreService(pb_grpc.DeltaStoreServicer):
     ) -> Iterator[pb.GetSnapshotResponse | bytes]:
         """The info, then every payload as pre-serialized chunk messages (see ``_add_service``)."""
         with self._rpc("GetSnapshot", context):
-            yield from self._stream_snapshot("GetSnapshot", self._open_snapshot(request), context)
+            namespace = namespace_for(request.namespace, Access.READ)
+            yield from self._stream_snapshot("GetSnapshot", self._open_snapshot(request, namespace), context)
 
     def GetPrefix(
         self, request: pb.GetPrefixRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.GetSnapshotResponse | bytes]:
         """The stored leading segments of the caller's tokens in its own domain, as GetSnapshot streams."""
         with self._rpc("GetPrefix", context):
+            namespace = namespace_for(request.namespace, Access.READ)
             snap = self._store.get_prefix(
-                _ns(request.namespace),
+                namespace,
                 model=_required("model", request.model),
                 codec=self._codec(request.codec),
                 token_ids=self._tokens(request.token_ids),
@@ -358,6 +364,7 @@ class DeltaStoreService(pb_grpc.DeltaStoreServicer):
         self, request: pb.GetSnapshotRequest, context: grpc.ServicerContext
     ) -> pb.GetSnapshotShmResponse:
         with self._rpc("GetSnapshotShm", context):
+            namespace = namespace_for(request.namespace, Access.READ)
             if self._shm is None:
                 raise NotConfigured(
                     "this server has no shared-memory directory",
@@ -370,7 +377,7 @@ class DeltaStoreService(pb_grpc.DeltaStoreServicer):
                     hint="connect through the unix socket (--grpc unix:/path.sock), start the server with "
                     "--shm-peers loopback to also trust TCP loopback callers, or read with GetSnapshot",
                 )
-            snap = self._open_snapshot(request)
+            snap = self._open_snapshot(request, namespace)
             name = self._shm.export(snap)
             if not context.is_active():  # nobody will claim it
                 self._shm.discard(name)
@@ -382,8 +389,9 @@ class DeltaStoreService(pb_grpc.DeltaStoreServicer):
         self, request: pb.LookupPrefixRequest, context: grpc.ServicerContext
     ) -> pb.LookupPrefixResponse:
         with self._rpc("LookupPrefix", context):
+            namespace = namespace_for(request.namespace, Access.READ)
             matched = self._store.lookup_prefix(
-                _ns(request.namespace),
+                namespace,
                 model=_required("model", request.model),
                 codec=self._codec(request.codec),
                 token_ids=self._tokens(request.token_ids),
@@ -392,19 +400,21 @@ class DeltaStoreService(pb_grpc.DeltaStoreServicer):
 
     def HasBlocks(self, request: pb.HasBlocksRequest, context: grpc.ServicerContext) -> pb.HasBlocksResponse:
         with self._rpc("HasBlocks", context):
+            namespace = namespace_for(request.namespace, Access.READ)
             keys = [bytes(k) for k in request.keys]
             if len(keys) > self._settings.max_tokens:
                 raise ResourceExhausted(
                     f"{len(keys)} keys in one HasBlocks call exceed {self._settings.max_tokens}"
                 )
-            present = self._store.has_blocks(_ns(request.namespace), keys) if keys else []
+            present = self._store.has_blocks(namespace, keys) if keys else []
             return pb.HasBlocksResponse(present=present)
 
     def DeleteSnapshot(
         self, request: pb.DeleteSnapshotRequest, context: grpc.ServicerContext
     ) -> pb.DeleteSnapshotResponse:
         with self._rpc("DeleteSnapshot", context):
-            freed = self._store.delete_snapshot(_ns(request.namespace), request.session, request.turn)
+            namespace = namespace_for(request.namespace, Access.WRITE)
+            freed = self._store.delete_snapshot(namespace, request.session, request.turn)
             return pb.DeleteSnapshotResponse(
                 freed_segments=freed.freed_segments, freed_bytes=freed.freed_bytes
             )
@@ -413,7 +423,8 @@ class DeltaStoreService(pb_grpc.DeltaStoreServicer):
         self, request: pb.DeleteSessionRequest, context: grpc.ServicerContext
     ) -> pb.DeleteSessionResponse:
         with self._rpc("DeleteSession", context):
-            freed = self._store.delete_session(_ns(request.namespace), request.session)
+            namespace = namespace_for(request.namespace, Access.WRITE)
+            freed = self._store.delete_session(namespace, request.session)
             return pb.DeleteSessionResponse(
                 deleted_snapshots=freed.deleted_snapshots,
                 freed_segments=freed.freed_segments,
@@ -424,14 +435,15 @@ class DeltaStoreService(pb_grpc.DeltaStoreServicer):
         self, request: pb.ListSnapshotsRequest, context: grpc.ServicerContext
     ) -> pb.ListSnapshotsResponse:
         with self._rpc("ListSnapshots", context):
-            infos = self._store.list_snapshots(_ns(request.namespace), request.session or None)
+            namespace = namespace_for(request.namespace, Access.READ)
+            infos = self._store.list_snapshots(namespace, request.session or None)
             return pb.ListSnapshotsResponse(snapshots=[_summary(s) for s in infos])
 
     def GetSavings(
         self, request: pb.GetSavingsRequest, context: grpc.ServicerContext
     ) -> pb.GetSavingsResponse:
         with self._rpc("GetSavings", context):
-            report = self._store.savings(request.namespace or None)
+            report = self._store.savings(savings_namespace(request.namespace))
             return pb.GetSavingsResponse(
                 total=_savings(report),
                 namespaces={ns: _savings(r) for ns, r in (report.get("namespaces") or {}).items()},
@@ -462,10 +474,6 @@ def _on_this_host(peer: str, *, allow_loopback: bool = False) -> bool:
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped
     return ip.is_loopback
-
-
-def _ns(namespace: str) -> str:
-    return namespace or DEFAULT_NAMESPACE
 
 
 def _required(name: str, value: str) -> str:
@@ -565,48 +573,37 @@ def _savings(report: SavingsReport) -> pb.Savings:
 # -- server ------------------------------------------------------------------------------------
 
 
-class _HandlerCapture:
-    """Stands in for a server to catch the generated code's handler table."""
-
-    def __init__(self) -> None:
-        self.handlers: dict[str, grpc.RpcMethodHandler] = {}
-
-    def add_generic_rpc_handlers(self, _handlers: Any) -> None:
-        pass
-
-    def add_registered_method_handlers(
-        self, _service: str, handlers: dict[str, grpc.RpcMethodHandler]
-    ) -> None:
-        self.handlers = dict(handlers)
+_WIRE_CODING: dict[str, tuple[Callable[[bytes], Any] | None, Callable[[Any], bytes] | None]] = {
+    "PutSnapshot": (wire_deserializer(pb.PutSnapshotRequest.FromString), None),
+    "GetSnapshot": (None, wire_serializer),
+    "GetPrefix": (None, wire_serializer),
+}
+"""The payload streams' chunk messages, (de)serialized by hand: (request parser, response writer)."""
 
 
 def method_handlers(servicer: pb_grpc.DeltaStoreServicer) -> dict[str, grpc.RpcMethodHandler]:
-    """The handler table the server registers: the generated one, with the payload streams' chunk
-    messages (de)serialized by hand and every request deserializer made tolerant.
+    """The handler table the server registers, one entry per rpc of the service's descriptor.
 
-    The wire format is unchanged (any protobuf client interoperates); chunks skip Python protobuf's
-    copies: incoming ones are views into the received message, outgoing ones are serialized once.
-    Requests that do not parse are answered INVALID_ARGUMENT (``server/malformed.py``).
+    Messages are protobuf's, except the payload streams' chunk messages, (de)serialized by hand
+    (``_WIRE_CODING``): the wire format is unchanged (any protobuf client interoperates), but
+    chunks skip Python protobuf's copies: incoming ones are views into the received message,
+    outgoing ones are serialized once. Every request deserializer is tolerant: requests that do
+    not parse are answered INVALID_ARGUMENT (``server/malformed.py``).
     """
-    capture = _HandlerCapture()
-    pb_grpc.add_DeltaStoreServicer_to_server(servicer, capture)
-    handlers = capture.handlers
-    handlers["PutSnapshot"] = grpc.stream_unary_rpc_method_handler(
-        servicer.PutSnapshot,
-        request_deserializer=wire_deserializer(pb.PutSnapshotRequest.FromString),
-        response_serializer=pb.PutSnapshotResponse.SerializeToString,
-    )
-    handlers["GetSnapshot"] = grpc.unary_stream_rpc_method_handler(
-        servicer.GetSnapshot,
-        request_deserializer=pb.GetSnapshotRequest.FromString,
-        response_serializer=wire_serializer,
-    )
-    handlers["GetPrefix"] = grpc.unary_stream_rpc_method_handler(
-        servicer.GetPrefix,
-        request_deserializer=pb.GetPrefixRequest.FromString,
-        response_serializer=wire_serializer,
-    )
-    return {name: tolerant(name, handler) for name, handler in handlers.items()}
+    table: dict[str, grpc.RpcMethodHandler] = {}
+    for method in pb.DESCRIPTOR.services_by_name["DeltaStore"].methods:
+        parse, write = _WIRE_CODING.get(method.name, (None, None))
+        handler = Handler(
+            method=f"/{SERVICE_NAME}/{method.name}",
+            behavior=getattr(servicer, method.name),
+            request_streaming=method.client_streaming,
+            response_streaming=method.server_streaming,
+            request_deserializer=parse or message_factory.GetMessageClass(method.input_type).FromString,
+            response_serializer=write
+            or message_factory.GetMessageClass(method.output_type).SerializeToString,
+        )
+        table[method.name] = tolerant(handler).rpc_method_handler()
+    return table
 
 
 def _add_service(servicer: DeltaStoreService, server: grpc.Server) -> None:
@@ -632,7 +629,8 @@ def create_server(
         address: ``host:port`` (port 0 picks a free one) or ``unix:/path/to.sock``.
         settings: limits and thread count (defaults when None).
         metrics: where RPCs are counted (a fresh registry when None).
-        interceptors: server interceptors run before every handler (auth, tracing).
+        interceptors: server interceptors run before every handler (``handlers.Layered``: auth and
+            the stall guard; tracing).
         health_servicer: the grpc.health.v1 servicer to expose (pass one to set NOT_SERVING
             while draining); a fresh one when None.
         credentials: TLS / mTLS server credentials (``deltastore.server.tls``); None: plaintext.

@@ -231,19 +231,36 @@ def test_digest_keys_and_toml_files(tmp_path: Path) -> None:
         (lambda c: c["tenants"]["acme"]["shared"].update(secret="read"), "not in shared_namespaces"),
         (lambda c: c["tenants"].update(globex={"namespaces": ["public"]}), "shared namespace"),
         (lambda c: c["keys"].update({"short": {"tenant": "acme"}}), "shorter than 16"),
-        (lambda c: c["keys"].update({"x" * 20: {"role": "admin"}}), "role must be"),
+        (
+            lambda c: c["keys"].update({"x" * 20: {"role": "admin"}}),
+            r"keys\.<key>\.role='admin': .*'tenant' or 'ops'",
+        ),
+        (
+            lambda c: c["keys"].update({"z" * 20: {"tenat": "acme"}}),
+            r"keys\.<key>\.tenat='acme': unknown entry",
+        ),
+        (
+            lambda c: c["tenants"]["acme"].update(namespaces="acme"),
+            r"tenants\.acme\.namespaces='acme': .*list",
+        ),
+        (lambda c: c["tenants"]["acme"].update(namespaces=["a", "a"]), "lists a name twice"),
+        (
+            lambda c: c.update(shared_namespaces=["no spaces"]),
+            r"shared_namespaces\.0='no spaces': name 'no spaces' must match",
+        ),
         (lambda c: c["keys"].update({"y" * 20: {}}), "needs a 'tenant'"),
         (lambda c: c["tenants"]["acme"]["shared"].update(public="own"), "'read' or 'write'"),
         (lambda c: c.update(keys={}), "no keys"),
-        (lambda c: c.update(extra=1), "unknown top-level"),
+        (lambda c: c.update(extra=1), "extra=1: unknown entry"),
         (lambda c: c["tenants"].update(globex={"namespaces": ["default"]}), "home namespace"),
     ],
 )
 def test_bad_auth_configs_are_refused(change, message: str, reliability) -> None:
     config = auth_config()
     change(config)
-    with pytest.raises(InvalidArgument, match=message):
+    with pytest.raises(InvalidArgument, match=message) as refused:
         AuthPolicy(config)
+    assert not any(key in str(refused.value) for key in config["keys"] if len(key) >= 16), "a key leaked"
     reliability.record("invalid auth file", 1, "refused at start with a named reason")
 
 
