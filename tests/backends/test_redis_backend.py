@@ -136,6 +136,21 @@ def test_a_writer_whose_lease_expired_commits_nothing_and_runs_again(cluster_url
     fast.close()
 
 
+def test_a_transaction_that_raises_releases_the_lock_at_once(cluster_backend: RedisBackend) -> None:
+    b = cluster_backend
+
+    def fail(t: WriteBatch) -> None:
+        t.put("meta", b"k", b"v")
+        raise KeyError("abort")
+
+    with pytest.raises(KeyError):
+        b.transact(fail)
+    assert b.client.get(b.writer.lock_key) is None  # the next writer need not wait out the lease
+    b.transact(lambda t: t.put("meta", b"k", b"w"))
+    with b.read() as view:
+        assert view.get("meta", b"k") == b"w"
+
+
 def test_payloads_of_a_writer_that_died_before_committing_are_freed(cluster_url: str) -> None:
     dead = RedisBackend.from_url(cluster_url.replace("lock_lease_ms=3000", "lock_lease_ms=200"))
     # The dying writer's steps up to its commit: lock, intent, payload written; then it is gone.

@@ -29,7 +29,6 @@ from collections.abc import Callable
 from contextlib import suppress
 from typing import Any, TypeVar
 
-import redis.exceptions as rex
 from redis.backoff import EqualJitterBackoff
 from redis.lock import Lock
 from redis.retry import Retry
@@ -100,7 +99,8 @@ class Writer:
     @staticmethod
     def _release(lock: Lock) -> None:
         """Best effort, when nothing is committed: an unreleased lock expires with its lease."""
-        with suppress(DeltaStoreError, rex.LockError), redis_errors("releasing the write lock"):
+        # A lock no longer ours (its lease ran out) raises LockError: mapped, then ignored.
+        with suppress(DeltaStoreError), redis_errors("releasing the write lock"):
             lock.release()
 
     def _commit(self, batch: Batch, lock: Lock) -> int:
