@@ -228,11 +228,11 @@ class Scripts:
     def __init__(self, client: Any, seq_key: str, tag: str) -> None:
         self._seq_key = seq_key
         self._tag = tag
-        self.open_view = client.register_script(OPEN_VIEW)
-        self.get_at = client.register_script(GET_AT)
-        self.scan_at = client.register_script(SCAN_AT)
-        self.intent = client.register_script(INTENT)
-        self.commit = client.register_script(COMMIT)
+        self.open_view: Script = client.register_script(OPEN_VIEW)
+        self.get_at: Script = client.register_script(GET_AT)
+        self.scan_at: Script = client.register_script(SCAN_AT)
+        self.intent: Script = client.register_script(INTENT)
+        self.commit: Script = client.register_script(COMMIT)
 
     def __call__(self, script: Script, *args: bytes | str | int, client: Any = None) -> Any:
         """Run ``script`` with this store's key and tag, on ``client`` (a pipeline) if given."""
