@@ -491,3 +491,23 @@ def test_mtls_certificate_maps_to_a_tenant(tmp_path: Path, reliability) -> None:
         3,
         "served as that tenant; PERMISSION_DENIED elsewhere; certs without --tls-client-ca refused at start",
     )
+
+
+def test_auth_file_reading(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The file's own problems are named: unreadable, unparsable, not a table; raw keys others can read warn."""
+    with pytest.raises(InvalidArgument, match="cannot read auth file"):
+        auth_mod.load_auth_file(tmp_path / "missing.json")
+    broken = tmp_path / "broken.json"
+    broken.write_text("{")
+    with pytest.raises(InvalidArgument, match="does not parse"):
+        auth_mod.load_auth_file(broken)
+    broken.write_text("[]")
+    with pytest.raises(InvalidArgument, match=r"broken\.json: .*valid dictionary"):
+        auth_mod.load_auth_file(broken)
+    private = write_auth(tmp_path / "auth.json")
+    with caplog.at_level(logging.WARNING, logger="deltastore.server.auth_file"):
+        auth_mod.load_auth_file(private)
+        assert "readable by others" not in caplog.text
+        private.chmod(0o644)
+        auth_mod.load_auth_file(private)
+    assert "readable by others" in caplog.text and KEY_ACME not in caplog.text
