@@ -99,3 +99,16 @@ def test_store_and_lmdb_settings_from_the_environment() -> None:
 def test_store_errors_name_the_variable(env: dict[str, str], message: str) -> None:
     with pytest.raises(InvalidArgument, match=message):
         load_settings(env=env)
+
+
+def test_only_the_settings_module_reads_the_environment() -> None:
+    """The core and the server read DELTASTORE_* variables in deltastore/settings.py alone."""
+    root = Path(__file__).resolve().parents[2]
+    readers = [
+        path.relative_to(root).as_posix()
+        for folder in ("deltastore", "server")
+        for path in (root / folder).rglob("*.py")
+        if "/v1/" not in path.as_posix()
+        and any(word in path.read_text(encoding="utf-8") for word in ("os.environ", "getenv("))
+    ]
+    assert readers == ["deltastore/settings.py"]
