@@ -1,7 +1,8 @@
 """The public codec API: encode a block of KV cache into one payload, decode it back.
 
 A block is the KV of ``n_tokens`` consecutive tokens starting at absolute position ``start``,
-for every layer. Steps, all in torch on the tensors' device: eviction (optional) -> fp16 sink
+for every layer. Steps, all in torch on the tensors' device: keys' RoPE removed (pr<T>,
+optional; put back on decode at the kept tokens' positions) -> eviction (optional) -> fp16 sink
 tokens, the 8-bit newest tokens (hp<N>) and the 2-bit demoted ones (lo<L>) split off (optional)
 -> per-tensor codec (fp16, lossless byte planes, fp8, integer codes) -> one device-to-host copy of
 all sections -> zstd per section (lossless, or option z) -> header. ``len(payload)`` is every byte stored for the block.
@@ -38,6 +39,7 @@ from deltastore.codecs.fp8 import Fp8Codec
 from deltastore.codecs.lossless import LosslessCodec
 from deltastore.codecs.packing import pack_bits, unpack_bits
 from deltastore.codecs.quant import IntCodec
+from deltastore.codecs.rope import apply_rope, remove_rope
 from deltastore.codecs.spec import CodecSpec
 from deltastore.errors import CodecError, FormatError
 
@@ -290,6 +292,9 @@ def encode_block(
     n_layers = len(pairs)
     dtype = _dtype_name(pairs[0][0].dtype)
     check_dims(n_layers, h, d, n, start, CodecError)
+    if spec.rope_theta:  # keys before RoPE, float32 (the key codecs work in float32 anyway)
+        token_positions = torch.arange(start, start + n, device=pairs[0][0].device)
+        pairs = [(remove_rope(k.float(), token_positions, spec.rope_theta), v) for k, v in pairs]
     if seq_end is not None and seq_end < start + n:
         raise CodecError(f"seq_end {seq_end} is before the block's end {start + n}")
     kept = spec.kept_tokens(n, start, seq_end)
@@ -515,7 +520,8 @@ def _decode_run(run: list[_Parsed], target: torch.device, dtype: torch.dtype | N
     hdr, sink = run[0].hdr, run[0].sink
     spec, n_layers, h, d, kept = hdr.spec, hdr.n_layers, hdr.kv_heads, hdr.head_dim, hdr.kept_tokens
     orig_dtype = getattr(torch, hdr.dtype)
-    out_dtype = dtype or orig_dtype
+    final_dtype = dtype or orig_dtype
+    out_dtype = torch.float32 if spec.rope_theta else final_dtype  # pr<T>: RoPE goes back on in float32
     key_codec, value_codec = _codecs(spec, orig_dtype)
     kinds = [kind for kind, *_ in hdr.sections]
     n_key = sum(1 for kind in kinds if kind in (Section.K_DATA, Section.K_PARAMS))
@@ -539,10 +545,14 @@ def _decode_run(run: list[_Parsed], target: torch.device, dtype: torch.dtype | N
         sinks = sinks.view(len(run), n_layers, 2, h, sink, d).to(out_dtype)
         k = torch.cat([sinks[:, :, 0], k], dim=3)
         v = torch.cat([sinks[:, :, 1], v], dim=3)
+    positions = [_positions(block, target) for block in run]
+    if spec.rope_theta:  # RoPE back on, at each kept token's absolute position
+        at = torch.stack([torch.stack(p) for p in positions])
+        k, v = apply_rope(k, at, spec.rope_theta).to(final_dtype), v.to(final_dtype)
     return [
         DecodedBlock(
             [(k[j, i], v[j, i]) for i in range(n_layers)],
-            _positions(block, target),
+            positions[j],
             block.hdr.n_tokens,
             block.hdr.start,
             spec,

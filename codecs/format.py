@@ -5,9 +5,10 @@ Pure Python (struct only, no torch) so the server reads headers without decoding
 Layout, little-endian::
 
     magic     4s   b"DSKV"
-    version   u8   1, or 2 for specs with what version 2 added (``nf``, 3-bit codes): each block is
-                   written with the oldest version that expresses its spec, so blocks of older
-                   specs stay byte-identical (same digests, dedup across upgrades); both decode
+    version   u8   1, or 2 for specs with what version 2 added (``nf``, 3-bit codes), or 3 for
+                   specs with keys before RoPE (``pr<T>``): each block is written with the oldest
+                   version that expresses its spec, so blocks of older specs stay byte-identical
+                   (same digests, dedup across upgrades); all decode
     dtype     u8   original dtype code (1 float16, 2 bfloat16, 3 float32)
     spec_len  u16  length of the canonical spec string
     n_layers  u32
@@ -67,7 +68,7 @@ __all__ = [
 ]
 
 MAGIC = b"DSKV"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 """The newest block format version this build writes and reads (it reads every older one)."""
 _FIXED = struct.Struct("<4sBBHIIIIQH")
 _ENTRY = struct.Struct("<BBQ")
@@ -140,6 +141,8 @@ class BlockHeader:
 
 def block_version(spec: CodecSpec) -> int:
     """The format version a block of ``spec`` is written with: the oldest that expresses it."""
+    if spec.rope_theta:
+        return 3
     return 2 if spec.nf or 3 in (spec.key_bits, spec.value_bits) else 1
 
 
@@ -461,6 +464,10 @@ def read_header(payload: bytes | bytearray | memoryview) -> BlockHeader:
     if spec.kind == "quant" and spec.rotate and head_dim & (head_dim - 1):
         raise FormatError(
             f"spec {spec_text} rotates keys, which needs a power-of-two head_dim, not {head_dim}"
+        )
+    if spec.rope_theta and head_dim % 2:
+        raise FormatError(
+            f"spec {spec_text} takes keys before RoPE, which needs an even head_dim, not {head_dim}"
         )
     entry_at = _FIXED.size + spec_len
     entries = [_ENTRY.unpack_from(view, entry_at + i * _ENTRY.size) for i in range(n_sect)]

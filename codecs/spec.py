@@ -10,6 +10,9 @@ Grammar (``-``-separated, options in any order, each at most once)::
               fp16 pairs: about half the parameter bytes
     nf        kXvY: 2- and 4-bit codes index non-uniform levels fitted to rotated KV (codebook.py)
               instead of uniform ones; same bytes (block format version 2)
+    pr<T>     kXvY: keys quantized before RoPE (rope.py): the codec removes the rotary embedding of
+              theta T (the model's rope_theta, "half" layout) at each token's absolute position and
+              puts it back on decode (block format version 3)
     z         zstd entropy stage over the encoded sections (implied by, and not allowed with, lossless)
     sink<N>   fp8/kXvY: the first N absolute positions are stored in fp16 instead
     hp<N>     kXvY: the newest N tokens of the sequence (absolute positions >= seq_end - N) take
@@ -95,7 +98,8 @@ _BITS = (2, 3, 4, 8)
 _MAX_SINK = 1024
 _MAX_RECENT = 1 << 20
 
-_OPTION = re.compile(r"^(g|sink|pe|adapt|keep|lo|r|hp)(\d{1,7})$")
+_OPTION = re.compile(r"^(g|sink|pe|adapt|keep|lo|r|hp)(\d{1,7})$|^(pr)(\d{1,10})$")
+_MAX_THETA = 10**10
 
 
 @dataclass(frozen=True)
@@ -113,6 +117,7 @@ class CodecSpec:
             Walsh-Hadamard matrix before quantization (on SmolLM2 it cuts k4v2's KL by ~40%).
         params8: quant scales and zero-points stored as 8-bit codes (``params.py``).
         nf: quant 2- and 4-bit codes index non-uniform levels (``codebook.py``).
+        rope_theta: quant: keys are quantized before RoPE of this theta (``rope.py``); 0: as given.
         entropy: sections go through zstd (always for lossless).
         sink: first absolute positions stored in fp16 (fp8 and quant).
         high: quant: the newest ``high`` tokens of the sequence take 8-bit keys and values.
@@ -128,6 +133,7 @@ class CodecSpec:
     rotate: bool = True
     params8: bool = False
     nf: bool = False
+    rope_theta: int = 0
     entropy: bool = False
     sink: int = 0
     high: int = 0
@@ -159,8 +165,10 @@ class CodecSpec:
             raise InvalidArgument(f"eviction percentage {self.evict_pct} must be in [0, 100)")
         if not 0 <= self.recent <= _MAX_RECENT:
             raise InvalidArgument(f"recent window {self.recent} must be in [0, {_MAX_RECENT}]")
-        if (self.params8 or self.high or self.nf) and self.kind != "quant":
-            raise InvalidArgument("p8, nf and hp<N> apply to kXvY codecs only")
+        if (self.params8 or self.high or self.nf or self.rope_theta) and self.kind != "quant":
+            raise InvalidArgument("p8, nf, pr<T> and hp<N> apply to kXvY codecs only")
+        if not 0 <= self.rope_theta <= _MAX_THETA:
+            raise InvalidArgument(f"pr<T>: theta {self.rope_theta} must be in [1, {_MAX_THETA}]")
         if self.nf and self.key_bits == self.value_bits == 8:
             raise InvalidArgument("nf has no meaning for k8v8: 8-bit codes stay uniform")
         if self.high:
@@ -204,7 +212,7 @@ class CodecSpec:
         seen: set[str] = set()
         for opt in options:
             m = _OPTION.fullmatch(opt)
-            key = m.group(1) if m else opt
+            key = (m.group(1) or m.group(3)) if m else opt
             if key in ("pe", "adapt", "keep"):
                 key = "eviction"
             if key in ("kc", "kt"):
@@ -228,6 +236,10 @@ class CodecSpec:
                 fields["entropy"] = True
             elif m is None:
                 raise InvalidArgument(f"unknown option {opt!r} in {text!r}", hint="see `deltastore codecs`")
+            elif m.group(3) == "pr":
+                fields["rope_theta"] = int(m.group(4))
+                if not fields["rope_theta"]:
+                    raise InvalidArgument(f"pr<T>: theta must be at least 1 in {text!r}")
             elif m.group(1) == "g":
                 fields["group_size"] = int(m.group(2))
             elif m.group(1) == "sink":
@@ -262,6 +274,8 @@ class CodecSpec:
                 parts.append("p8")
             if self.nf:
                 parts.append("nf")
+            if self.rope_theta:
+                parts.append(f"pr{self.rope_theta}")
         elif self.kind == "fp8":
             parts = ["fp8", f"g{self.group_size}"]
         else:
