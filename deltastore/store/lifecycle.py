@@ -32,6 +32,7 @@ from deltastore.manifest import (
     session_key,
     session_prefix,
     split_lru_key,
+    split_name,
     turn_of_manifest_key,
 )
 from deltastore.store.base import StoreBase
@@ -39,9 +40,6 @@ from deltastore.store.refcounts import block_head, quarantine, ref
 from deltastore.store.results import DeleteResult, snapshot_id
 
 __all__ = ["Lifecycle"]
-
-_LruQueues = dict[str, deque[tuple[str, int]]]
-"""Per namespace, its evictable sessions, least recently used first, with their rank in the LRU."""
 
 
 class Lifecycle(StoreBase):
@@ -190,46 +188,100 @@ class Lifecycle(StoreBase):
 
         Over its quota, a namespace loses its own least recently used sessions. Over capacity,
         the namespace that stores the most loses its least recently used session first, so a
-        tenant writing a lot evicts itself before it evicts anyone else. The LRU index is read
-        once, on the first eviction, however many sessions go.
+        tenant writing a lot evicts itself before it evicts anyone else.
         """
         evicted: list[tuple[str, str]] = []
-        queues: _LruQueues | None = None
+        keep = (namespace, session)
+        lru = _LruFront(b, keep)
         quota = self.config.namespace_quota_bytes
         while quota is not None and accounting.stored_bytes(read_counters(b, namespace)) > quota:
-            queues = queues if queues is not None else _lru_queues(b, keep=(namespace, session))
-            if not queues.get(namespace):
+            victim = lru.oldest_of({namespace})
+            if victim is None:
                 raise StoreFull(
                     f"namespace {namespace!r} is over its quota of {quota} stored bytes even after "
                     "evicting its other sessions",
                     hint="raise DELTASTORE_NAMESPACE_QUOTA_BYTES, delete sessions, or use a stronger codec tier",
                 )
-            evicted.append(self._evict(b, namespace, queues[namespace].popleft()[0]))
+            evicted.append(self._evict(b, lru, victim))
         limit = self.config.max_stored_bytes
         while limit is not None and accounting.stored_bytes(read_counters(b)) > limit:
-            queues = queues if queues is not None else _lru_queues(b, keep=(namespace, session))
-            oldest = {ns: q[0][1] for ns, q in queues.items() if q}
-            if not oldest:
-                raise StoreFull(
-                    f"snapshot does not fit in max_stored_bytes={limit} even after evicting every other session",
-                    hint="raise DELTASTORE_MAX_STORED_BYTES, or use a stronger codec tier",
+            # The namespaces the counters say have a session to lose; the index decides which.
+            stored = {ns: accounting.stored_bytes(read_counters(b, ns)) for ns in _evictable(b, keep)}
+            top = max(stored.values(), default=None)
+            victim = lru.oldest_of({ns for ns, n in stored.items() if n == top})
+            if victim is None:  # the counters and the index disagree (a quarantined session record)
+                oldest = lru.oldest_per_namespace()
+                if not oldest:
+                    raise StoreFull(
+                        f"snapshot does not fit in max_stored_bytes={limit} even after evicting every other session",
+                        hint="raise DELTASTORE_MAX_STORED_BYTES, or use a stronger codec tier",
+                    )
+                ns = max(
+                    oldest, key=lambda ns: (accounting.stored_bytes(read_counters(b, ns)), -oldest[ns][1])
                 )
-            biggest = max(oldest, key=lambda ns: (accounting.stored_bytes(read_counters(b, ns)), -oldest[ns]))
-            evicted.append(self._evict(b, biggest, queues[biggest].popleft()[0]))
+                victim = (ns, oldest[ns][0])
+            evicted.append(self._evict(b, lru, victim))
         return evicted
 
-    def _evict(self, b: WriteBatch, namespace: str, session: str) -> tuple[str, str]:
+    def _evict(self, b: WriteBatch, lru: _LruFront, victim: tuple[str, str]) -> tuple[str, str]:
         ledger = Ledger()
-        self._drop_session(b, ledger, namespace, session)
+        self._drop_session(b, ledger, *victim)
         ledger.flush(b)
-        return namespace, session
+        lru.evicted(victim)
+        return victim
 
 
-def _lru_queues(b: WriteBatch, keep: tuple[str, str]) -> _LruQueues:
-    """Every session but ``keep``, per namespace, from one scan of the LRU index (oldest first)."""
-    out: _LruQueues = {}
-    for rank, (key, _) in enumerate(b.scan("sessions", b"t")):
-        _, ns, sess = split_lru_key(key)
-        if (ns, sess) != keep:
-            out.setdefault(ns, deque()).append((sess, rank))
+def _evictable(b: WriteBatch, keep: tuple[str, str]) -> list[str]:
+    """Namespaces whose session counter shows a session other than ``keep``."""
+    out = []
+    for key, count in b.scan_counters(accounting.KS, b"n"):
+        name, rest = split_name(bytes(key)[1:])
+        if rest == b"sessions" and count > (1 if name == keep[0] else 0):
+            out.append(name)
     return out
+
+
+class _LruFront:
+    """The LRU index (oldest first) as the evictions of one put read it; ``keep`` is never offered.
+
+    A victim is usually among the oldest sessions, so a lookup scans the index only up to it.
+    Once one put's lookups have scanned as many entries as the index had at the start, the next
+    lookup reads the whole index once into per-namespace queues and later ones read nothing:
+    O(victim's position) per eviction, O(sessions + evictions) per put at most.
+    """
+
+    def __init__(self, b: WriteBatch, keep: tuple[str, str]) -> None:
+        self._b = b
+        self._keep = keep
+        self._budget = read_counters(b)["sessions"]
+        self._queues: dict[str, deque[tuple[str, int]]] | None = None
+
+    def oldest_of(self, namespaces: set[str]) -> tuple[str, str] | None:
+        """The least recently used session of these namespaces, or None when they have none."""
+        if self._queues is None and self._budget > 0:
+            for key, _ in self._b.scan("sessions", b"t"):
+                self._budget -= 1
+                _, ns, sess = split_lru_key(key)
+                if ns in namespaces and (ns, sess) != self._keep:
+                    return ns, sess
+            return None
+        heads = [(q[0][1], ns, q[0][0]) for ns, q in self._read_all().items() if ns in namespaces and q]
+        return min(heads)[1:] if heads else None
+
+    def oldest_per_namespace(self) -> dict[str, tuple[str, int]]:
+        """Per namespace, its least recently used session and that session's rank in the index."""
+        return {ns: q[0] for ns, q in self._read_all().items() if q}
+
+    def evicted(self, victim: tuple[str, str]) -> None:
+        """Forget a session just evicted (it was the oldest of its namespace)."""
+        if self._queues is not None:
+            self._queues[victim[0]].popleft()
+
+    def _read_all(self) -> dict[str, deque[tuple[str, int]]]:
+        if self._queues is None:
+            self._queues = {}
+            for rank, (key, _) in enumerate(self._b.scan("sessions", b"t")):
+                _, ns, sess = split_lru_key(key)
+                if (ns, sess) != self._keep:
+                    self._queues.setdefault(ns, deque()).append((sess, rank))
+        return self._queues

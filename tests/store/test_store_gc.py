@@ -155,6 +155,23 @@ def test_one_put_evicts_several_sessions_biggest_namespace_first(store_factory: 
     assert verify_backend(store.backend).clean
 
 
+def test_the_biggest_namespace_loses_its_oldest_even_when_others_are_older(
+    store_factory: Callable[..., Store],
+) -> None:
+    one = _size_of_one_session(store_factory)
+    clock = FakeClock()
+    store = store_factory(StoreConfig(block_size=B, max_stored_bytes=int(8.5 * one)), clock)
+    sessions = [("acme", f"a{i}") for i in range(4)] + [("big", f"b{i}") for i in range(4)]
+    for i, (namespace, session) in enumerate(sessions):
+        put(store, namespace, session, 0, random_tokens(i, 3 * B))
+        clock.tick()
+    # acme's sessions are all older, but big stores the most until it has lost three sessions.
+    result = put(store, "big", "b4", 0, random_tokens(9, 9 * B))
+    assert result.evicted_sessions == (("big", "b0"), ("big", "b1"), ("big", "b2"))
+    assert len(store.list_snapshots("acme")) == 4
+    assert verify_backend(store.backend).clean
+
+
 def test_eviction_keeps_segments_other_sessions_share(store_factory: Callable[..., Store]) -> None:
     one = _size_of_one_session(store_factory)
     clock = FakeClock()
