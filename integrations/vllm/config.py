@@ -17,7 +17,9 @@ codec                  "k4v2"      codec spec; evicting specs (``keep``/``pe``/`
 max_kl                 none        instead of ``codec``: a quality budget (mean KL, nats per token);
                                    the codec is the engine-usable tier with the highest measured
                                    ratio whose KL (upper end of its 95% interval) fits it
-                                   (``deltastore codecs --max-kl X --engine``)
+                                   (``deltastore codecs --max-kl X --engine``); a tier with keys
+                                   before RoPE (``pr<T>``) takes this model's rope_theta, and
+                                   models without plain RoPE pick among the other tiers
 shm_dir                none        the server's ``--shm-dir`` as mounted here (same host)
 lookup_timeout_s       1.0         deadline of a LookupPrefix (scheduler, on the request's path)
 load_timeout_s         10.0        deadline of a GetPrefix (worker, before the forward pass)
@@ -42,10 +44,10 @@ from typing import Any
 import blake3
 
 from deltastore.codecs import CodecSpec
-from deltastore.codecs.tiers import pick_tier
+from deltastore.codecs.tiers import load_table, pick_tier
 from deltastore.errors import InvalidArgument, NotFound
 
-__all__ = ["ConnectorConfig", "save_alignment", "vllm_fingerprint"]
+__all__ = ["ConnectorConfig", "plain_rope_theta", "save_alignment", "vllm_fingerprint"]
 
 _KEYS = {
     "target",
@@ -90,8 +92,12 @@ class ConnectorConfig:
     max_pending_saves: int = 32
 
     @classmethod
-    def from_extra(cls, extra: dict[str, Any] | None) -> ConnectorConfig:
-        """Parse and validate ``kv_connector_extra_config``; InvalidArgument names what is wrong."""
+    def from_extra(cls, extra: dict[str, Any] | None, rope_theta: int | None = None) -> ConnectorConfig:
+        """Parse and validate ``kv_connector_extra_config``; InvalidArgument names what is wrong.
+
+        ``rope_theta``: the model's plain-RoPE theta (:func:`plain_rope_theta`), for a ``max_kl``
+        pick with keys before RoPE; None: such tiers are not picked.
+        """
         extra = dict(extra or {})
         unknown = set(extra) - _KEYS
         if unknown:
@@ -107,7 +113,7 @@ class ConnectorConfig:
         if key_env and not extra.get("api_key"):
             extra["api_key"] = os.environ.get(key_env) or None
         if extra.get("max_kl") is not None:
-            extra["codec"] = _codec_for_budget(extra["max_kl"], extra.get("codec"))
+            extra["codec"] = _codec_for_budget(extra["max_kl"], extra.get("codec"), rope_theta)
         cfg = cls(**extra)
         spec = CodecSpec.parse(cfg.codec)
         if spec.eviction != "none":
@@ -124,9 +130,14 @@ class ConnectorConfig:
         return dataclasses.replace(cfg, codec=spec.canonical())
 
 
-def _codec_for_budget(max_kl: object, codec: object) -> str:
+def _codec_for_budget(max_kl: object, codec: object, rope_theta: int | None) -> str:
     """The engine-usable tier for a KL budget (the shipped engine table, measured on text nobody
-    tuned on); a budget and an explicit codec together are ambiguous, so they are refused."""
+    tuned on); a budget and an explicit codec together are ambiguous, so they are refused.
+
+    A tier with keys before RoPE was measured at its table model's theta; with this model's
+    theta its keys are this model's pre-RoPE keys. A wrong theta would never corrupt data (decode
+    inverts exactly what encode removed), only lose the gain, but without a plain-RoPE theta the
+    pick is made among the tiers without ``pr<T>``, whose figures then hold as measured."""
     if codec is not None:
         raise InvalidArgument(
             "DeltaStoreConnector: give either codec or max_kl in kv_connector_extra_config, not both",
@@ -134,13 +145,38 @@ def _codec_for_budget(max_kl: object, codec: object) -> str:
         )
     if isinstance(max_kl, bool) or not isinstance(max_kl, int | float) or not max_kl >= 0:
         raise InvalidArgument(f"DeltaStoreConnector: max_kl must be a number >= 0, got {max_kl!r}")
+    table = load_table(engine=True)
+    if rope_theta is None:
+        table = {**table, "points": [p for p in table["points"] if not _before_rope(p["spec"])]}
     try:
-        return pick_tier(float(max_kl), engine=True)
+        spec = CodecSpec.parse(pick_tier(float(max_kl), table=table, engine=True))
+        if spec.rope_theta and rope_theta is not None:
+            spec = dataclasses.replace(spec, rope_theta=rope_theta)
+        return spec.canonical()
     except NotFound as exc:
         raise InvalidArgument(
             f"DeltaStoreConnector: no engine-usable tier measured within max_kl={max_kl}",
             hint="raise max_kl (lossless, KL 0, always fits), or see `deltastore codecs --engine`",
         ) from exc
+
+
+def _before_rope(spec: str) -> bool:
+    """The spec (possibly one this build cannot parse) has option pr<T>."""
+    return any(opt.startswith("pr") for opt in spec.split("-")[1:])
+
+
+def plain_rope_theta(hf_config: Any) -> int | None:
+    """The model's RoPE theta when its RoPE is what ``pr<T>`` removes: every channel rotated
+    (no partial rotary), no scaling, a whole-number theta; else None."""
+    cfg = hf_config.to_dict() if hasattr(hf_config, "to_dict") else dict(hf_config or {})
+    params = cfg.get("rope_parameters") or {}
+    scaling = cfg.get("rope_scaling") or params
+    theta = params.get("rope_theta", cfg.get("rope_theta"))
+    if scaling.get("rope_type", scaling.get("type", "default")) != "default":
+        return None
+    if cfg.get("partial_rotary_factor", 1.0) != 1.0 or not isinstance(theta, int | float):
+        return None
+    return int(theta) if float(theta).is_integer() and 1 <= theta <= 10**10 else None
 
 
 def save_alignment(vllm_block_size: int, store_block_size: int) -> int:

@@ -66,7 +66,12 @@ from deltastore.addressing import token_bytes
 from deltastore.client.sync import DeltaStoreClient
 from deltastore.client.wire import Retry
 from deltastore.errors import InvalidArgument
-from deltastore.integrations.vllm.config import ConnectorConfig, save_alignment, vllm_fingerprint
+from deltastore.integrations.vllm.config import (
+    ConnectorConfig,
+    plain_rope_theta,
+    save_alignment,
+    vllm_fingerprint,
+)
 from deltastore.manifest import check_session
 
 if TYPE_CHECKING:
@@ -271,10 +276,12 @@ class DeltaStoreConnector(KVConnectorBase_V1):
         self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig
     ) -> None:
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
-        self.cfg = ConnectorConfig.from_extra(self._kv_transfer_config.kv_connector_extra_config)
+        mc = vllm_config.model_config
+        self.cfg = ConnectorConfig.from_extra(
+            self._kv_transfer_config.kv_connector_extra_config, rope_theta=plain_rope_theta(mc.hf_config)
+        )
         if vllm_config.parallel_config.tensor_parallel_size != 1:
             raise ValueError("DeltaStoreConnector supports tensor_parallel_size=1 only (not verified beyond)")
-        mc = vllm_config.model_config
         self.block_size = vllm_config.cache_config.block_size
         self.align = save_alignment(self.block_size, self.cfg.store_block_size)
         self.head_size = mc.get_head_size()

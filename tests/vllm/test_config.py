@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -11,7 +12,7 @@ import yaml
 
 from deltastore.codecs import CodecSpec
 from deltastore.errors import InvalidArgument
-from deltastore.integrations.vllm.config import ConnectorConfig, save_alignment
+from deltastore.integrations.vllm.config import ConnectorConfig, plain_rope_theta, save_alignment
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -75,3 +76,33 @@ def test_max_kl_is_exclusive_with_codec_and_must_be_a_budget() -> None:
     for bad in (-0.1, "0.02", True, float("nan")):
         with pytest.raises(InvalidArgument, match="max_kl must be a number"):
             ConnectorConfig.from_extra({"target": "x:1", "max_kl": bad})
+
+
+@pytest.mark.parametrize(
+    ("hf", "theta"),
+    [
+        ({"rope_theta": 500000.0}, 500000),
+        ({"rope_parameters": {"rope_theta": 100000.0, "rope_type": "default"}}, 100000),
+        ({"rope_theta": 500000.0, "rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, None),
+        ({"rope_theta": 10000.0, "partial_rotary_factor": 0.5}, None),
+        ({"rope_theta": 10000.5}, None),
+        ({}, None),
+    ],
+)
+def test_plain_rope_theta(hf: dict, theta: int | None) -> None:
+    assert plain_rope_theta(hf) == theta
+
+
+@pytest.mark.parametrize("budget", [0.002, 0.01, 0.024, 0.05, 0.1, 0.2])
+def test_max_kl_tiers_with_keys_before_rope_take_the_models_theta(budget: float) -> None:
+    """A pr<T> pick gets this model's theta; a model without plain RoPE picks among the others."""
+    from deltastore.codecs.tiers import load_table, pick_tier
+
+    with_rope = CodecSpec.parse(ConnectorConfig.from_extra({"target": "x:1", "max_kl": budget}, 500000).codec)
+    without = CodecSpec.parse(ConnectorConfig.from_extra({"target": "x:1", "max_kl": budget}).codec)
+    assert not without.rope_theta
+    picked = CodecSpec.parse(pick_tier(budget, engine=True))
+    assert with_rope.rope_theta == (500000 if picked.rope_theta else 0)
+    assert dataclasses.replace(with_rope, rope_theta=picked.rope_theta) == picked
+    plain = [p for p in load_table(engine=True)["points"] if not CodecSpec.parse(p["spec"]).rope_theta]
+    assert without == CodecSpec.parse(pick_tier(budget, engine=True, table={"points": plain}))
