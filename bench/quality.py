@@ -186,6 +186,10 @@ ENGINE_SPECS: tuple[str, ...] = (
     "k3v2-p8-sink4-z-hp8",
     "k3v2-p8-sink4-z",
     "k2v2-p8-sink4-z-hp32",
+    "k4v2-p8-sink4-z-hp16-pr100000",  # keys before RoPE, SmolLM2's theta (docs/results/quality_levers.md)
+    "k3v2-p8-sink4-z-hp16-pr100000",
+    "k3v2-p8-sink4-z-pr100000",
+    "k2v2-p8-sink4-z-hp32-pr100000",
 )
 """The engine group: score-free, non-evicting specs (a paged cache needs every position and its
 kernels expose no attention weights), chosen on the tuning split (docs/results/quality_levers.md);

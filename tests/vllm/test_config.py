@@ -61,7 +61,9 @@ def test_alignment() -> None:
 def test_max_kl_picks_the_engine_tier_for_the_budget(budget: float) -> None:
     from deltastore.codecs.tiers import load_table, pick_tier
 
-    cfg = ConnectorConfig.from_extra({"target": "x:1", "max_kl": budget})
+    cfg = ConnectorConfig.from_extra(
+        {"target": "x:1", "max_kl": budget}, rope_theta=100000
+    )  # the table's model
     assert cfg.codec == CodecSpec.parse(pick_tier(budget, engine=True)).canonical()
     assert not CodecSpec.parse(cfg.codec).evicts and cfg.max_kl == budget
     point = next(
