@@ -6,16 +6,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from redis_harness import OPTIONS, require_redis_server, shared_cluster, unique_prefix
+from redis_harness import OPTIONS, require_redis_server, unique_prefix
 
 from deltastore.backends.redis import RedisBackend
 from deltastore.bench.redis_local import LocalRedis, LocalRedisCluster
 
 
 @pytest.fixture
-def cluster_url(tmp_path: Path) -> str:
-    """A backend URL with a fresh prefix on the test process's shared 3-node cluster."""
-    return f"{shared_cluster().url}?prefix={unique_prefix(tmp_path, 'c')}&{OPTIONS}"
+def cluster_url(redis_cluster: LocalRedisCluster, tmp_path: Path) -> str:
+    """A backend URL with a fresh prefix on the test session's shared 3-node cluster."""
+    return f"{redis_cluster.url}?prefix={unique_prefix(tmp_path, 'c')}&{OPTIONS}"
 
 
 @pytest.fixture

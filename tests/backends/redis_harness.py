@@ -1,21 +1,19 @@
-"""Redis engines for the backend contract and store suites.
+"""Redis engines for the backend contract and store suites, as a pytest plugin (tests/conftest.py).
 
 ``redis_factory`` binds the shared server at 127.0.0.1:6379 (other tests use it too: every
-factory gets its own key prefix, deleted when the test process exits; never FLUSHALL).
-``redis_cluster_factory`` binds a 3-node Redis Cluster on loopback ports, started once per test
-process with redis-server and redis-cli and torn down at exit. Without redis-server (or the
-shared server) the tests skip, except under CI=true, where they fail.
+factory gets its own key prefix, deleted when the session ends; never FLUSHALL).
+``redis_cluster_factory`` binds a 3-node Redis Cluster on loopback ports (the session fixture
+``redis_cluster``: started once per test session with redis-server and redis-cli, stopped at its
+end). Without redis-server (or the shared server) the tests skip, except under CI=true, where
+they fail.
 """
 
 from __future__ import annotations
 
-import atexit
 import hashlib
 import os
 import secrets
-import shutil
-import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -30,8 +28,6 @@ SHARED_URL = "redis://127.0.0.1:6379/0"
 # Test-sized leases: a writer killed holding the lock stalls the others for at most 3 s.
 OPTIONS = "lock_lease_ms=3000&view_lease_ms=30000&timeout_s=5"
 _RUN = secrets.token_hex(3)  # this test process: prefixes never collide with concurrent runs
-_created: list[tuple[str, str]] = []  # (url, prefix) to delete at exit
-_cluster: LocalRedisCluster | None = None
 
 
 def unavailable(reason: str) -> None:
@@ -61,21 +57,20 @@ def unique_prefix(tmp_path: Path, name: str) -> str:
     return f"dst-{_RUN}-{digest}-{name}"
 
 
-def shared_cluster() -> LocalRedisCluster:
-    """The test process's 3-node cluster (started on first use, stopped at exit)."""
-    global _cluster
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalRedisCluster]:
+    """The test session's 3-node cluster, started on first use and stopped when the session ends."""
     require_redis_server()
-    if _cluster is None:
-        directory = Path(tempfile.mkdtemp(prefix="deltastore-redis-cluster-"))
-        cluster = LocalRedisCluster(directory, appendfsync="no")
-        atexit.register(shutil.rmtree, directory, True)
-        atexit.register(cluster.stop)
-        _cluster = cluster.start()
-    return _cluster
+    with LocalRedisCluster(tmp_path_factory.mktemp("redis-cluster"), appendfsync="no") as cluster:
+        yield cluster
 
 
-def _cleanup() -> None:
-    for url, prefix in _created:
+@pytest.fixture(scope="session")
+def redis_prefixes() -> Iterator[list[tuple[str, str]]]:
+    """(url, prefix) of every backend the session opened on a shared server: deleted at its end."""
+    created: list[tuple[str, str]] = []
+    yield created
+    for url, prefix in created:
         try:
             with RedisBackend.from_url(f"{url}?prefix={prefix}") as backend:
                 backend.destroy()
@@ -83,24 +78,22 @@ def _cleanup() -> None:
             pass  # the server went away first
 
 
-atexit.register(_cleanup)
-
-
-def _factory(url: str, tmp_path: Path) -> Callable[..., Backend]:
+def _factory(url: str, tmp_path: Path, created: list[tuple[str, str]] | None) -> Callable[..., Backend]:
     def make(name: str = "default") -> Backend:
         prefix = unique_prefix(tmp_path, name)
-        if (url, prefix) not in _created:
-            _created.append((url, prefix))
+        if created is not None and (url, prefix) not in created:
+            created.append((url, prefix))
         return RedisBackend.from_url(f"{url}?prefix={prefix}&{OPTIONS}")
 
     return make
 
 
-def redis_factory(tmp_path: Path) -> Callable[..., Backend]:
+def redis_factory(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[..., Backend]:
     require_shared_redis()
-    return _factory(SHARED_URL, tmp_path)
+    return _factory(SHARED_URL, tmp_path, request.getfixturevalue("redis_prefixes"))
 
 
-def redis_cluster_factory(tmp_path: Path) -> Callable[..., Backend]:
-    # The cluster is stopped at exit: its keys need no cleanup, but tracking them is harmless.
-    return _factory(shared_cluster().url, tmp_path)
+def redis_cluster_factory(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[..., Backend]:
+    # The session's cluster is stopped at its end: its keys need no cleanup.
+    cluster: LocalRedisCluster = request.getfixturevalue("redis_cluster")
+    return _factory(cluster.url, tmp_path, None)

@@ -5,17 +5,18 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from redis_harness import require_redis_server, require_shared_redis, shared_cluster
+from redis_harness import require_redis_server, require_shared_redis
 
+from deltastore.bench.redis_local import LocalRedisCluster
 from deltastore.cli import main
 
 
-def test_bench_backends_writes_json_table_and_plot(tmp_path: Path) -> None:
+def test_bench_backends_writes_json_table_and_plot(tmp_path: Path, redis_cluster: LocalRedisCluster) -> None:
     require_redis_server()
     require_shared_redis()
     out = tmp_path / "bench" / "backends.json"
     argv = ["bench", "backends", "--json", str(out), "--sessions", "2", "--turns", "2", "--threads", "2"]
-    argv += ["--redis", "redis://127.0.0.1:6379/0", "--cluster", shared_cluster().url]
+    argv += ["--redis", "redis://127.0.0.1:6379/0", "--cluster", redis_cluster.url]
     assert main(argv) == 0
     doc = json.loads(out.read_text())
     results = doc["results"]

@@ -15,7 +15,7 @@ from deltastore.store import Store
 
 @pytest.fixture(params=sorted(BACKENDS))
 def backend_factory(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[BackendFactory]:
-    make = BACKENDS[request.param](tmp_path)
+    make = BACKENDS[request.param](request, tmp_path)
     opened: list[Backend] = []
 
     def tracked(name: str = "default") -> Backend:

@@ -1,6 +1,6 @@
 """Helpers of the store tests: the backend registry and synthetic, deterministic segment payloads.
 
-``BACKENDS`` maps an engine name to ``make(tmp_path) -> factory``, where
+``BACKENDS`` maps an engine name to ``make(request, tmp_path) -> factory``, where
 ``factory(name="default") -> Backend`` opens the storage called ``name`` (the same name reopens
 the same data: close the previous handle first). Every test using the ``backend_factory`` or
 ``store_factory`` fixtures runs on every engine listed; a new backend binds the whole suite
@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import blake3
+import pytest
 from redis_harness import redis_cluster_factory, redis_factory
 
 from deltastore.backend import Backend
@@ -40,7 +41,7 @@ FP16_PER_TOKEN = 30 * 2 * 3 * 64 * 2
 PAYLOAD_PER_TOKEN = FP16_PER_TOKEN // 5
 
 
-def lmdb_factory(tmp_path: Path) -> BackendFactory:
+def lmdb_factory(_request: pytest.FixtureRequest, tmp_path: Path) -> BackendFactory:
     def make(name: str = "default") -> Backend:
         # A 1 MiB initial map, so the map-growth path runs in ordinary tests.
         return LmdbBackend(
@@ -50,7 +51,7 @@ def lmdb_factory(tmp_path: Path) -> BackendFactory:
     return make
 
 
-BACKENDS: dict[str, Callable[[Path], BackendFactory]] = {
+BACKENDS: dict[str, Callable[[pytest.FixtureRequest, Path], BackendFactory]] = {
     "lmdb": lmdb_factory,
     "redis": redis_factory,
     "redis-cluster": redis_cluster_factory,
