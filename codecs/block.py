@@ -76,20 +76,31 @@ class DecodedBlock:
         return self.layers[0][0].shape[1]
 
 
-def _codecs(spec: CodecSpec, dtype: torch.dtype) -> tuple[TensorCodec, TensorCodec]:
-    """(key codec, value codec) for ``spec``."""
+def _codecs(spec: CodecSpec, dtype: torch.dtype, layer: int = 0) -> tuple[TensorCodec, TensorCodec]:
+    """(key codec, value codec) for ``spec`` in ``layer`` (up<layers> changes its bits)."""
     if spec.kind == "fp16":
         return Fp16Codec(), Fp16Codec()
     if spec.kind == "lossless":
         return LosslessCodec(dtype), LosslessCodec(dtype)
     if spec.kind == "fp8":
         return Fp8Codec(spec.group_size), Fp8Codec(spec.group_size)
+    key_bits, value_bits = spec.layer_bits(layer)
     return (
-        IntCodec(
-            spec.key_bits, spec.group_size, spec.key_axis, spec.rotate, spec.params8, _levels(spec, "k")
-        ),
-        IntCodec(spec.value_bits, spec.group_size, "token", spec.rotate, spec.params8, _levels(spec, "v")),
+        IntCodec(key_bits, spec.group_size, spec.key_axis, spec.rotate, spec.params8, _levels(spec, "k")),
+        IntCodec(value_bits, spec.group_size, "token", spec.rotate, spec.params8, _levels(spec, "v")),
     )
+
+
+def _layer_runs(spec: CodecSpec, n_layers: int) -> list[tuple[int, int]]:
+    """[first, end) of each run of consecutive layers coded at the same bits (one run without
+    up<layers>)."""
+    runs: list[tuple[int, int]] = []
+    for i in range(n_layers):
+        if runs and spec.layer_bits(i) == spec.layer_bits(runs[-1][0]):
+            runs[-1] = (runs[-1][0], i + 1)
+        else:
+            runs.append((i, i + 1))
+    return runs
 
 
 def _levels(spec: CodecSpec, kind: str) -> str | None:
@@ -292,6 +303,8 @@ def encode_block(
     n_layers = len(pairs)
     dtype = _dtype_name(pairs[0][0].dtype)
     check_dims(n_layers, h, d, n, start, CodecError)
+    if spec.up_layers and spec.up_layers[-1] >= n_layers:
+        raise CodecError(f"{spec}: up<layers> names layer {spec.up_layers[-1]} of a {n_layers}-layer cache")
     if spec.rope_theta:  # keys before RoPE, float32 (the key codecs work in float32 anyway)
         token_positions = torch.arange(start, start + n, device=pairs[0][0].device)
         pairs = [(remove_rope(k.float(), token_positions, spec.rope_theta), v) for k, v in pairs]
@@ -299,7 +312,6 @@ def encode_block(
         raise CodecError(f"seq_end {seq_end} is before the block's end {start + n}")
     kept = spec.kept_tokens(n, start, seq_end)
     score = _check_scores(scores if spec.evicts else None, n_layers, h, n, pairs[0][0].device)
-    key_codec, value_codec = _codecs(spec, pairs[0][0].dtype)
     sink = spec.fp16_sink_tokens(n, start)
     high = spec.high_tokens(n, start, seq_end)
     low = spec.low_tokens(n, start, seq_end)
@@ -307,19 +319,20 @@ def encode_block(
 
     # Layers go together, as layers * kv_heads heads (eviction and codecs work per head), up to
     # _STACK_ELEMENTS per call: many small calls cost more than the work of small blocks, and
-    # whole-block temporaries of big blocks fall out of cache.
+    # whole-block temporaries of big blocks fall out of cache. A call never spans two bit widths.
     per_call = max(1, _STACK_ELEMENTS // (h * n * d))
     calls = [
         _encode_layers(
-            pairs[i : i + per_call],
+            pairs[i : min(i + per_call, end)],
             spec,
             start,
             seq_end,
-            None if score is None else score[i * h : (i + per_call) * h],
-            (key_codec, value_codec),
+            None if score is None else score[i * h : min(i + per_call, end) * h],
+            _codecs(spec, pairs[0][0].dtype, first),
             (kept, sink, high, low),
         )
-        for i in range(0, n_layers, per_call)
+        for first, end in _layer_runs(spec, n_layers)
+        for i in range(first, end, per_call)
     ]
     sections = [
         torch.cat(parts) if len(parts) > 1 else parts[0]
@@ -515,6 +528,37 @@ def _merge_low(
     return k, v
 
 
+def _decode_coded(
+    run: list[_Parsed], n_coded: int, shape: tuple[int, int, int], orig: torch.dtype, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V of the coded sections (the first ``n_coded``) of a run of blocks, each (blocks,
+    n_layers, *shape): every run of layers at one bit width (up<layers>) decoded together."""
+    hdr = run[0].hdr
+    spec, n_layers = hdr.spec, hdr.n_layers
+    n_key = n_coded // 2
+    offsets = [0] * n_coded
+    ks, vs = [], []
+    for first, end in _layer_runs(spec, n_layers):
+        key_codec, value_codec = _codecs(spec, orig, first)
+        if spec.kind == "quant":  # the run's bytes of each part, at its bits
+            sizes = [
+                (end - first) * size
+                for size in quant_part_sizes(spec, *shape[::2], shape[1], *spec.layer_bits(first))
+            ]
+        else:
+            sizes = [b.numel() for b in run[0].sections[:n_coded]]
+        parts = [
+            [s.narrow(0, o, z) for s, o, z in zip(b.sections[:n_coded], offsets, sizes, strict=True)]
+            for b in run
+        ]
+        offsets = [o + z for o, z in zip(offsets, sizes, strict=True)]
+        ks.append(_decode_tensors(key_codec, [p[:n_key] for p in parts], end - first, shape, dtype))
+        vs.append(_decode_tensors(value_codec, [p[n_key:] for p in parts], end - first, shape, dtype))
+    if len(ks) == 1:
+        return ks[0], vs[0]
+    return torch.cat(ks, dim=1), torch.cat(vs, dim=1)
+
+
 def _decode_run(run: list[_Parsed], target: torch.device, dtype: torch.dtype | None) -> list[DecodedBlock]:
     """Decode blocks of one run key together."""
     hdr, sink = run[0].hdr, run[0].sink
@@ -522,16 +566,12 @@ def _decode_run(run: list[_Parsed], target: torch.device, dtype: torch.dtype | N
     orig_dtype = getattr(torch, hdr.dtype)
     final_dtype = dtype or orig_dtype
     out_dtype = torch.float32 if spec.rope_theta else final_dtype  # pr<T>: RoPE goes back on in float32
-    key_codec, value_codec = _codecs(spec, orig_dtype)
     kinds = [kind for kind, *_ in hdr.sections]
     n_key = sum(1 for kind in kinds if kind in (Section.K_DATA, Section.K_PARAMS))
     n_value = sum(1 for kind in kinds if kind in (Section.V_DATA, Section.V_PARAMS))
     high = hdr.high_tokens
     shape = (h, kept - sink - high - hdr.low_tokens, d)
-    k = _decode_tensors(key_codec, [b.sections[:n_key] for b in run], n_layers, shape, out_dtype)
-    v = _decode_tensors(
-        value_codec, [b.sections[n_key : n_key + n_value] for b in run], n_layers, shape, out_dtype
-    )
+    k, v = _decode_coded(run, n_key + n_value, shape, orig_dtype, out_dtype)
     if spec.low:
         k, v = _merge_low((k, v), run, kinds, out_dtype)
     if high:  # per block, per layer: 8-bit K codes, K params, V codes, V params; after the coded ones

@@ -141,7 +141,7 @@ class BlockHeader:
 
 def block_version(spec: CodecSpec) -> int:
     """The format version a block of ``spec`` is written with: the oldest that expresses it."""
-    if spec.rope_theta:
+    if spec.rope_theta or spec.up_layers:
         return 3
     return 2 if spec.nf or 3 in (spec.key_bits, spec.value_bits) else 1
 
@@ -234,10 +234,12 @@ def section_sizes(
             (Section.V_DATA, h * q * d),
             (Section.V_PARAMS, scales),
         ]
-    else:
+    if spec.kind == "quant":  # each layer at its bits (up<layers>), layer after layer
         kinds = (Section.K_DATA, Section.K_PARAMS, Section.V_DATA, Section.V_PARAMS)
-        per = list(zip(kinds, quant_part_sizes(spec, h, d, q, spec.key_bits, spec.value_bits), strict=True))
-    out = [(kind, n_layers * size) for kind, size in per]
+        layers = [quant_part_sizes(spec, h, d, q, *spec.layer_bits(i)) for i in range(n_layers)]
+        out = [(kind, sum(sizes)) for kind, sizes in zip(kinds, zip(*layers, strict=True), strict=True)]
+    else:
+        out = [(kind, n_layers * size) for kind, size in per]
     if sink:
         out.append((Section.SINK, n_layers * 2 * h * sink * d * 2))
     if spec.low:
@@ -469,6 +471,8 @@ def read_header(payload: bytes | bytearray | memoryview) -> BlockHeader:
         raise FormatError(
             f"spec {spec_text} takes keys before RoPE, which needs an even head_dim, not {head_dim}"
         )
+    if spec.up_layers and spec.up_layers[-1] >= n_layers:
+        raise FormatError(f"spec {spec_text} names layer {spec.up_layers[-1]} of a {n_layers}-layer block")
     entry_at = _FIXED.size + spec_len
     entries = [_ENTRY.unpack_from(view, entry_at + i * _ENTRY.size) for i in range(n_sect)]
     high = _high_from_table(spec, n_layers, kv_heads, head_dim, entries)

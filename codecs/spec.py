@@ -13,6 +13,10 @@ Grammar (``-``-separated, options in any order, each at most once)::
     pr<T>     kXvY: keys quantized before RoPE (rope.py): the codec removes the rotary embedding of
               theta T (the model's rope_theta, "half" layout) at each token's absolute position and
               puts it back on decode (block format version 3)
+    up<L.M..> k2/k3 keys and v2/v3 values: the listed layers (0-based, ascending, dot-separated)
+              take one more bit for keys and for values (k3v2 -> k4v3 there): per-layer mixed
+              precision, the layers chosen by a calibration (``codecs/data/calibration-*.json``,
+              ``bench/quality_calibrate.py``) (block format version 3)
     z         zstd entropy stage over the encoded sections (implied by, and not allowed with, lossless)
     sink<N>   fp8/kXvY: the first N absolute positions are stored in fp16 instead
     hp<N>     kXvY: the newest N tokens of the sequence (absolute positions >= seq_end - N) take
@@ -100,6 +104,7 @@ _MAX_RECENT = 1 << 20
 
 _OPTION = re.compile(r"^(g|sink|pe|adapt|keep|lo|r|hp)(\d{1,7})$|^(pr)(\d{1,10})$")
 _MAX_THETA = 10**10
+_UP = re.compile(r"^up(\d{1,4}(?:\.\d{1,4})*)$")
 
 
 @dataclass(frozen=True)
@@ -118,6 +123,7 @@ class CodecSpec:
         params8: quant scales and zero-points stored as 8-bit codes (``params.py``).
         nf: quant 2- and 4-bit codes index non-uniform levels (``codebook.py``).
         rope_theta: quant: keys are quantized before RoPE of this theta (``rope.py``); 0: as given.
+        up_layers: quant: layers whose keys and values take one more bit (ascending).
         entropy: sections go through zstd (always for lossless).
         sink: first absolute positions stored in fp16 (fp8 and quant).
         high: quant: the newest ``high`` tokens of the sequence take 8-bit keys and values.
@@ -134,6 +140,7 @@ class CodecSpec:
     params8: bool = False
     nf: bool = False
     rope_theta: int = 0
+    up_layers: tuple[int, ...] = ()
     entropy: bool = False
     sink: int = 0
     high: int = 0
@@ -167,6 +174,11 @@ class CodecSpec:
             raise InvalidArgument(f"recent window {self.recent} must be in [0, {_MAX_RECENT}]")
         if (self.params8 or self.high or self.nf or self.rope_theta) and self.kind != "quant":
             raise InvalidArgument("p8, nf, pr<T> and hp<N> apply to kXvY codecs only")
+        if self.up_layers:
+            if self.kind != "quant" or self.key_bits not in (2, 3) or self.value_bits not in (2, 3):
+                raise InvalidArgument("up<layers> needs 2- or 3-bit keys and values (kXvY, X and Y in 2..3)")
+            if list(self.up_layers) != sorted(set(self.up_layers)):
+                raise InvalidArgument(f"up<layers>: {self.up_layers} must be ascending without repeats")
         if not 0 <= self.rope_theta <= _MAX_THETA:
             raise InvalidArgument(f"pr<T>: theta {self.rope_theta} must be in [1, {_MAX_THETA}]")
         if self.nf and self.key_bits == self.value_bits == 8:
@@ -213,6 +225,12 @@ class CodecSpec:
         for opt in options:
             m = _OPTION.fullmatch(opt)
             key = (m.group(1) or m.group(3)) if m else opt
+            if (up := _UP.fullmatch(opt)) is not None:
+                if "up" in seen:
+                    raise InvalidArgument(f"option 'up' given twice in {text!r}")
+                seen.add("up")
+                fields["up_layers"] = tuple(int(x) for x in up.group(1).split("."))
+                continue
             if key in ("pe", "adapt", "keep"):
                 key = "eviction"
             if key in ("kc", "kt"):
@@ -276,6 +294,8 @@ class CodecSpec:
                 parts.append("nf")
             if self.rope_theta:
                 parts.append(f"pr{self.rope_theta}")
+            if self.up_layers:
+                parts.append("up" + ".".join(map(str, self.up_layers)))
         elif self.kind == "fp8":
             parts = ["fp8", f"g{self.group_size}"]
         else:
@@ -292,6 +312,11 @@ class CodecSpec:
                 parts.append(f"lo{self.low}")
             parts.append(f"r{self.recent}")
         return "-".join(parts)
+
+    def layer_bits(self, layer: int) -> tuple[int, int]:
+        """(key bits, value bits) of ``layer``: one more for each in ``up_layers``."""
+        extra = 1 if layer in self.up_layers else 0
+        return self.key_bits + extra, self.value_bits + extra
 
     @property
     def name(self) -> str:
