@@ -55,7 +55,6 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMappi
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl, urlencode
 
 import grpc
 
@@ -63,7 +62,7 @@ from deltastore.errors import AuthError, DeltaStoreError, InvalidArgument, NotFo
 from deltastore.manifest import check_name
 from deltastore.server.auth_file import DIGEST, AuthFile, Identity, parse_auth_file, read_auth_file
 from deltastore.server.handlers import Handler
-from deltastore.server.principal import HOME_ALIASES, Access, Principal, Role, run_as
+from deltastore.server.principal import HOME_ALIASES, Access, Principal, Role, acting_as, run_as
 from deltastore.server.status import error_body, grpc_code, http_status
 from deltastore.v1.protocol import ERROR_TYPE_KEY
 
@@ -292,23 +291,15 @@ class HttpAuth:
             if path in OPS_PATHS or (path == SAVINGS_PATH and principal.role is Role.OPS):
                 if principal.role is not Role.OPS:
                     raise PermissionDenied(f"{path} is for ops keys")
-            elif path == SAVINGS_PATH or (path.startswith(SESSIONS_PREFIX) and path.count("/") == 3):
-                scope = self._scoped(scope, principal)
-            else:
+            elif not (path == SAVINGS_PATH or (path.startswith(SESSIONS_PREFIX) and path.count("/") == 3)):
                 raise NotFound(f"no route {path}")
         except DeltaStoreError as exc:
             await _json_error(send, exc)
             return
-        await self.app(scope, receive, send)
-
-    @staticmethod
-    def _scoped(scope: Scope, principal: Principal) -> Scope:
-        """The request with its ``namespace`` query parameter replaced by the resolved one."""
-        query = parse_qsl(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True)
-        requested = next((v for k, v in reversed(query) if k == "namespace"), "")
-        namespace = principal.namespace_for(requested, Access.READ)
-        rest = [(k, v) for k, v in query if k != "namespace"]
-        return {**scope, "query_string": urlencode([*rest, ("namespace", namespace)]).encode()}
+        # The routes resolve their namespace from the principal (deltastore.server.principal),
+        # as the gRPC handlers do; the request itself is passed on as the caller sent it.
+        with acting_as(principal):
+            await self.app(scope, receive, send)
 
 
 async def _json_error(send: Send, exc: DeltaStoreError) -> None:

@@ -24,6 +24,7 @@ from deltastore import __version__
 from deltastore.errors import DeltaStoreError, InvalidArgument, NotFound
 from deltastore.manifest import NAME_PATTERN
 from deltastore.server.metrics import Metrics
+from deltastore.server.principal import Access, namespace_for, savings_namespace
 from deltastore.server.status import error_body, http_status
 
 __all__ = ["create_app"]
@@ -121,7 +122,7 @@ def create_app(store: Any, metrics: Metrics, *, ready: Callable[[], bool] = lamb
         "/v1/savings", summary="logical vs stored bytes and the factor of each layer", responses=_BAD_INPUT
     )
     def savings(namespace: str | None = _NAMESPACE) -> dict[str, Any]:
-        return store.savings(namespace)
+        return store.savings(savings_namespace(namespace or ""))
 
     @app.get(
         "/v1/sessions/{session}",
@@ -134,6 +135,7 @@ def create_app(store: Any, metrics: Metrics, *, ready: Callable[[], bool] = lamb
         ),
         namespace: str = Query(DEFAULT_NAMESPACE, pattern=NAMESPACE_PATTERN, description="tenant namespace"),
     ) -> dict[str, Any]:
+        namespace = namespace_for(namespace, Access.READ)
         snapshots = store.list_snapshots(namespace, session)
         if not snapshots:
             raise NotFound(f"session {session!r} has no snapshots in namespace {namespace!r}")

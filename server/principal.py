@@ -13,6 +13,7 @@ the same worker thread; a streaming response is produced step by step inside tha
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ __all__ = [
     "Access",
     "Principal",
     "Role",
+    "acting_as",
     "current_principal",
     "namespace_for",
     "run_as",
@@ -103,6 +105,17 @@ def savings_namespace(requested: str) -> str | None:
     if principal is None or principal.role is Role.OPS:
         return requested or None
     return principal.namespace_for(requested, Access.READ)
+
+
+@contextlib.contextmanager
+def acting_as(principal: Principal) -> Iterator[None]:
+    """The caller's principal for the block: the ops HTTP API's requests (one asyncio task each;
+    its sync routes run in a thread that copies the task's context, so they see it too)."""
+    token = _CURRENT.set(principal)
+    try:
+        yield
+    finally:
+        _CURRENT.reset(token)
 
 
 def run_as(
