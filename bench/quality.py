@@ -190,6 +190,13 @@ ENGINE_SPECS: tuple[str, ...] = (
     "k3v2-p8-sink4-z-hp16-pr100000",
     "k3v2-p8-sink4-z-pr100000",
     "k2v2-p8-sink4-z-hp32-pr100000",
+    # per-layer bits from codecs/data/calibration-smollm2.json (bench/quality_calibrate.py)
+    "k3v2-p8-sink4-z-pr100000-up18.20.23",
+    "k3v2-p8-sink4-z-pr100000-up14.17.18.20.23.24",
+    "k3v2-p8-sink4-z-pr100000-up5.7.8.14.17.18.20.21.23.24",
+    "k3v2-p8-sink4-z-hp16-pr100000-up18.20.23",
+    "k3v2-p8-sink4-z-hp16-pr100000-up14.17.18.20.23.24",
+    "k2v2-p8-sink4-z-pr100000-up18.20.23",
 )
 """The engine group: score-free, non-evicting specs (a paged cache needs every position and its
 kernels expose no attention weights), chosen on the tuning split (docs/results/quality_levers.md);

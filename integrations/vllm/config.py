@@ -19,7 +19,9 @@ max_kl                 none        instead of ``codec``: a quality budget (mean 
                                    ratio whose KL (upper end of its 95% interval) fits it
                                    (``deltastore codecs --max-kl X --engine``); a tier with keys
                                    before RoPE (``pr<T>``) takes this model's rope_theta, and
-                                   models without plain RoPE pick among the other tiers
+                                   models without plain RoPE pick among the other tiers; tiers
+                                   with per-layer bits (``up<layers>``, calibrated for one
+                                   model) are never picked, only named as ``codec``
 shm_dir                none        the server's ``--shm-dir`` as mounted here (same host)
 lookup_timeout_s       1.0         deadline of a LookupPrefix (scheduler, on the request's path)
 load_timeout_s         10.0        deadline of a GetPrefix (worker, before the forward pass)
@@ -137,7 +139,9 @@ def _codec_for_budget(max_kl: object, codec: object, rope_theta: int | None) -> 
     A tier with keys before RoPE was measured at its table model's theta; with this model's
     theta its keys are this model's pre-RoPE keys. A wrong theta would never corrupt data (decode
     inverts exactly what encode removed), only lose the gain, but without a plain-RoPE theta the
-    pick is made among the tiers without ``pr<T>``, whose figures then hold as measured."""
+    pick is made among the tiers without ``pr<T>``, whose figures then hold as measured. Tiers
+    with ``up<layers>`` name the layers one model's calibration found sensitive (another model's
+    layers would be arbitrary, or past its depth), so a budget never picks them."""
     if codec is not None:
         raise InvalidArgument(
             "DeltaStoreConnector: give either codec or max_kl in kv_connector_extra_config, not both",
@@ -146,8 +150,15 @@ def _codec_for_budget(max_kl: object, codec: object, rope_theta: int | None) -> 
     if isinstance(max_kl, bool) or not isinstance(max_kl, int | float) or not max_kl >= 0:
         raise InvalidArgument(f"DeltaStoreConnector: max_kl must be a number >= 0, got {max_kl!r}")
     table = load_table(engine=True)
-    if rope_theta is None:
-        table = {**table, "points": [p for p in table["points"] if not _before_rope(p["spec"])]}
+    table = {
+        **table,
+        "points": [
+            p
+            for p in table["points"]
+            if not _has_option(p["spec"], "up")
+            and (rope_theta is not None or not _has_option(p["spec"], "pr"))
+        ],
+    }
     try:
         spec = CodecSpec.parse(pick_tier(float(max_kl), table=table, engine=True))
         if spec.rope_theta and rope_theta is not None:
@@ -160,9 +171,11 @@ def _codec_for_budget(max_kl: object, codec: object, rope_theta: int | None) -> 
         ) from exc
 
 
-def _before_rope(spec: str) -> bool:
-    """The spec (possibly one this build cannot parse) has option pr<T>."""
-    return any(opt.startswith("pr") for opt in spec.split("-")[1:])
+def _has_option(spec: str, option: str) -> bool:
+    """The spec (possibly one this build cannot parse) has ``option`` (``pr``: pr<T>, ``up``: up<layers>)."""
+    return any(
+        opt.startswith(option) and opt[len(option) : len(option) + 1].isdigit() for opt in spec.split("-")[1:]
+    )
 
 
 def plain_rope_theta(hf_config: Any) -> int | None:

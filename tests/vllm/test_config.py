@@ -64,7 +64,8 @@ def test_max_kl_picks_the_engine_tier_for_the_budget(budget: float) -> None:
     cfg = ConnectorConfig.from_extra(
         {"target": "x:1", "max_kl": budget}, rope_theta=100000
     )  # the table's model
-    assert cfg.codec == CodecSpec.parse(pick_tier(budget, engine=True)).canonical()
+    usable = [p for p in load_table(engine=True)["points"] if not CodecSpec.parse(p["spec"]).up_layers]
+    assert cfg.codec == CodecSpec.parse(pick_tier(budget, engine=True, table={"points": usable})).canonical()
     assert not CodecSpec.parse(cfg.codec).evicts and cfg.max_kl == budget
     point = next(
         p for p in load_table(engine=True)["points"] if CodecSpec.parse(p["spec"]).canonical() == cfg.codec
@@ -103,8 +104,10 @@ def test_max_kl_tiers_with_keys_before_rope_take_the_models_theta(budget: float)
     with_rope = CodecSpec.parse(ConnectorConfig.from_extra({"target": "x:1", "max_kl": budget}, 500000).codec)
     without = CodecSpec.parse(ConnectorConfig.from_extra({"target": "x:1", "max_kl": budget}).codec)
     assert not without.rope_theta
-    picked = CodecSpec.parse(pick_tier(budget, engine=True))
+    assert not with_rope.up_layers  # calibrated for one model: never picked by a budget
+    points = [p for p in load_table(engine=True)["points"] if not CodecSpec.parse(p["spec"]).up_layers]
+    picked = CodecSpec.parse(pick_tier(budget, engine=True, table={"points": points}))
     assert with_rope.rope_theta == (500000 if picked.rope_theta else 0)
     assert dataclasses.replace(with_rope, rope_theta=picked.rope_theta) == picked
-    plain = [p for p in load_table(engine=True)["points"] if not CodecSpec.parse(p["spec"]).rope_theta]
+    plain = [p for p in points if not CodecSpec.parse(p["spec"]).rope_theta]
     assert without == CodecSpec.parse(pick_tier(budget, engine=True, table={"points": plain}))
