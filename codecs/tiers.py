@@ -4,8 +4,9 @@ Two shipped tables. ``engine_tiers.json``: engine-usable tiers (no eviction, no 
 what a paged engine cache such as vLLM's can take), measured on the *report* split of the shipped
 corpus (``deltastore bench quality --groups engine --split report --recommend ...``), each point
 with its mean KL and the upper end of its 95% bootstrap interval over windows; a budget is met
-only at that upper end. ``recommended_tiers.json``: every dedup-safe tier, from the earlier
-protocol (8 windows of one prose text and a Vim changelog; not re-measured on the split).
+only at that upper end. ``recommended_tiers.json``: every dedup-safe tier, eviction included
+(the engine rows plus eviction rows chosen on the tuning split), on the same report windows,
+budgets likewise at the upper end of the interval.
 
 ``recommend(doc, *others)`` keeps the dedup-safe rows of a full ``deltastore bench quality`` run
 (their eviction never depends on tokens after a stored block; stored in the run's block size;

@@ -32,10 +32,11 @@ HERE = Path(__file__).parent
 TEXT = (Path(__file__).parents[2] / "bench" / "data" / "gardiner_french_revolution.txt").read_text()
 
 
-def connector_kv(target: str, codec: str = "lossless", **extra: Any) -> dict[str, Any]:
-    """A DeltaStore kv_transfer_config with short timeouts (tests must not stall)."""
+def connector_kv(target: str, codec: str | None = "lossless", **extra: Any) -> dict[str, Any]:
+    """A DeltaStore kv_transfer_config with short timeouts (tests must not stall); ``codec`` None:
+    none given (``max_kl`` in ``extra`` picks it)."""
     opts = {
-        "codec": codec,
+        **({"codec": codec} if codec is not None else {}),
         "cooldown_s": 0.3,
         "lookup_timeout_s": 1.0,
         "load_timeout_s": 5.0,

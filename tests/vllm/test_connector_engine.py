@@ -101,6 +101,28 @@ def test_fresh_engine_restores_k4v4_and_reports_agreement(
     assert a[0] == b[0], "k4v4 changed the very first greedy token"
 
 
+def test_fresh_engine_restores_the_max_kl_tier_with_keys_before_rope(
+    tmp_path: Path, model_dir: Path, server: ServerProcess, base: dict[str, Any]
+) -> None:
+    """max_kl 0.02 on SmolLM2 (plain RoPE, theta 100000) is k4v2-p8-sink4-z-hp16-pr100000: keys
+    leave vLLM's paged cache post-RoPE, are stored before RoPE and come back re-rotated."""
+    phases = [
+        {"prompts": [base["prompt"]], "max_tokens": ANSWER},
+        {"prompts": [base["prompt"]], "max_tokens": ANSWER, "reset": True},
+    ]
+    kv = connector_kv(server.target, codec=None, max_kl=0.02)
+    cold, restored = fresh_engine(tmp_path, model_dir, kv, phases)
+    assert cold["delta"]["tokens_loaded"] == 0  # its own codec chain
+    assert restored["delta"]["tokens_loaded"] == (len(base["prompt"]) - 1) // 128 * 128
+    assert restored["delta"]["load_errors"] == 0
+    a, b = base["hit"], restored["tokens"][0]
+    agree = sum(x == y for x, y in zip(a, b, strict=True)) / len(a)
+    (tmp_path.parent / "max_kl_agreement.json").write_text(json.dumps({"agreement": agree}))
+    assert a[0] == b[0], "the max_kl tier changed the very first greedy token"
+    # the same tokens as the lossless base run, stored ~4.7x smaller (4.96x against lossless's 1.04x)
+    assert base["delta"]["bytes_written"] > 3 * cold["delta"]["bytes_written"]
+
+
 def test_multi_turn_loads_earlier_turns_and_writes_only_new_tokens(
     llm: Any, server: ServerProcess, texts: dict[str, list[int]]
 ) -> None:
