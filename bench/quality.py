@@ -201,7 +201,8 @@ ENGINE_SPECS: tuple[str, ...] = (
 """The engine group: score-free, non-evicting specs (a paged cache needs every position and its
 kernels expose no attention weights), chosen on the tuning split (docs/results/quality_levers.md);
 ``deltastore bench quality --groups engine --split report --per-doc 2`` regenerates
-docs/results/quality-engine.* from them."""
+docs/results/quality-engine.* from them. The ``pr100000`` and ``up<layers>`` rows are SmolLM2's
+(its rope_theta, its calibration): with another ``--model``, name its own rows with ``--specs``."""
 
 
 def engine_configs(block: int, specs: str | None = None) -> list[Any]:
