@@ -22,7 +22,7 @@ Store and LMDB variables (the server's are listed in ``deltastore.server.setting
 | ``DELTASTORE_EXPIRE_BATCH`` | expired sessions deleted per put, at most | 16 |
 | ``DELTASTORE_LMDB_MAP_SIZE`` | initial LMDB map size | 1 GiB |
 | ``DELTASTORE_LMDB_MAX_MAP_SIZE`` | the map never grows past this | 256 GiB |
-| ``DELTASTORE_LMDB_SYNC`` | ``1``: fdatasync per commit (power-loss safe); ``0``: kill -9 safe only | 1 |
+| ``DELTASTORE_LMDB_SYNC`` | ``1``/``on``/``true``/``yes``: fdatasync per commit (power-loss safe); ``0``/``off``/``false``/``no``: kill -9 safe only; anything else is refused | 1 |
 
 A store variable set to the empty string counts as unset.
 """
@@ -161,7 +161,7 @@ class Config(BaseSettings):
         env_prefix=ENV_PREFIX, env_prefix_target="all", frozen=True, extra="forbid", validate_by_name=True
     )
 
-    def __init__(self, _spelled: Mapping[str, str] | None = None, **values: Any) -> None:
+    def __init__(self, *, _spelled: Mapping[str, str] | None = None, **values: Any) -> None:
         """Validate ``values``; ``_spelled``: how the caller wrote each one (see :meth:`load`)."""
         try:
             super().__init__(**values)

@@ -139,7 +139,9 @@ class StallGuard:
                     grpc.StatusCode.RESOURCE_EXHAUSTED,
                     f"at most {self.max_watches} health watches at once; poll Health/Check instead",
                 )
-            context.add_callback(self._watch_ended)
+            if not context.add_callback(self._watch_ended):
+                self._watch_ended()  # the call ended already: its callback would never run
+                return None
             return inner(request, context, send_response_callback=send_response_callback)
 
         watch.experimental_non_blocking = True  # type: ignore[attr-defined]

@@ -30,18 +30,23 @@ _Status = int  # a health_pb2.HealthCheckResponse.ServingStatus value
 
 
 class _Watcher:
-    """One Watch stream: its sends in order, each status once, the last one always the newest.
+    """One Watch stream: each status once, and the last one sent always the newest.
 
-    Its lock only orders this stream's sends; the servicer's lock is never held while sending.
+    ``tell`` reads the service's status when it sends (not when a caller recorded it), under this
+    stream's own lock, so concurrent ``set`` calls cannot reach the stream in reverse order. Lock
+    order: a watcher's lock, then (briefly) the servicer's; the servicer's lock is never held while
+    sending.
     """
 
-    def __init__(self, send: _Send) -> None:
+    def __init__(self, send: _Send, current: Callable[[], _Status]) -> None:
         self.send = send
+        self._current = current
         self._lock = threading.Lock()
         self._last: _Status | None = None
 
-    def tell(self, status: _Status) -> None:
+    def tell(self) -> None:
         with self._lock:
+            status = self._current()
             if status != self._last:
                 self._last = status
                 self.send(health_pb2.HealthCheckResponse(status=status))  # False once the call ended
@@ -77,16 +82,13 @@ class HealthServicer(health_pb2_grpc.HealthServicer):
             )
             return  # abort raised already
         service = request.service
-        watcher = _Watcher(send_response_callback)
+        watcher = _Watcher(send_response_callback, lambda: self._locked_current(service))
         with self._lock:
-            status = self._current(service)
             self._watchers.setdefault(service, set()).add(watcher)
-        context.add_callback(lambda: self._forget(service, watcher))
-        watcher.tell(status)
-        # A set() racing the send above may have reached this stream first: end on the newest.
-        with self._lock:
-            status = self._current(service)
-        watcher.tell(status)
+        if not context.add_callback(lambda: self._forget(service, watcher)):
+            self._forget(service, watcher)  # the call ended already: its callback would never run
+            return
+        watcher.tell()
 
     Watch.experimental_non_blocking = True  # type: ignore[attr-defined]  # grpc: call with a send callback
     Watch.experimental_thread_pool = None  # type: ignore[attr-defined]
@@ -98,7 +100,7 @@ class HealthServicer(health_pb2_grpc.HealthServicer):
                 return
             watchers = self._record(service, status)
         for watcher in watchers:
-            watcher.tell(status)
+            watcher.tell()
 
     def enter_graceful_shutdown(self) -> None:
         """Every service NOT_SERVING, for good: later ``set`` calls are ignored."""
@@ -109,10 +111,11 @@ class HealthServicer(health_pb2_grpc.HealthServicer):
             self._shutting_down = True
             watchers = [w for service in list(self._status) for w in self._record(service, not_serving)]
         for watcher in watchers:
-            watcher.tell(not_serving)
+            watcher.tell()
 
-    def _current(self, service: str) -> _Status:
-        return self._status.get(service, health_pb2.HealthCheckResponse.SERVICE_UNKNOWN)
+    def _locked_current(self, service: str) -> _Status:
+        with self._lock:
+            return self._status.get(service, health_pb2.HealthCheckResponse.SERVICE_UNKNOWN)
 
     def _record(self, service: str, status: _Status) -> list[_Watcher]:
         """Store the status; the watchers to tell (the caller holds the lock)."""

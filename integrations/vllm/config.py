@@ -178,10 +178,37 @@ def _has_option(spec: str, option: str) -> bool:
     )
 
 
+# Architectures whose attention applies RoPE as ``pr<T>`` models it: NeoX layout (the two halves
+# of each head rotate together), every channel, one theta for every layer. GPT-J's interleaved
+# layout (gptj, chatglm, ...), per-layer thetas (gemma3's local/global) and MLA are left out: a
+# ``pr<T>`` block still decodes exactly there, but its measured KL would not hold.
+NEOX_ROPE_MODELS = frozenset(
+    {
+        "llama",
+        "mistral",
+        "mixtral",
+        "qwen2",
+        "qwen2_moe",
+        "qwen3",
+        "qwen3_moe",
+        "gemma",
+        "gemma2",
+        "granite",
+        "olmo",
+        "olmo2",
+        "starcoder2",
+        "phi3",
+    }
+)
+
+
 def plain_rope_theta(hf_config: Any) -> int | None:
-    """The model's RoPE theta when its RoPE is what ``pr<T>`` removes: every channel rotated
-    (no partial rotary), no scaling, a whole-number theta; else None."""
+    """The model's RoPE theta when its RoPE is what ``pr<T>`` removes: a NeoX-layout architecture
+    (:data:`NEOX_ROPE_MODELS`), every channel rotated (no partial rotary), no scaling, a
+    whole-number theta; else None."""
     cfg = hf_config.to_dict() if hasattr(hf_config, "to_dict") else dict(hf_config or {})
+    if cfg.get("model_type") not in NEOX_ROPE_MODELS:
+        return None
     params = cfg.get("rope_parameters") or {}
     scaling = cfg.get("rope_scaling") or params
     theta = params.get("rope_theta", cfg.get("rope_theta"))

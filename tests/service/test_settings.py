@@ -112,3 +112,10 @@ def test_only_the_settings_module_reads_the_environment() -> None:
         and any(word in path.read_text(encoding="utf-8") for word in ("os.environ", "getenv("))
     ]
     assert readers == ["deltastore/settings.py"]
+
+
+def test_positional_arguments_are_refused() -> None:
+    """``StoreConfig(256)`` once meant block_size=256; it must not be taken silently as something else."""
+    with pytest.raises(TypeError):
+        StoreConfig(256)  # type: ignore[misc]
+    assert StoreConfig(block_size=256).block_size == 256

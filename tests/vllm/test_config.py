@@ -84,11 +84,23 @@ def test_max_kl_is_exclusive_with_codec_and_must_be_a_budget() -> None:
 @pytest.mark.parametrize(
     ("hf", "theta"),
     [
-        ({"rope_theta": 500000.0}, 500000),
-        ({"rope_parameters": {"rope_theta": 100000.0, "rope_type": "default"}}, 100000),
-        ({"rope_theta": 500000.0, "rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, None),
-        ({"rope_theta": 10000.0, "partial_rotary_factor": 0.5}, None),
-        ({"rope_theta": 10000.5}, None),
+        ({"model_type": "llama", "rope_theta": 500000.0}, 500000),
+        (
+            {"model_type": "qwen2", "rope_parameters": {"rope_theta": 100000.0, "rope_type": "default"}},
+            100000,
+        ),
+        (
+            {
+                "model_type": "llama",
+                "rope_theta": 500000.0,
+                "rope_scaling": {"rope_type": "llama3", "factor": 8.0},
+            },
+            None,
+        ),
+        ({"model_type": "phi3", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}, None),
+        ({"model_type": "llama", "rope_theta": 10000.5}, None),
+        ({"model_type": "gptj", "rope_theta": 10000.0}, None),  # interleaved (GPT-J) layout
+        ({"rope_theta": 10000.0}, None),  # architecture unknown
         ({}, None),
     ],
 )
