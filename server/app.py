@@ -150,7 +150,7 @@ class Service:
         if self.settings.http_address:
             sock = _bind(self.settings.http_address)
             self.http_port = sock.getsockname()[1]
-            app = create_app(store, self.metrics, ready=self.ready)
+            app = create_app(store, self.metrics, ready=self.ready, auth_on=policy is not None)
             served = HttpAuth(app, policy) if policy else app
             config = uvicorn.Config(
                 served,

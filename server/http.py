@@ -50,13 +50,17 @@ _BAD_INPUT: dict[int | str, dict[str, Any]] = {400: {"model": ErrorBody, "descri
 _NAMESPACE = Query(None, pattern=NAMESPACE_PATTERN, description="tenant namespace; none: the whole store")
 
 
-def create_app(store: Any, metrics: Metrics, *, ready: Callable[[], bool] = lambda: True) -> FastAPI:
+def create_app(
+    store: Any, metrics: Metrics, *, ready: Callable[[], bool] = lambda: True, auth_on: bool = False
+) -> FastAPI:
     """Build the ops app over ``store``.
 
     Args:
         store: the ``deltastore.store.Store`` the gRPC service uses.
         metrics: the server's metrics (exposed at ``/metrics``; HTTP requests are counted there).
         ready: False while the process starts or drains; ``/readyz`` answers 503 then.
+        auth_on: the app is served behind ``deltastore.server.auth.HttpAuth``: every request must
+            carry the principal it sets (a route reached without one is refused, not served open).
     """
     app = FastAPI(
         title="DeltaStore ops API",
@@ -122,7 +126,7 @@ def create_app(store: Any, metrics: Metrics, *, ready: Callable[[], bool] = lamb
         "/v1/savings", summary="logical vs stored bytes and the factor of each layer", responses=_BAD_INPUT
     )
     def savings(namespace: str | None = _NAMESPACE) -> dict[str, Any]:
-        return store.savings(savings_namespace(namespace or ""))
+        return store.savings(savings_namespace(namespace or "", auth_on=auth_on))
 
     @app.get(
         "/v1/sessions/{session}",
@@ -135,7 +139,7 @@ def create_app(store: Any, metrics: Metrics, *, ready: Callable[[], bool] = lamb
         ),
         namespace: str = Query(DEFAULT_NAMESPACE, pattern=NAMESPACE_PATTERN, description="tenant namespace"),
     ) -> dict[str, Any]:
-        namespace = namespace_for(namespace, Access.READ)
+        namespace = namespace_for(namespace, Access.READ, auth_on=auth_on)
         snapshots = store.list_snapshots(namespace, session)
         if not snapshots:
             raise NotFound(f"session {session!r} has no snapshots in namespace {namespace!r}")

@@ -88,20 +88,33 @@ def current_principal() -> Principal | None:
     return _CURRENT.get()
 
 
-def namespace_for(requested: str, access: Access) -> str:
-    """The namespace this call acts in: checked against the caller's grants (auth on), or as asked."""
+def _authenticated(auth_on: bool) -> Principal | None:
+    """The call's principal; None only with auth off. Fails closed: with auth on, a handler that
+    runs without one (its call's context lost on the way: another thread pool, a new layer out of
+    order) is refused, never served as if auth were off."""
     principal = _CURRENT.get()
+    if principal is None and auth_on:
+        raise PermissionDenied(
+            "this call reached its handler without an authenticated caller",
+            hint="a server bug: report it (the call was refused, nothing was read or written)",
+        )
+    return principal
+
+
+def namespace_for(requested: str, access: Access, *, auth_on: bool) -> str:
+    """The namespace this call acts in: checked against the caller's grants (auth on), or as asked."""
+    principal = _authenticated(auth_on)
     if principal is None:
         return requested or DEFAULT_NAMESPACE
     return principal.namespace_for(requested, access)
 
 
-def savings_namespace(requested: str) -> str | None:
+def savings_namespace(requested: str, *, auth_on: bool) -> str | None:
     """The namespace whose savings a call reads (None: the whole store).
 
     Ops keys (and callers with auth off) read any namespace or the total; a tenant reads its own.
     """
-    principal = _CURRENT.get()
+    principal = _authenticated(auth_on)
     if principal is None or principal.role is Role.OPS:
         return requested or None
     return principal.namespace_for(requested, Access.READ)

@@ -142,6 +142,7 @@ class DeltaStoreService(pb_grpc.DeltaStoreServicer):
         self._store = store
         self._settings = settings
         self._metrics = metrics
+        self._auth_on = bool(settings.auth_file)  # then every call must carry a principal
         self._shm: ShmExporter | MemfdExporter | None = None
         if settings.shm_dir:
             exporter = MemfdExporter if settings.shm_mode == "memfd" else ShmExporter
@@ -206,7 +207,7 @@ class DeltaStoreService(pb_grpc.DeltaStoreServicer):
         self, request: pb.PlanSnapshotRequest, context: grpc.ServicerContext
     ) -> pb.PlanSnapshotResponse:
         with self._rpc("PlanSnapshot", context):
-            namespace = namespace_for(request.namespace, Access.READ)
+            namespace = namespace_for(request.namespace, Access.READ, auth_on=self._auth_on)
             codec = self._codec(request.codec)
             plan = self._store.plan_snapshot(
                 namespace,
@@ -228,7 +229,7 @@ class DeltaStoreService(pb_grpc.DeltaStoreServicer):
             if first is None or isinstance(first, WireChunk) or first.WhichOneof("part") != "header":
                 raise InvalidArgument("PutSnapshot must start with a header message")
             hdr = first.header
-            namespace = namespace_for(hdr.namespace, Access.WRITE)
+            namespace = namespace_for(hdr.namespace, Access.WRITE, auth_on=self._auth_on)
             codec = self._codec(hdr.codec)
             model = _required("model", hdr.model)
             tokens = self._tokens(hdr.token_ids)
@@ -322,7 +323,7 @@ class DeltaStoreService(pb_grpc.DeltaStoreServicer):
     ) -> Iterator[pb.GetSnapshotResponse | bytes]:
         """The info, then every payload as pre-serialized chunk messages (see ``_add_service``)."""
         with self._rpc("GetSnapshot", context):
-            namespace = namespace_for(request.namespace, Access.READ)
+            namespace = namespace_for(request.namespace, Access.READ, auth_on=self._auth_on)
             yield from self._stream_snapshot("GetSnapshot", self._open_snapshot(request, namespace), context)
 
     def GetPrefix(
@@ -330,7 +331,7 @@ class DeltaStoreService(pb_grpc.DeltaStoreServicer):
     ) -> Iterator[pb.GetSnapshotResponse | bytes]:
         """The stored leading segments of the caller's tokens in its own domain, as GetSnapshot streams."""
         with self._rpc("GetPrefix", context):
-            namespace = namespace_for(request.namespace, Access.READ)
+            namespace = namespace_for(request.namespace, Access.READ, auth_on=self._auth_on)
             snap = self._store.get_prefix(
                 namespace,
                 model=_required("model", request.model),
@@ -364,7 +365,7 @@ class DeltaStoreService(pb_grpc.DeltaStoreServicer):
         self, request: pb.GetSnapshotRequest, context: grpc.ServicerContext
     ) -> pb.GetSnapshotShmResponse:
         with self._rpc("GetSnapshotShm", context):
-            namespace = namespace_for(request.namespace, Access.READ)
+            namespace = namespace_for(request.namespace, Access.READ, auth_on=self._auth_on)
             if self._shm is None:
                 raise NotConfigured(
                     "this server has no shared-memory directory",
@@ -389,7 +390,7 @@ class DeltaStoreService(pb_grpc.DeltaStoreServicer):
         self, request: pb.LookupPrefixRequest, context: grpc.ServicerContext
     ) -> pb.LookupPrefixResponse:
         with self._rpc("LookupPrefix", context):
-            namespace = namespace_for(request.namespace, Access.READ)
+            namespace = namespace_for(request.namespace, Access.READ, auth_on=self._auth_on)
             matched = self._store.lookup_prefix(
                 namespace,
                 model=_required("model", request.model),
@@ -400,7 +401,7 @@ class DeltaStoreService(pb_grpc.DeltaStoreServicer):
 
     def HasBlocks(self, request: pb.HasBlocksRequest, context: grpc.ServicerContext) -> pb.HasBlocksResponse:
         with self._rpc("HasBlocks", context):
-            namespace = namespace_for(request.namespace, Access.READ)
+            namespace = namespace_for(request.namespace, Access.READ, auth_on=self._auth_on)
             keys = [bytes(k) for k in request.keys]
             if len(keys) > self._settings.max_tokens:
                 raise ResourceExhausted(
@@ -413,7 +414,7 @@ class DeltaStoreService(pb_grpc.DeltaStoreServicer):
         self, request: pb.DeleteSnapshotRequest, context: grpc.ServicerContext
     ) -> pb.DeleteSnapshotResponse:
         with self._rpc("DeleteSnapshot", context):
-            namespace = namespace_for(request.namespace, Access.WRITE)
+            namespace = namespace_for(request.namespace, Access.WRITE, auth_on=self._auth_on)
             freed = self._store.delete_snapshot(namespace, request.session, request.turn)
             return pb.DeleteSnapshotResponse(
                 freed_segments=freed.freed_segments, freed_bytes=freed.freed_bytes
@@ -423,7 +424,7 @@ class DeltaStoreService(pb_grpc.DeltaStoreServicer):
         self, request: pb.DeleteSessionRequest, context: grpc.ServicerContext
     ) -> pb.DeleteSessionResponse:
         with self._rpc("DeleteSession", context):
-            namespace = namespace_for(request.namespace, Access.WRITE)
+            namespace = namespace_for(request.namespace, Access.WRITE, auth_on=self._auth_on)
             freed = self._store.delete_session(namespace, request.session)
             return pb.DeleteSessionResponse(
                 deleted_snapshots=freed.deleted_snapshots,
@@ -435,7 +436,7 @@ class DeltaStoreService(pb_grpc.DeltaStoreServicer):
         self, request: pb.ListSnapshotsRequest, context: grpc.ServicerContext
     ) -> pb.ListSnapshotsResponse:
         with self._rpc("ListSnapshots", context):
-            namespace = namespace_for(request.namespace, Access.READ)
+            namespace = namespace_for(request.namespace, Access.READ, auth_on=self._auth_on)
             infos = self._store.list_snapshots(namespace, request.session or None)
             return pb.ListSnapshotsResponse(snapshots=[_summary(s) for s in infos])
 
@@ -443,7 +444,7 @@ class DeltaStoreService(pb_grpc.DeltaStoreServicer):
         self, request: pb.GetSavingsRequest, context: grpc.ServicerContext
     ) -> pb.GetSavingsResponse:
         with self._rpc("GetSavings", context):
-            report = self._store.savings(savings_namespace(request.namespace))
+            report = self._store.savings(savings_namespace(request.namespace, auth_on=self._auth_on))
             return pb.GetSavingsResponse(
                 total=_savings(report),
                 namespaces={ns: _savings(r) for ns, r in (report.get("namespaces") or {}).items()},

@@ -6,17 +6,27 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from concurrent import futures
+from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
-from trust_helpers import KEY_ACME, KEY_OPS, auth_config
+from trust_helpers import KEY_ACME, KEY_OPS, auth_config, write_auth
 
 from deltastore.errors import PermissionDenied
 from deltastore.server.auth import AuthLayer, AuthPolicy
 from deltastore.server.handlers import Layered
-from deltastore.server.principal import Access, Principal, Role, current_principal, namespace_for
-from deltastore.server.service import SERVICE_NAME, method_handlers
+from deltastore.server.principal import (
+    Access,
+    Principal,
+    Role,
+    current_principal,
+    namespace_for,
+    savings_namespace,
+)
+from deltastore.server.service import SERVICE_NAME, create_server, method_handlers
+from deltastore.server.settings import ServerSettings
+from deltastore.store import Store
 from deltastore.v1 import deltastore_pb2 as pb
 from deltastore.v1 import deltastore_pb2_grpc as pb_grpc
 
@@ -30,7 +40,7 @@ class Recorder(pb_grpc.DeltaStoreServicer):
 
     def _see(self, method: str, requested: str, access: Access) -> None:
         self.threads.add(threading.current_thread())
-        self.seen[method] = (current_principal(), requested, namespace_for(requested, access))
+        self.seen[method] = (current_principal(), requested, namespace_for(requested, access, auth_on=True))
 
     def ListSnapshots(self, request: pb.ListSnapshotsRequest, context: Any) -> pb.ListSnapshotsResponse:
         self._see("ListSnapshots", request.namespace, Access.READ)
@@ -103,8 +113,16 @@ def test_refusals_keep_their_codes(served: tuple[Recorder, grpc.Channel]) -> Non
 
 
 def test_namespace_resolution_without_and_with_a_principal() -> None:
-    assert namespace_for("", Access.WRITE) == "default"  # auth off: as asked
-    assert namespace_for("anything", Access.WRITE) == "anything"
+    assert namespace_for("", Access.WRITE, auth_on=False) == "default"  # auth off: as asked
+    assert namespace_for("anything", Access.WRITE, auth_on=False) == "anything"
+    assert savings_namespace("", auth_on=False) is None  # the whole store
+    # Auth on and no principal (a handler that lost its call's context): refused, never open.
+    for resolve in (
+        lambda: namespace_for("anything", Access.READ, auth_on=True),
+        lambda: savings_namespace("", auth_on=True),
+    ):
+        with pytest.raises(PermissionDenied, match="without an authenticated caller"):
+            resolve()
     tenant = AuthPolicy(auth_config()).authenticate(KEY_ACME)
     assert tenant.namespace_for("default", Access.WRITE) == "acme"
     assert tenant.namespace_for("public", Access.READ) == "public"
@@ -112,3 +130,24 @@ def test_namespace_resolution_without_and_with_a_principal() -> None:
         tenant.namespace_for("public", Access.WRITE)
     with pytest.raises(PermissionDenied, match="may not use namespace 'globex'"):
         tenant.namespace_for("globex", Access.READ)
+
+
+def test_a_server_with_auth_refuses_calls_that_reach_handlers_without_a_principal(tmp_path: Path) -> None:
+    """Fail closed: the service configured with an auth file but served without its auth layer
+    (as if a change lost the principal on the way) refuses every namespaced call."""
+    settings = ServerSettings(auth_file=str(write_auth(tmp_path / "auth.json")))
+    with Store.open(tmp_path / "data") as store:
+        server, port = create_server(store, "127.0.0.1:0", settings=settings)  # no auth interceptor
+        try:
+            with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+                stub = pb_grpc.DeltaStoreStub(channel)
+                for call in (
+                    lambda: stub.ListSnapshots(pb.ListSnapshotsRequest(namespace="acme"), timeout=10),
+                    lambda: stub.GetSavings(pb.GetSavingsRequest(), timeout=10),
+                ):
+                    with pytest.raises(grpc.RpcError) as refused:
+                        call()
+                    assert refused.value.code() is grpc.StatusCode.PERMISSION_DENIED
+                    assert "without an authenticated caller" in (refused.value.details() or "")
+        finally:
+            server.stop(None)
