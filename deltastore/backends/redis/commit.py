@@ -1,7 +1,7 @@
 """Writes: one writer at a time per store, under a leased lock, committed by one fenced script.
 
-A transaction takes the store's write lock (redis-py's :class:`~redis.lock.Lock`: ``SET NX PX``
-with a random token, tried with redis-py's Retry and backoff until ``lock_wait_s`` or the call's
+A transaction takes the store's write lock (redis-py's :class:`~redis.lock.Lock` with an acquire
+that is safe to resend, :class:`ReplaySafeLock`: ``SET NX PX`` with a random token, tried with redis-py's Retry and backoff until ``lock_wait_s`` or the call's
 deadline), runs ``fn`` on a
 :class:`~deltastore.backends.redis.views.Batch`, then commits: it records each new payload's
 data key as an *intent* and renews the lease (the INTENT script, per 32 MiB of payloads),
@@ -62,6 +62,34 @@ def _lock_wait() -> Retry:
     return Retry(EqualJitterBackoff(cap=0.02, base=0.00025), -1, supported_errors=(_Busy,))
 
 
+class ReplaySafeLock(Lock):
+    """redis-py's Lock whose acquire may be resent: redis-py resends a command whose reply was lost
+    (the client's Retry), and a plain ``SET NX`` resent after the first one took the lock fails
+    against our own token, so the writer would wait out its own lease (15 s by default). One script,
+    one round trip per try as before: the lock is ours if it already holds our token."""
+
+    LUA_ACQUIRE_SCRIPT = """
+    local held = redis.call('get', KEYS[1])
+    if held == ARGV[1] then return 1 end
+    if held then return 0 end
+    redis.call('set', KEYS[1], ARGV[1], 'px', ARGV[2])
+    return 1
+    """
+    lua_acquire: Any = None
+
+    def register_scripts(self) -> None:
+        super().register_scripts()
+        cls = self.__class__
+        if cls.lua_acquire is None:
+            cls.lua_acquire = self.redis.register_script(cls.LUA_ACQUIRE_SCRIPT)
+
+    def do_acquire(self, token: str | bytes) -> bool:
+        lease_ms = int((self.timeout or 0) * 1000)
+        if lease_ms <= 0:
+            raise ValueError("the write lock needs a lease")
+        return bool(self.lua_acquire(keys=[self.name], args=[token, lease_ms], client=self.redis))
+
+
 class Writer:
     """The write path of one store: lock, payloads, commit, freeing."""
 
@@ -77,7 +105,10 @@ class Writer:
         left = deadline_left()
         give_up = time.monotonic() + (wait if left is None else min(wait, left))
         lock = self._m.client.lock(
-            self.lock_key, timeout=self.config.lock_lease_ms / 1000, thread_local=False
+            self.lock_key,
+            timeout=self.config.lock_lease_ms / 1000,
+            thread_local=False,
+            lock_class=ReplaySafeLock,
         )
         token = secrets.token_hex(16)
 
