@@ -28,6 +28,7 @@ from deltastore.client.results import (
 from deltastore.client.shm import decode_mapped
 from deltastore.client.sync import MAX_REPLANS, channel_options
 from deltastore.client.wire import (
+    DEFAULT_MAX_DECODED_BYTES,
     DEFAULT_NAMESPACE,
     PayloadCalls,
     PutRound,
@@ -73,6 +74,7 @@ class AsyncDeltaStoreClient:
         credentials: grpc.ChannelCredentials | None = None,
         interceptors: Sequence[aio.ClientInterceptor] = (),
         shm_dir: str | None = None,
+        max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES,
     ) -> None:
         options = channel_options(max_message_bytes)
         if credentials is None:
@@ -87,6 +89,7 @@ class AsyncDeltaStoreClient:
         self.chunk_bytes = chunk_bytes
         self.max_snapshot_bytes = max_snapshot_bytes
         self.shm_dir = shm_dir
+        self.max_decoded_bytes = max_decoded_bytes
 
     async def close(self) -> None:
         await self._channel.close()
@@ -190,7 +193,13 @@ class AsyncDeltaStoreClient:
             return reader.finish()
 
         config = None if isinstance(model, str) else getattr(model, "config", model)
-        decode: dict[str, Any] = {"device": device, "dtype": dtype, "as_cache": as_cache, "config": config}
+        decode: dict[str, Any] = {
+            "device": device,
+            "dtype": dtype,
+            "as_cache": as_cache,
+            "config": config,
+            "max_decoded_bytes": self.max_decoded_bytes,
+        }
         if self.shm_dir is not None:
             reply = await self._call(lambda t: self._stub.GetSnapshotShm(req, timeout=t), timeout)
             return await asyncio.to_thread(

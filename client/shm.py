@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from deltastore.client.results import RestoredSnapshot
-from deltastore.client.wire import decode_snapshot
+from deltastore.client.wire import DEFAULT_MAX_DECODED_BYTES, decode_snapshot
 from deltastore.errors import InvalidArgument, NotConfigured, ResourceExhausted
 from deltastore.v1 import deltastore_pb2 as pb
 from deltastore.v1.protocol import SHM_FD_PREFIX, SHM_FD_SOCKET, SHM_FILE_PREFIX
@@ -140,9 +140,16 @@ def decode_mapped(
     dtype: torch.dtype | None = None,
     as_cache: bool = True,
     config: Any = None,
+    max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES,
 ) -> RestoredSnapshot:
     """Decode the snapshot of a GetSnapshotShm reply straight from its file (see ``decode_snapshot``)."""
     with mapped_payloads(shm_dir, reply, max_bytes) as views:
         return decode_snapshot(
-            reply.info, views, device=device, dtype=dtype, as_cache=as_cache, config=config
+            reply.info,
+            views,
+            device=device,
+            dtype=dtype,
+            as_cache=as_cache,
+            config=config,
+            max_decoded_bytes=max_decoded_bytes,
         )

@@ -26,6 +26,7 @@ from deltastore.client.results import (
 )
 from deltastore.client.shm import decode_mapped
 from deltastore.client.wire import (
+    DEFAULT_MAX_DECODED_BYTES,
     DEFAULT_NAMESPACE,
     PayloadCalls,
     PutRound,
@@ -77,6 +78,9 @@ class DeltaStoreClient:
         interceptors: client interceptors (e.g. auth metadata).
         shm_dir: the server's ``--shm-dir`` as mounted here (same host): snapshots are read through
             it (GetSnapshotShm) instead of the stream. None: the stream.
+        max_decoded_bytes: most bytes one snapshot may decode into (tensors and zstd sections, as
+            the payloads declare them, checked before anything is decoded): ResourceExhausted
+            beyond. Lower it to what this host can hold (default 64 GiB).
     """
 
     def __init__(
@@ -92,6 +96,7 @@ class DeltaStoreClient:
         credentials: grpc.ChannelCredentials | None = None,
         interceptors: Sequence[grpc.UnaryUnaryClientInterceptor] = (),
         shm_dir: str | None = None,
+        max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES,
     ) -> None:
         options = channel_options(max_message_bytes)
         if credentials is None:
@@ -113,6 +118,7 @@ class DeltaStoreClient:
         self.chunk_bytes = chunk_bytes
         self.max_snapshot_bytes = max_snapshot_bytes
         self.shm_dir = shm_dir
+        self.max_decoded_bytes = max_decoded_bytes
 
     def close(self) -> None:
         self._raw_channel.close()
@@ -231,7 +237,13 @@ class DeltaStoreClient:
             codec=codec,
         )
         config = None if isinstance(model, str) else getattr(model, "config", model)
-        decode: dict[str, Any] = {"device": device, "dtype": dtype, "as_cache": as_cache, "config": config}
+        decode: dict[str, Any] = {
+            "device": device,
+            "dtype": dtype,
+            "as_cache": as_cache,
+            "config": config,
+            "max_decoded_bytes": self.max_decoded_bytes,
+        }
         if self.shm_dir is not None:
             reply = self._call(lambda t: self._stub.GetSnapshotShm(req, timeout=t), timeout)
             return decode_mapped(self.shm_dir, reply, self.max_snapshot_bytes, **decode)
@@ -280,7 +292,14 @@ class DeltaStoreClient:
         )
         if not info.segments:
             return None
-        return decode_snapshot(info, payloads, device=device, dtype=dtype, as_cache=False)
+        return decode_snapshot(
+            info,
+            payloads,
+            device=device,
+            dtype=dtype,
+            as_cache=False,
+            max_decoded_bytes=self.max_decoded_bytes,
+        )
 
     def has_blocks(self, keys: Sequence[bytes], *, timeout: float | None = None) -> list[bool]:
         """Which of these 32-byte segment keys the store holds in this namespace."""

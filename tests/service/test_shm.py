@@ -16,7 +16,7 @@ from service_helpers import MODEL, make_cache, start_service
 from deltastore.client.aio import AsyncDeltaStoreClient
 from deltastore.client.shm import mapped_payloads
 from deltastore.client.sync import DeltaStoreClient
-from deltastore.errors import InvalidArgument, NotConfigured
+from deltastore.errors import InvalidArgument, NotConfigured, ResourceExhausted
 from deltastore.server.service import _on_this_host
 from deltastore.server.shm import ORPHAN_SECONDS, ShmExporter
 from deltastore.v1 import deltastore_pb2 as pb
@@ -216,3 +216,42 @@ def test_client_refuses_a_file_of_the_wrong_size(tmp_path: Path) -> None:
     with pytest.raises(InvalidArgument, match="holds 5 bytes"), mapped_payloads(tmp_path, reply, 1 << 20):
         pass
     assert not (tmp_path / f"{PREFIX}x").exists()  # unlinked even so
+
+
+def test_the_clients_decode_limit_holds_on_every_read_path(tmp_path: Path) -> None:
+    """``max_decoded_bytes`` on the client: a snapshot that decodes into more is refused before
+    anything is decoded, through the stream, shared memory, the prefix read and the asyncio client."""
+    shm = tmp_path / "shm"
+    svc = start_service(tmp_path, shm_dir=str(shm), shm_peers="loopback")
+    try:
+        with DeltaStoreClient(_target(svc), timeout=20) as c:
+            c.put_snapshot("s", 0, TOKENS, make_cache(len(TOKENS)), model=MODEL, codec="lossless")
+            full = c.get_snapshot("s", 0, as_cache=False)
+        small = full.logical_bytes // 2  # half of what the snapshot decodes into
+        reads = {
+            "stream": lambda c: c.get_snapshot("s", 0, as_cache=False),
+            "prefix": lambda c: c.get_prefix(TOKENS, model=MODEL, codec="lossless"),
+        }
+        for name, read in reads.items():
+            with (
+                DeltaStoreClient(_target(svc), timeout=20, max_decoded_bytes=small) as c,
+                pytest.raises(ResourceExhausted, match="decoding this snapshot takes more"),
+            ):
+                read(c)
+            with DeltaStoreClient(_target(svc), timeout=20) as c:
+                assert read(c) is not None, name  # the default limit reads it
+        with (
+            DeltaStoreClient(_target(svc), timeout=20, shm_dir=str(shm), max_decoded_bytes=small) as c,
+            pytest.raises(ResourceExhausted, match="decoding this snapshot takes more"),
+        ):
+            c.get_snapshot("s", 0, as_cache=False)
+        assert list(shm.iterdir()) == []  # the refused export was unlinked all the same
+
+        async def aio_get() -> None:
+            async with AsyncDeltaStoreClient(_target(svc), timeout=20, max_decoded_bytes=small) as ac:
+                await ac.get_snapshot("s", 0, as_cache=False)
+
+        with pytest.raises(ResourceExhausted):
+            asyncio.run(aio_get())
+    finally:
+        svc.stop()
