@@ -34,6 +34,7 @@ from deltastore.client.wire import (
     PutRound,
     Retry,
     SnapshotReader,
+    decode_options,
     decode_snapshot,
     error_type,
     fingerprint,
@@ -192,14 +193,9 @@ class AsyncDeltaStoreClient:
                 reader.feed(msg)
             return reader.finish()
 
-        config = None if isinstance(model, str) else getattr(model, "config", model)
-        decode: dict[str, Any] = {
-            "device": device,
-            "dtype": dtype,
-            "as_cache": as_cache,
-            "config": config,
-            "max_decoded_bytes": self.max_decoded_bytes,
-        }
+        decode = decode_options(
+            model, device=device, dtype=dtype, as_cache=as_cache, max_decoded_bytes=self.max_decoded_bytes
+        )
         if self.shm_dir is not None:
             reply = await self._call(lambda t: self._stub.GetSnapshotShm(req, timeout=t), timeout)
             return await asyncio.to_thread(

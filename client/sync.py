@@ -31,6 +31,7 @@ from deltastore.client.wire import (
     PayloadCalls,
     PutRound,
     Retry,
+    decode_options,
     decode_snapshot,
     error_type,
     fingerprint,
@@ -236,14 +237,9 @@ class DeltaStoreClient:
             model=fingerprint(model) if model != "" else "",
             codec=codec,
         )
-        config = None if isinstance(model, str) else getattr(model, "config", model)
-        decode: dict[str, Any] = {
-            "device": device,
-            "dtype": dtype,
-            "as_cache": as_cache,
-            "config": config,
-            "max_decoded_bytes": self.max_decoded_bytes,
-        }
+        decode = decode_options(
+            model, device=device, dtype=dtype, as_cache=as_cache, max_decoded_bytes=self.max_decoded_bytes
+        )
         if self.shm_dir is not None:
             reply = self._call(lambda t: self._stub.GetSnapshotShm(req, timeout=t), timeout)
             return decode_mapped(self.shm_dir, reply, self.max_snapshot_bytes, **decode)

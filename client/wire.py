@@ -39,6 +39,7 @@ __all__ = [
     "PayloadCalls",
     "PutRound",
     "Retry",
+    "decode_options",
     "decode_snapshot",
     "encode_missing",
     "fingerprint",
@@ -363,6 +364,26 @@ def check_payloads(
             info.snapshot_id or "prefix", f"{len(info.token_ids)} tokens", f"segments to {pos}"
         )
     return total
+
+
+def decode_options(
+    model: Any,
+    *,
+    device: torch.device | str | None,
+    dtype: torch.dtype | None,
+    as_cache: bool,
+    max_decoded_bytes: int,
+) -> dict[str, Any]:
+    """The keyword arguments of :func:`decode_snapshot` (and ``decode_mapped``) for a get of both
+    clients: the HF config for ``as_cache`` comes from ``model`` (a fingerprint string has none)."""
+    config = None if isinstance(model, str) else getattr(model, "config", model)
+    return {
+        "device": device,
+        "dtype": dtype,
+        "as_cache": as_cache,
+        "config": config,
+        "max_decoded_bytes": max_decoded_bytes,
+    }
 
 
 def decode_snapshot(

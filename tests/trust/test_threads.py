@@ -7,6 +7,7 @@ before each stall deadline held its thread forever; one tenant's streams could t
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Iterator
@@ -147,31 +148,37 @@ def test_one_key_cannot_take_every_thread(tmp_path: Path, reliability) -> None:
     )
 
 
+@contextlib.contextmanager
+def _health_served(servicer: HealthServicer, workers: int = 2) -> Iterator[health_pb2_grpc.HealthStub]:
+    """``servicer`` alone on a loopback gRPC server; a stub to it."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers))
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            yield health_pb2_grpc.HealthStub(ch)
+    finally:
+        server.stop(0).wait()
+
+
 def test_shutdown_while_watchers_cancel_does_not_hang(reliability) -> None:
     """Before: grpc's HealthServicer sent to watchers under its lock while a cancelled watch's
     close callback (on the server's polling thread) waited for that lock: stop() hung for good
     (a CI run timed out on it; 23 of 40 tries hung in a loop like this one)."""
     rounds = 20
     for _ in range(rounds):
-        server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
         servicer = HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
-        port = server.add_insecure_port("127.0.0.1:0")
-        server.start()
-        try:
-            with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
-                stub = health_pb2_grpc.HealthStub(ch)
-                watches = [stub.Watch(health_pb2.HealthCheckRequest(), timeout=30) for _ in range(8)]
-                for w in watches:
-                    assert next(w).status == health_pb2.HealthCheckResponse.SERVING
-                for w in watches:
-                    w.cancel()
-                done = threading.Thread(target=servicer.enter_graceful_shutdown, daemon=True)
-                done.start()
-                done.join(10)
-                assert not done.is_alive(), "enter_graceful_shutdown hung while watchers cancelled"
-        finally:
-            server.stop(0).wait()
+        with _health_served(servicer, workers=4) as stub:
+            watches = [stub.Watch(health_pb2.HealthCheckRequest(), timeout=30) for _ in range(8)]
+            for w in watches:
+                assert next(w).status == health_pb2.HealthCheckResponse.SERVING
+            for w in watches:
+                w.cancel()
+            done = threading.Thread(target=servicer.enter_graceful_shutdown, daemon=True)
+            done.start()
+            done.join(10)
+            assert not done.is_alive(), "enter_graceful_shutdown hung while watchers cancelled"
     reliability.record(
         "8 Health/Watch streams cancelled just as the server shuts down, 20 times",
         rounds,
@@ -180,27 +187,19 @@ def test_shutdown_while_watchers_cancel_does_not_hang(reliability) -> None:
 
 
 def test_watch_sees_status_changes_and_shutdown() -> None:
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
     servicer = HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
     status = health_pb2.HealthCheckResponse
-    try:
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
-            stub = health_pb2_grpc.HealthStub(ch)
-            watch = stub.Watch(health_pb2.HealthCheckRequest(service="svc"), timeout=10)
-            assert next(watch).status == status.SERVICE_UNKNOWN
-            servicer.set("svc", status.SERVING)
-            assert next(watch).status == status.SERVING
-            assert stub.Check(health_pb2.HealthCheckRequest(service="svc")).status == status.SERVING
-            servicer.enter_graceful_shutdown()
-            assert next(watch).status == status.NOT_SERVING
-            servicer.set("svc", status.SERVING)  # ignored once shutting down
-            assert stub.Check(health_pb2.HealthCheckRequest(service="svc")).status == status.NOT_SERVING
-            with pytest.raises(grpc.RpcError) as err:
-                stub.Check(health_pb2.HealthCheckRequest(service="other"))
-            assert err.value.code() == grpc.StatusCode.NOT_FOUND
-            watch.cancel()
-    finally:
-        server.stop(0).wait()
+    with _health_served(servicer) as stub:
+        watch = stub.Watch(health_pb2.HealthCheckRequest(service="svc"), timeout=10)
+        assert next(watch).status == status.SERVICE_UNKNOWN
+        servicer.set("svc", status.SERVING)
+        assert next(watch).status == status.SERVING
+        assert stub.Check(health_pb2.HealthCheckRequest(service="svc")).status == status.SERVING
+        servicer.enter_graceful_shutdown()
+        assert next(watch).status == status.NOT_SERVING
+        servicer.set("svc", status.SERVING)  # ignored once shutting down
+        assert stub.Check(health_pb2.HealthCheckRequest(service="svc")).status == status.NOT_SERVING
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Check(health_pb2.HealthCheckRequest(service="other"))
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+        watch.cancel()
