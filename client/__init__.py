@@ -17,13 +17,14 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from deltastore.client.aio import AsyncDeltaStoreClient
-    from deltastore.client.results import Plan, PutResult, RestoredSnapshot, SnapshotSummary
+    from deltastore.client.results import FetchedPrefix, Plan, PutResult, RestoredSnapshot, SnapshotSummary
     from deltastore.client.sync import DeltaStoreClient
     from deltastore.client.wire import Retry
 
 __all__ = [
     "AsyncDeltaStoreClient",
     "DeltaStoreClient",
+    "FetchedPrefix",
     "Plan",
     "PutResult",
     "RestoredSnapshot",
@@ -34,6 +35,7 @@ __all__ = [
 _HOME = {
     "AsyncDeltaStoreClient": "deltastore.client.aio",
     "DeltaStoreClient": "deltastore.client.sync",
+    "FetchedPrefix": "deltastore.client.results",
     "Plan": "deltastore.client.results",
     "PutResult": "deltastore.client.results",
     "RestoredSnapshot": "deltastore.client.results",

@@ -18,6 +18,7 @@ from grpc import aio
 from deltastore.accounting import SavingsReport
 from deltastore.client.results import (
     Deleted,
+    FetchedPrefix,
     Plan,
     PutResult,
     RestoredSnapshot,
@@ -33,14 +34,17 @@ from deltastore.client.wire import (
     PayloadCalls,
     PutRound,
     Retry,
-    SnapshotReader,
+    checked_prefix,
     decode_options,
+    decode_prefix,
     decode_snapshot,
     error_type,
     fingerprint,
     has_blocks_request,
     plan_request,
+    prefix_request,
     put_requests,
+    read_snapshot_stream_async,
     remaining,
 )
 from deltastore.v1 import deltastore_pb2 as pb
@@ -187,12 +191,6 @@ class AsyncDeltaStoreClient:
             codec=codec,
         )
 
-        async def fetch(seconds: float) -> tuple[pb.SnapshotInfo, list[bytes | bytearray | memoryview]]:
-            reader = SnapshotReader(self.max_snapshot_bytes)
-            async for msg in self._payload_calls.get(req, timeout=seconds):
-                reader.feed(msg)
-            return reader.finish()
-
         decode = decode_options(
             model, device=device, dtype=dtype, as_cache=as_cache, max_decoded_bytes=self.max_decoded_bytes
         )
@@ -201,7 +199,12 @@ class AsyncDeltaStoreClient:
             return await asyncio.to_thread(
                 decode_mapped, self.shm_dir, reply, self.max_snapshot_bytes, **decode
             )
-        info, payloads = await self._call(fetch, timeout)
+        info, payloads = await self._call(
+            lambda t: read_snapshot_stream_async(
+                self._payload_calls.get(req, timeout=t), self.max_snapshot_bytes
+            ),
+            timeout,
+        )
         return await asyncio.to_thread(decode_snapshot, info, payloads, **decode)
 
     async def lookup_prefix(
@@ -211,6 +214,45 @@ class AsyncDeltaStoreClient:
             namespace=self.namespace, model=fingerprint(model), codec=codec, token_ids=token_ids
         )
         return (await self._call(lambda t: self._stub.LookupPrefix(req, timeout=t), timeout)).matched_tokens
+
+    async def fetch_prefix(
+        self,
+        token_ids: Sequence[int],
+        *,
+        model: Any,
+        codec: str = "k4v2",
+        max_tokens: int | None = None,
+        dtype: torch.dtype | None = None,
+        timeout: float | None = None,
+    ) -> FetchedPrefix | None:
+        """The stored leading blocks, checked, not decoded (see ``DeltaStoreClient.fetch_prefix``)."""
+        req = prefix_request(self.namespace, token_ids, model=model, codec=codec, max_tokens=max_tokens)
+        info, payloads = await self._call(
+            lambda t: read_snapshot_stream_async(
+                self._payload_calls.get_prefix(req, timeout=t), self.max_snapshot_bytes
+            ),
+            timeout,
+        )
+        return await asyncio.to_thread(
+            checked_prefix, info, payloads, max_decoded_bytes=self.max_decoded_bytes, dtype=dtype
+        )
+
+    async def get_prefix(
+        self,
+        token_ids: Sequence[int],
+        *,
+        model: Any,
+        codec: str = "k4v2",
+        max_tokens: int | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        timeout: float | None = None,
+    ) -> RestoredSnapshot | None:
+        """The stored leading blocks of ``token_ids``, decoded (see ``DeltaStoreClient.get_prefix``)."""
+        fetched = await self.fetch_prefix(
+            token_ids, model=model, codec=codec, max_tokens=max_tokens, dtype=dtype, timeout=timeout
+        )
+        return await asyncio.to_thread(decode_prefix, fetched, device=device, dtype=dtype)
 
     async def has_blocks(self, keys: Sequence[bytes], *, timeout: float | None = None) -> list[bool]:
         req = has_blocks_request(self.namespace, keys)

@@ -7,7 +7,7 @@ change with the transport.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from deltastore.accounting import SavingsReport
@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Deleted",
+    "FetchedPrefix",
     "Plan",
     "PlanSegment",
     "PutResult",
@@ -146,6 +147,47 @@ class RestoredSnapshot:
     def kept_tokens(self) -> int:
         """Tokens the cache holds (its sequence length)."""
         return cache_tokens(self.layers)
+
+
+class FetchedPrefix:
+    """A stored prefix as read, checked but not decoded, for callers that decode in their own way.
+
+    The vLLM connector decodes it layer by layer into its paged cache; ``get_prefix`` decodes it
+    whole. Use it as a context manager: ``payloads`` are only valid inside (payloads read from
+    shared memory are views of a mapping, unmapped when the context exits).
+
+    Attributes:
+        info: the prefix's manifest (no snapshot id or session; ``token_ids`` are the matched
+            tokens, ``segments`` their segments).
+        payloads: one encoded block per segment, in token order, already past
+            ``check_payloads`` (digest, codec, coverage, decode bounds).
+        n_tokens: leading tokens the prefix covers.
+        payload_bytes: encoded bytes read.
+    """
+
+    def __init__(
+        self,
+        info: pb.SnapshotInfo,
+        payloads: Sequence[bytes | bytearray | memoryview],
+        close: Callable[[], object] | None = None,
+    ) -> None:
+        self.info = info
+        self.payloads = payloads
+        self.n_tokens = len(info.token_ids)
+        self.payload_bytes = sum(len(p) for p in payloads)
+        self._close = close
+
+    def close(self) -> None:
+        """Release the payloads (unmap shared memory); idempotent."""
+        close, self._close = self._close, None
+        if close is not None:
+            close()
+
+    def __enter__(self) -> FetchedPrefix:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
 
 
 def put_result(msg: pb.PutSnapshotResponse, payloads: Mapping[bytes, bytes]) -> PutResult:

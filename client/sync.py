@@ -17,6 +17,7 @@ import grpc
 from deltastore.accounting import SavingsReport
 from deltastore.client.results import (
     Deleted,
+    FetchedPrefix,
     Plan,
     PutResult,
     RestoredSnapshot,
@@ -31,19 +32,22 @@ from deltastore.client.wire import (
     PayloadCalls,
     PutRound,
     Retry,
+    checked_prefix,
     decode_options,
+    decode_prefix,
     decode_snapshot,
     error_type,
     fingerprint,
     has_blocks_request,
     plan_request,
+    prefix_request,
     put_requests,
     read_snapshot_stream,
     remaining,
 )
 from deltastore.v1 import deltastore_pb2 as pb
 from deltastore.v1 import deltastore_pb2_grpc as pb_grpc
-from deltastore.v1.protocol import DEFAULT_CHUNK_BYTES, wire_deserializer
+from deltastore.v1.protocol import DEFAULT_CHUNK_BYTES
 
 if TYPE_CHECKING:
     import torch
@@ -108,11 +112,6 @@ class DeltaStoreClient:
         self._raw_channel = channel
         self._stub = pb_grpc.DeltaStoreStub(self._channel)
         self._payload_calls = PayloadCalls(self._channel)
-        self._get_prefix = self._channel.unary_stream(
-            f"/{pb.DESCRIPTOR.services_by_name['DeltaStore'].full_name}/GetPrefix",
-            request_serializer=pb.GetPrefixRequest.SerializeToString,
-            response_deserializer=wire_deserializer(pb.GetSnapshotResponse.FromString),
-        )
         self.namespace = namespace
         self.timeout = timeout
         self.retry = retry or Retry()
@@ -258,6 +257,32 @@ class DeltaStoreClient:
         )
         return self._call(lambda t: self._stub.LookupPrefix(req, timeout=t), timeout).matched_tokens
 
+    def fetch_prefix(
+        self,
+        token_ids: Sequence[int],
+        *,
+        model: Any,
+        codec: str = "k4v2",
+        max_tokens: int | None = None,
+        dtype: torch.dtype | None = None,
+        timeout: float | None = None,
+    ) -> FetchedPrefix | None:
+        """The stored leading blocks of ``token_ids``, checked but not decoded (see ``get_prefix``).
+
+        For callers that decode in their own way (per layer, into a paged cache): the payloads
+        have passed every check ``get_prefix`` makes before decoding (digests, codec, coverage,
+        and the decode bound for ``dtype``: None counts the stored dtype). Use the result as a
+        context manager; its payloads are valid inside it. None when nothing matches.
+        """
+        req = prefix_request(self.namespace, token_ids, model=model, codec=codec, max_tokens=max_tokens)
+        info, payloads = self._call(
+            lambda t: read_snapshot_stream(
+                self._payload_calls.get_prefix(req, timeout=t), self.max_snapshot_bytes
+            ),
+            timeout,
+        )
+        return checked_prefix(info, payloads, max_decoded_bytes=self.max_decoded_bytes, dtype=dtype)
+
     def get_prefix(
         self,
         token_ids: Sequence[int],
@@ -275,27 +300,10 @@ class DeltaStoreClient:
         and codec. ``n_tokens`` of the result is the number of leading tokens restored (at most
         ``max_tokens``); None when nothing matches. ``as_cache`` is not built (``.cache`` is None).
         """
-        req = pb.GetPrefixRequest(
-            namespace=self.namespace,
-            model=fingerprint(model),
-            codec=codec,
-            token_ids=token_ids,
-            max_tokens=max_tokens or 0,
+        fetched = self.fetch_prefix(
+            token_ids, model=model, codec=codec, max_tokens=max_tokens, dtype=dtype, timeout=timeout
         )
-        info, payloads = self._call(
-            lambda t: read_snapshot_stream(self._get_prefix(req, timeout=t), self.max_snapshot_bytes),
-            timeout,
-        )
-        if not info.segments:
-            return None
-        return decode_snapshot(
-            info,
-            payloads,
-            device=device,
-            dtype=dtype,
-            as_cache=False,
-            max_decoded_bytes=self.max_decoded_bytes,
-        )
+        return decode_prefix(fetched, device=device, dtype=dtype)
 
     def has_blocks(self, keys: Sequence[bytes], *, timeout: float | None = None) -> list[bool]:
         """Which of these 32-byte segment keys the store holds in this namespace."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import random
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterable, Callable, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -17,7 +17,7 @@ import grpc
 from deltastore.addressing import check_key
 from deltastore.client.cache import KVLayers, as_layers, cache_tokens, slice_layers, to_dynamic_cache
 from deltastore.client.models import model_fingerprint
-from deltastore.client.results import Plan, RestoredSnapshot
+from deltastore.client.results import FetchedPrefix, Plan, RestoredSnapshot
 from deltastore.errors import ChecksumMismatch, InvalidArgument, ResourceExhausted
 from deltastore.v1 import deltastore_pb2 as pb
 from deltastore.v1.protocol import (
@@ -39,14 +39,18 @@ __all__ = [
     "PayloadCalls",
     "PutRound",
     "Retry",
+    "checked_prefix",
     "decode_options",
+    "decode_prefix",
     "decode_snapshot",
     "encode_missing",
     "fingerprint",
     "has_blocks_request",
     "plan_request",
+    "prefix_request",
     "put_requests",
     "read_snapshot_stream",
+    "read_snapshot_stream_async",
     "remaining",
 ]
 
@@ -217,6 +221,19 @@ def has_blocks_request(namespace: str, keys: Sequence[bytes]) -> pb.HasBlocksReq
     return pb.HasBlocksRequest(namespace=namespace, keys=[check_key(k) for k in keys])
 
 
+def prefix_request(
+    namespace: str, token_ids: Sequence[int], *, model: Any, codec: str, max_tokens: int | None
+) -> pb.GetPrefixRequest:
+    """The GetPrefix / GetPrefixShm request (``max_tokens`` None: no limit)."""
+    return pb.GetPrefixRequest(
+        namespace=namespace,
+        model=fingerprint(model),
+        codec=codec,
+        token_ids=token_ids,
+        max_tokens=max_tokens or 0,
+    )
+
+
 def put_requests(
     header: pb.SnapshotHeader,
     payloads: Mapping[bytes, bytes],
@@ -238,7 +255,7 @@ def put_requests(
 
 
 class PayloadCalls:
-    """PutSnapshot and GetSnapshot on a channel, with chunk messages (de)serialized by hand.
+    """PutSnapshot, GetSnapshot and GetPrefix on a channel, with chunk messages (de)serialized by hand.
 
     The wire format is protobuf's; what changes is that outgoing chunks are serialized once and
     incoming ones are read as views of the received message (see :mod:`deltastore.v1.protocol`).
@@ -255,6 +272,11 @@ class PayloadCalls:
         self.get = channel.unary_stream(
             f"/{service}/GetSnapshot",
             request_serializer=pb.GetSnapshotRequest.SerializeToString,
+            response_deserializer=wire_deserializer(pb.GetSnapshotResponse.FromString),
+        )
+        self.get_prefix = channel.unary_stream(
+            f"/{service}/GetPrefix",
+            request_serializer=pb.GetPrefixRequest.SerializeToString,
             response_deserializer=wire_deserializer(pb.GetSnapshotResponse.FromString),
         )
 
@@ -298,6 +320,16 @@ def read_snapshot_stream(
     """Collect a whole GetSnapshot stream."""
     reader = SnapshotReader(max_bytes)
     for msg in messages:
+        reader.feed(msg)
+    return reader.finish()
+
+
+async def read_snapshot_stream_async(
+    messages: AsyncIterable[pb.GetSnapshotResponse | WireChunk], max_bytes: int
+) -> tuple[pb.SnapshotInfo, list[bytes | bytearray | memoryview]]:
+    """Collect a whole GetSnapshot stream of a ``grpc.aio`` call."""
+    reader = SnapshotReader(max_bytes)
+    async for msg in messages:
         reader.feed(msg)
     return reader.finish()
 
@@ -401,11 +433,24 @@ def decode_snapshot(
     Nothing is decoded before :func:`check_payloads` passed: digests, codec and coverage against
     ``info``, and bounds, so a forged payload cannot make the client allocate what it declares.
     """
+    check_payloads(info, payloads, max_decoded_bytes=max_decoded_bytes, dtype=dtype)
+    return _decode_checked(info, payloads, device=device, dtype=dtype, as_cache=as_cache, config=config)
+
+
+def _decode_checked(
+    info: pb.SnapshotInfo,
+    payloads: Sequence[bytes | bytearray | memoryview],
+    *,
+    device: torch.device | str | None,
+    dtype: torch.dtype | None,
+    as_cache: bool,
+    config: Any,
+) -> RestoredSnapshot:
+    """:func:`decode_snapshot` of payloads that passed :func:`check_payloads` already."""
     import torch
 
     from deltastore.codecs import decode_blocks
 
-    check_payloads(info, payloads, max_decoded_bytes=max_decoded_bytes, dtype=dtype)
     blocks = decode_blocks(payloads, device=device, dtype=dtype)
     if not blocks:
         raise InvalidArgument(f"snapshot {info.snapshot_id} has no segments")
@@ -431,6 +476,40 @@ def decode_snapshot(
         payload_bytes=sum(len(p) for p in payloads),
         logical_bytes=info.logical_bytes,
     )
+
+
+def checked_prefix(
+    info: pb.SnapshotInfo,
+    payloads: Sequence[bytes | bytearray | memoryview],
+    *,
+    max_decoded_bytes: int,
+    dtype: torch.dtype | None,
+    close: Callable[[], object] | None = None,
+) -> FetchedPrefix | None:
+    """A GetPrefix answer as a :class:`FetchedPrefix` once :func:`check_payloads` passed; None when
+    nothing matched. ``close`` releases the payloads: called here on failure or no match."""
+    fetched = FetchedPrefix(info, payloads, close)
+    if not info.segments:
+        fetched.close()
+        return None
+    try:
+        check_payloads(info, payloads, max_decoded_bytes=max_decoded_bytes, dtype=dtype)
+    except BaseException:
+        fetched.close()
+        raise
+    return fetched
+
+
+def decode_prefix(
+    fetched: FetchedPrefix | None, *, device: torch.device | str | None, dtype: torch.dtype | None
+) -> RestoredSnapshot | None:
+    """Decode a fetched prefix whole (``get_prefix``; no ``DynamicCache``), releasing it after."""
+    if fetched is None:
+        return None
+    with fetched:
+        return _decode_checked(
+            fetched.info, fetched.payloads, device=device, dtype=dtype, as_cache=False, config=None
+        )
 
 
 def error_type(exc: grpc.RpcError) -> str:

@@ -97,3 +97,24 @@ def test_empty_store_or_no_tokens_match_nothing(tmp_path: Path) -> None:
             assert c.get_prefix([], model=MODEL, codec="lossless") is None
     finally:
         svc.stop()
+
+
+def test_fetch_prefix_hands_out_checked_payloads_a_caller_decodes_itself(client: DeltaStoreClient) -> None:
+    """The connector's path: fetch, then decode block by block; the same tensors as get_prefix."""
+    from deltastore.codecs import decode_block
+
+    cache = make_cache(len(TOKENS), seed=5)
+    client.put_snapshot("writer", 0, TOKENS, cache, model=MODEL, codec="k4v2")
+    whole = client.get_prefix(TOKENS, model=MODEL, codec="k4v2")
+    assert whole is not None
+    fetched = client.fetch_prefix(TOKENS, model=MODEL, codec="k4v2")
+    assert fetched is not None
+    with fetched:
+        assert fetched.n_tokens == len(TOKENS) and list(fetched.info.token_ids) == TOKENS
+        assert len(fetched.payloads) == len(fetched.info.segments) == 5
+        assert fetched.payload_bytes == whole.payload_bytes
+        blocks = [decode_block(p) for p in fetched.payloads]
+    for i, (k, v) in enumerate(whole.layers):
+        assert torch.equal(torch.cat([b.layers[i][0] for b in blocks], dim=1), k)
+        assert torch.equal(torch.cat([b.layers[i][1] for b in blocks], dim=1), v)
+    assert client.fetch_prefix([9, 9, 9, *TOKENS], model=MODEL, codec="k4v2") is None
