@@ -43,7 +43,7 @@ from deltastore.codecs.rope import apply_rope, remove_rope
 from deltastore.codecs.spec import CodecSpec
 from deltastore.errors import CodecError, FormatError
 
-__all__ = ["DecodedBlock", "decode_block", "decode_blocks", "encode_block"]
+__all__ = ["BlockDecoder", "DecodedBlock", "decode_block", "decode_blocks", "encode_block"]
 
 Layers = Sequence[tuple[torch.Tensor, torch.Tensor]]
 
@@ -91,11 +91,11 @@ def _codecs(spec: CodecSpec, dtype: torch.dtype, layer: int = 0) -> tuple[Tensor
     )
 
 
-def _layer_runs(spec: CodecSpec, n_layers: int) -> list[tuple[int, int]]:
-    """[first, end) of each run of consecutive layers coded at the same bits (one run without
+def _layer_runs(spec: CodecSpec, layers: range) -> list[tuple[int, int]]:
+    """[first, end) of each run of consecutive ``layers`` coded at the same bits (one run without
     up<layers>)."""
     runs: list[tuple[int, int]] = []
-    for i in range(n_layers):
+    for i in layers:
         if runs and spec.layer_bits(i) == spec.layer_bits(runs[-1][0]):
             runs[-1] = (runs[-1][0], i + 1)
         else:
@@ -331,7 +331,7 @@ def encode_block(
             _codecs(spec, pairs[0][0].dtype, first),
             (kept, sink, high, low),
         )
-        for first, end in _layer_runs(spec, n_layers)
+        for first, end in _layer_runs(spec, range(n_layers))
         for i in range(first, end, per_call)
     ]
     sections = [
@@ -377,17 +377,86 @@ def _section_tensor(data: bytes | memoryview, device: torch.device) -> torch.Ten
         return torch.frombuffer(data, dtype=torch.uint8).to(device, copy=True)
 
 
+_QUANT_PARTS = {Section.K_DATA: 0, Section.K_PARAMS: 1, Section.V_DATA: 2, Section.V_PARAMS: 3}
+
+
+def _layer_split(hdr: BlockHeader, kind: Section, size: int) -> list[list[int]] | None:
+    """How a section's raw bytes split by layer: per part (LOW holds four, each of every layer),
+    each layer's bytes in layer order. None for the bit masks, sliced after unpacking."""
+    spec, n, h, d = hdr.spec, hdr.n_layers, hdr.kv_heads, hdr.head_dim
+    if kind in (Section.MASK, Section.LOW_MASK):
+        return None
+    if kind == Section.LOW:
+        return [[part] * n for part in quant_part_sizes(spec, h, d, hdr.low_tokens, 2, 2)]
+    if spec.kind == "quant" and kind in _QUANT_PARTS:  # up<layers>: each layer at its bits
+        sink = spec.fp16_sink_tokens(hdr.n_tokens, hdr.start)
+        coded = hdr.kept_tokens - sink - hdr.high_tokens - hdr.low_tokens
+        return [
+            [quant_part_sizes(spec, h, d, coded, *spec.layer_bits(i))[_QUANT_PARTS[kind]] for i in range(n)]
+        ]
+    return [[size // n] * n]
+
+
 @dataclass
 class _Parsed:
-    """A payload's header and its sections on the target device (decompressed, not yet decoded)."""
+    """A payload's header and its sections on the host, inflated (zstd) once, not yet decoded."""
 
     hdr: BlockHeader
+    raw: list[memoryview]  # per section, in the header's order
+    splits: list[list[list[int]] | None]  # per section, :func:`_layer_split`
+
+    def layer_range(self, layers: slice | None) -> range:
+        """The layers a ``layers`` slice selects from this block (all for None)."""
+        if layers is None:
+            return range(self.hdr.n_layers)
+        chosen = range(self.hdr.n_layers)[layers]
+        if not chosen or chosen.step != 1:
+            raise CodecError(f"layers {layers} selects no consecutive layers of {self.hdr.n_layers}")
+        return chosen
+
+    def on_device(self, layers: range, target: torch.device) -> _Layers:
+        """Copy the bytes of ``layers`` of every section to ``target`` (the masks whole)."""
+        sections = []
+        for data, split in zip(self.raw, self.splits, strict=True):
+            if split is None or len(layers) == self.hdr.n_layers:
+                sections.append(_section_tensor(data, target))
+                continue
+            pieces, at = [], 0
+            for sizes in split:  # per part: the bytes of the chosen layers
+                first = at + sum(sizes[: layers.start])
+                pieces.append(data[first : first + sum(sizes[layers.start : layers.stop])])
+                at += sum(sizes)
+            sections.append(_section_tensor(pieces[0] if len(pieces) == 1 else b"".join(pieces), target))
+        return _Layers(self.hdr, layers, sections)
+
+
+@dataclass
+class _Layers:
+    """Consecutive layers of one block on the device: each section holds only their bytes (as a
+    block of just these layers would), except the bit masks, which hold every layer's."""
+
+    hdr: BlockHeader
+    layers: range
     sections: list[torch.Tensor]  # flat uint8, in the header's order
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.layers)
 
     @property
     def sink(self) -> int:
         """Leading tokens stored in fp16."""
         return self.hdr.spec.fp16_sink_tokens(self.hdr.n_tokens, self.hdr.start)
+
+    def mask(self, kind: Section, per_layer: int) -> torch.Tensor:
+        """A bit mask section unpacked to (n_layers, kv_heads, per_layer // kv_heads) of these
+        layers; ``per_layer``: its bits per layer."""
+        bits = unpack_bits(self.sections[self.kinds.index(kind)], 1, self.hdr.n_layers * per_layer)
+        return bits.view(self.hdr.n_layers, self.hdr.kv_heads, -1)[self.layers.start : self.layers.stop]
+
+    @property
+    def kinds(self) -> list[Section]:
+        return [kind for kind, *_ in self.hdr.sections]
 
     @property
     def run_key(self) -> tuple[object, ...]:
@@ -396,6 +465,7 @@ class _Parsed:
         return (
             h.spec,
             h.n_layers,
+            self.layers,
             h.kv_heads,
             h.head_dim,
             h.n_tokens,
@@ -407,7 +477,7 @@ class _Parsed:
         )
 
 
-def _parse(payload: bytes | bytearray | memoryview, target: torch.device) -> _Parsed:
+def _parse(payload: bytes | bytearray | memoryview) -> _Parsed:
     hdr = read_header(payload)
     expected = section_sizes(
         hdr.spec,
@@ -422,21 +492,22 @@ def _parse(payload: bytes | bytearray | memoryview, target: torch.device) -> _Pa
         hdr.low_tokens,
     )
     view = memoryview(payload).cast("B")
-    sections = []
-    for (_, flags, offset, length), (_, raw_size) in zip(hdr.sections, expected, strict=True):
+    raw, splits = [], []
+    for (kind, flags, offset, length), (_, raw_size) in zip(hdr.sections, expected, strict=True):
         data = view[offset : offset + length]
-        sections.append(_section_tensor(decompress(data, raw_size) if flags & FLAG_ZSTD else data, target))
-    return _Parsed(hdr, sections)
+        raw.append(memoryview(decompress(data, raw_size)) if flags & FLAG_ZSTD else data)
+        splits.append(_layer_split(hdr, kind, raw_size))
+    return _Parsed(hdr, raw, splits)
 
 
-def _positions(block: _Parsed, target: torch.device) -> list[torch.Tensor]:
+def _positions(block: _Layers, target: torch.device) -> list[torch.Tensor]:
     """Per layer (kv_heads, kept) absolute positions of the kept tokens, from the keep mask."""
     hdr = block.hdr
-    n_layers, h, n, kept = hdr.n_layers, hdr.kv_heads, hdr.n_tokens, hdr.kept_tokens
+    n_layers, h, n, kept = block.n_layers, hdr.kv_heads, hdr.n_tokens, hdr.kept_tokens
     all_pos = torch.arange(hdr.start, hdr.start + n, device=target)
     if not hdr.spec.evicts:
         return [all_pos.expand(h, n)] * n_layers
-    mask = unpack_bits(block.sections[-1], 1, n_layers * h * n).view(n_layers, h, n).bool()
+    mask = block.mask(Section.MASK, h * n).bool()
     if not bool((mask.sum(dim=-1) == kept).all()):
         raise FormatError(f"eviction mask does not keep exactly {kept} tokens per head")
     return list(all_pos.expand(n_layers, h, n)[mask].view(n_layers, h, kept).unbind(0))
@@ -471,11 +542,11 @@ def _decode_tensors(
 
 
 def _decode_high(
-    spec: CodecSpec, sections: list[torch.Tensor], hdr: BlockHeader, dtype: torch.dtype
+    spec: CodecSpec, sections: list[torch.Tensor], hdr: BlockHeader, n_layers: int, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The HIGH sections of a run of blocks -> K and V of their newest tokens, each
-    (blocks, n_layers, kv_heads, high, head_dim)."""
-    n_layers, h, t, d = hdr.n_layers, hdr.kv_heads, hdr.high_tokens, hdr.head_dim
+    """The HIGH sections of ``n_layers`` layers of a run of blocks -> K and V of their newest
+    tokens, each (blocks, n_layers, kv_heads, high, head_dim)."""
+    h, t, d = hdr.kv_heads, hdr.high_tokens, hdr.head_dim
     codes_n = h * t * d
     params_n = (high_token_nbytes(spec, d) // 2 - d) * h * t
     per_layer = torch.stack(sections).view(len(sections) * n_layers, 2, codes_n + params_n)
@@ -490,17 +561,16 @@ def _decode_high(
 
 
 def _merge_low(
-    coded: tuple[torch.Tensor, torch.Tensor], run: list[_Parsed], kinds: list[Section], dtype: torch.dtype
+    coded: tuple[torch.Tensor, torch.Tensor], run: list[_Layers], kinds: list[Section], dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """lo<L>: decode the LOW sections of a run and put their tokens between the coded ones, where
     each LOW_MASK says -> K and V, each (blocks, n_layers, kv_heads, kept - sink - high, head_dim).
 
     coded: K and V of the other tokens past the sink and before the 8-bit ones.
     """
-    hdr, sink = run[0].hdr, run[0].sink
-    spec, n_layers, h, d, kept, low = (
+    hdr, sink, n_layers = run[0].hdr, run[0].sink, run[0].n_layers
+    spec, h, d, kept, low = (
         hdr.spec,
-        hdr.n_layers,
         hdr.kv_heads,
         hdr.head_dim,
         hdr.kept_tokens,
@@ -512,11 +582,7 @@ def _merge_low(
     shape = (h, low, d)
     k_low = _decode_tensors(low_k, [p[:2] for p in parts], n_layers, shape, dtype)
     v_low = _decode_tensors(low_v, [p[2:] for p in parts], n_layers, shape, dtype)
-    n_bits = n_layers * h * kept  # each block's mask is packed on its own
-    slots = torch.stack(
-        [unpack_bits(b.sections[kinds.index(Section.LOW_MASK)], 1, n_bits) for b in run]
-    ).view(len(run), n_layers, h, kept)
-    slots = slots.bool()
+    slots = torch.stack([b.mask(Section.LOW_MASK, h * kept) for b in run]).bool()
     mid = slots[..., sink : kept - hdr.high_tokens]
     if not bool((mid.sum(dim=-1) == low).all() & (mid.sum() == slots.sum())):  # one host sync
         raise FormatError(f"LOW_MASK does not mark exactly {low} coded tokens per head")
@@ -529,16 +595,15 @@ def _merge_low(
 
 
 def _decode_coded(
-    run: list[_Parsed], n_coded: int, shape: tuple[int, int, int], orig: torch.dtype, dtype: torch.dtype
+    run: list[_Layers], n_coded: int, shape: tuple[int, int, int], orig: torch.dtype, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """K and V of the coded sections (the first ``n_coded``) of a run of blocks, each (blocks,
     n_layers, *shape): every run of layers at one bit width (up<layers>) decoded together."""
-    hdr = run[0].hdr
-    spec, n_layers = hdr.spec, hdr.n_layers
+    spec = run[0].hdr.spec
     n_key = n_coded // 2
     offsets = [0] * n_coded
     ks, vs = [], []
-    for first, end in _layer_runs(spec, n_layers):
+    for first, end in _layer_runs(spec, run[0].layers):
         key_codec, value_codec = _codecs(spec, orig, first)
         if spec.kind == "quant":  # the run's bytes of each part, at its bits
             sizes = [
@@ -559,14 +624,14 @@ def _decode_coded(
     return torch.cat(ks, dim=1), torch.cat(vs, dim=1)
 
 
-def _decode_run(run: list[_Parsed], target: torch.device, dtype: torch.dtype | None) -> list[DecodedBlock]:
+def _decode_run(run: list[_Layers], target: torch.device, dtype: torch.dtype | None) -> list[DecodedBlock]:
     """Decode blocks of one run key together."""
-    hdr, sink = run[0].hdr, run[0].sink
-    spec, n_layers, h, d, kept = hdr.spec, hdr.n_layers, hdr.kv_heads, hdr.head_dim, hdr.kept_tokens
+    hdr, sink, n_layers = run[0].hdr, run[0].sink, run[0].n_layers
+    spec, h, d, kept = hdr.spec, hdr.kv_heads, hdr.head_dim, hdr.kept_tokens
     orig_dtype = getattr(torch, hdr.dtype)
     final_dtype = dtype or orig_dtype
     out_dtype = torch.float32 if spec.rope_theta else final_dtype  # pr<T>: RoPE goes back on in float32
-    kinds = [kind for kind, *_ in hdr.sections]
+    kinds = run[0].kinds
     n_key = sum(1 for kind in kinds if kind in (Section.K_DATA, Section.K_PARAMS))
     n_value = sum(1 for kind in kinds if kind in (Section.V_DATA, Section.V_PARAMS))
     high = hdr.high_tokens
@@ -576,7 +641,7 @@ def _decode_run(run: list[_Parsed], target: torch.device, dtype: torch.dtype | N
         k, v = _merge_low((k, v), run, kinds, out_dtype)
     if high:  # per block, per layer: 8-bit K codes, K params, V codes, V params; after the coded ones
         k_high, v_high = _decode_high(
-            spec, [b.sections[kinds.index(Section.HIGH)] for b in run], hdr, out_dtype
+            spec, [b.sections[kinds.index(Section.HIGH)] for b in run], hdr, n_layers, out_dtype
         )
         k = torch.cat([k, k_high], dim=3)
         v = torch.cat([v, v_high], dim=3)
@@ -602,11 +667,60 @@ def _decode_run(run: list[_Parsed], target: torch.device, dtype: torch.dtype | N
     ]
 
 
+class BlockDecoder:
+    """Payloads parsed once (headers read, zstd sections inflated on the host), then decoded a
+    range of layers at a time: a loader that scatters layer by layer into a paged cache copies
+    and decodes each layer's bytes once, not every layer's per layer.
+
+    ``decode(slice(i, j))`` is bit for bit what ``decode()`` gives for layers i..j-1.
+    """
+
+    def __init__(
+        self,
+        payloads: Sequence[bytes | bytearray | memoryview],
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        """Raises FormatError: malformed payload (see ``read_header``), or a corrupt zstd section."""
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.dtype = dtype
+        self._parsed = [_parse(p) for p in payloads]
+
+    @property
+    def n_layers(self) -> int:
+        """Layers of the first block (0 without payloads)."""
+        return self._parsed[0].hdr.n_layers if self._parsed else 0
+
+    def decode(self, layers: slice | None = None) -> list[DecodedBlock]:
+        """One :class:`DecodedBlock` per payload holding the layers ``layers`` selects (consecutive;
+        None: all), e.g. ``slice(3, 4)`` for layer 3 alone; ``.layers[0]`` is then layer 3.
+
+        Raises:
+            CodecError: ``layers`` selects no consecutive layers of a block.
+            FormatError: a corrupt mask of the selected layers.
+        """
+        chosen = [b.on_device(b.layer_range(layers), self.device) for b in self._parsed]
+        out: list[DecodedBlock] = []
+        for _, run in itertools.groupby(chosen, key=lambda b: b.run_key):
+            blocks = list(run)
+            hdr = blocks[0].hdr
+            # Bounded runs: one call's sections, outputs and (for codecs that do not chunk their
+            # own calls, fp8) float32 temporaries stay within a few times _RUN_ELEMENTS.
+            per_run = max(
+                1, _RUN_ELEMENTS // max(1, blocks[0].n_layers * hdr.kv_heads * hdr.kept_tokens * hdr.head_dim)
+            )
+            for i in range(0, len(blocks), per_run):
+                out.extend(_decode_run(blocks[i : i + per_run], self.device, self.dtype))
+        return out
+
+
 def decode_blocks(
     payloads: Sequence[bytes | bytearray | memoryview],
     *,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
+    layers: slice | None = None,
 ) -> list[DecodedBlock]:
     """Decode payloads from :func:`encode_block`, e.g. the segments of a snapshot, one
     :class:`DecodedBlock` each. Consecutive blocks of one codec and shape decode together, all
@@ -617,23 +731,14 @@ def decode_blocks(
         payloads: the block bytes.
         device: where the tensors go (default CPU).
         dtype: output dtype (default: the original dtype of the encoded tensors).
+        layers: only these consecutive layers (a slice of layer indices; default all): only their
+            bytes are copied and decoded, bit for bit as in the full decode. To decode several
+            ranges of the same payloads, :class:`BlockDecoder` parses them once.
     Raises:
         FormatError: malformed payload (see ``read_header``), or a corrupt zstd section.
+        CodecError: ``layers`` selects no consecutive layers.
     """
-    target = torch.device(device) if device is not None else torch.device("cpu")
-    parsed = [_parse(p, target) for p in payloads]
-    out: list[DecodedBlock] = []
-    for _, run in itertools.groupby(parsed, key=lambda b: b.run_key):
-        blocks = list(run)
-        hdr = blocks[0].hdr
-        # Bounded runs: one call's sections, outputs and (for codecs that do not chunk their own
-        # calls, fp8) float32 temporaries stay within a few times _RUN_ELEMENTS.
-        per_run = max(
-            1, _RUN_ELEMENTS // max(1, hdr.n_layers * hdr.kv_heads * hdr.kept_tokens * hdr.head_dim)
-        )
-        for i in range(0, len(blocks), per_run):
-            out.extend(_decode_run(blocks[i : i + per_run], target, dtype))
-    return out
+    return BlockDecoder(payloads, device=device, dtype=dtype).decode(layers)
 
 
 def decode_block(
@@ -641,6 +746,7 @@ def decode_block(
     *,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
+    layers: slice | None = None,
 ) -> DecodedBlock:
     """Decode one payload from :func:`encode_block` (see :func:`decode_blocks`)."""
-    return decode_blocks([payload], device=device, dtype=dtype)[0]
+    return decode_blocks([payload], device=device, dtype=dtype, layers=layers)[0]
