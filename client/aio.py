@@ -26,7 +26,7 @@ from deltastore.client.results import (
     put_result,
     savings_dict,
 )
-from deltastore.client.shm import decode_mapped
+from deltastore.client.shm import decode_mapped, fetch_mapped
 from deltastore.client.sync import MAX_REPLANS, channel_options
 from deltastore.client.wire import (
     DEFAULT_MAX_DECODED_BYTES,
@@ -227,15 +227,19 @@ class AsyncDeltaStoreClient:
     ) -> FetchedPrefix | None:
         """The stored leading blocks, checked, not decoded (see ``DeltaStoreClient.fetch_prefix``)."""
         req = prefix_request(self.namespace, token_ids, model=model, codec=codec, max_tokens=max_tokens)
+        checks = {"max_decoded_bytes": self.max_decoded_bytes, "dtype": dtype}
+        if self.shm_dir is not None:
+            reply = await self._call(lambda t: self._stub.GetPrefixShm(req, timeout=t), timeout)
+            return await asyncio.to_thread(
+                fetch_mapped, self.shm_dir, reply, self.max_snapshot_bytes, **checks
+            )
         info, payloads = await self._call(
             lambda t: read_snapshot_stream_async(
                 self._payload_calls.get_prefix(req, timeout=t), self.max_snapshot_bytes
             ),
             timeout,
         )
-        return await asyncio.to_thread(
-            checked_prefix, info, payloads, max_decoded_bytes=self.max_decoded_bytes, dtype=dtype
-        )
+        return await asyncio.to_thread(checked_prefix, info, payloads, **checks)
 
     async def get_prefix(
         self,

@@ -1,4 +1,4 @@
-"""The worker's side of GetSnapshotShm: map the file the server wrote, hand out its payloads.
+"""The worker's side of GetSnapshotShm and GetPrefixShm: map the export, hand out its payloads.
 
 The server writes a snapshot's payloads back to back into a new file of a directory both mount
 (``deltastore serve --shm-dir``; see ``deltastore.server.shm``). The worker opens it, unlinks it
@@ -19,8 +19,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from deltastore.client.results import RestoredSnapshot
-from deltastore.client.wire import DEFAULT_MAX_DECODED_BYTES, decode_snapshot
+from deltastore.client.results import FetchedPrefix, RestoredSnapshot
+from deltastore.client.wire import DEFAULT_MAX_DECODED_BYTES, checked_prefix, decode_snapshot
 from deltastore.errors import InvalidArgument, NotConfigured, ResourceExhausted
 from deltastore.v1 import deltastore_pb2 as pb
 from deltastore.v1.protocol import SHM_FD_PREFIX, SHM_FD_SOCKET, SHM_FILE_PREFIX
@@ -28,7 +28,7 @@ from deltastore.v1.protocol import SHM_FD_PREFIX, SHM_FD_SOCKET, SHM_FILE_PREFIX
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["decode_mapped", "mapped_payloads"]
+__all__ = ["decode_mapped", "fetch_mapped", "mapped_payloads"]
 
 _NAME = re.compile(re.escape(SHM_FILE_PREFIX) + r"[A-Za-z0-9_]{1,64}")
 _FD_NAME = re.compile(re.escape(SHM_FD_PREFIX) + r"[0-9a-f]{32}")
@@ -153,3 +153,22 @@ def decode_mapped(
             config=config,
             max_decoded_bytes=max_decoded_bytes,
         )
+
+
+def fetch_mapped(
+    shm_dir: str | Path,
+    reply: pb.GetSnapshotShmResponse,
+    max_bytes: int,
+    *,
+    max_decoded_bytes: int,
+    dtype: torch.dtype | None,
+) -> FetchedPrefix | None:
+    """A GetPrefixShm reply as a checked :class:`FetchedPrefix` whose payloads are views of the
+    export, unmapped when it closes; None when nothing matched (see ``checked_prefix``)."""
+    if not reply.info.segments:  # nothing matched: the server exported nothing
+        return None
+    mapping = contextlib.ExitStack()
+    views = mapping.enter_context(mapped_payloads(shm_dir, reply, max_bytes))
+    return checked_prefix(
+        reply.info, views, max_decoded_bytes=max_decoded_bytes, dtype=dtype, close=mapping.close
+    )

@@ -25,7 +25,7 @@ from deltastore.client.results import (
     put_result,
     savings_dict,
 )
-from deltastore.client.shm import decode_mapped
+from deltastore.client.shm import decode_mapped, fetch_mapped
 from deltastore.client.wire import (
     DEFAULT_MAX_DECODED_BYTES,
     DEFAULT_NAMESPACE,
@@ -271,17 +271,23 @@ class DeltaStoreClient:
 
         For callers that decode in their own way (per layer, into a paged cache): the payloads
         have passed every check ``get_prefix`` makes before decoding (digests, codec, coverage,
-        and the decode bound for ``dtype``: None counts the stored dtype). Use the result as a
-        context manager; its payloads are valid inside it. None when nothing matches.
+        and the decode bound for ``dtype``: None counts the stored dtype). With ``shm_dir`` they
+        are read through GetPrefixShm (views of the mapped export), else from the GetPrefix
+        stream. Use the result as a context manager; its payloads are valid inside it (the
+        mapping is closed when it exits). None when nothing matches.
         """
         req = prefix_request(self.namespace, token_ids, model=model, codec=codec, max_tokens=max_tokens)
+        checks = {"max_decoded_bytes": self.max_decoded_bytes, "dtype": dtype}
+        if self.shm_dir is not None:
+            reply = self._call(lambda t: self._stub.GetPrefixShm(req, timeout=t), timeout)
+            return fetch_mapped(self.shm_dir, reply, self.max_snapshot_bytes, **checks)
         info, payloads = self._call(
             lambda t: read_snapshot_stream(
                 self._payload_calls.get_prefix(req, timeout=t), self.max_snapshot_bytes
             ),
             timeout,
         )
-        return checked_prefix(info, payloads, max_decoded_bytes=self.max_decoded_bytes, dtype=dtype)
+        return checked_prefix(info, payloads, **checks)
 
     def get_prefix(
         self,

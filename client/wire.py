@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from deltastore.addressing import check_key
+from deltastore.addressing import KEY_BYTES, check_key
 from deltastore.client.cache import KVLayers, as_layers, cache_tokens, slice_layers, to_dynamic_cache
 from deltastore.client.models import model_fingerprint
 from deltastore.client.results import FetchedPrefix, Plan, RestoredSnapshot
@@ -348,7 +348,8 @@ def check_payloads(
     """Check what the server sent before decoding any of it; returns the bytes decoding takes.
 
     With ``info``: each payload has its segment's size and BLAKE3 digest (end-to-end: corruption
-    on the server, on the wire or in a shared-memory file is ChecksumMismatch, never tensors), is
+    on the server, on the wire or in a shared-memory file is ChecksumMismatch, never tensors; a
+    segment without a 32-byte digest is ChecksumMismatch too, so nothing goes unchecked), is
     encoded with the snapshot's codec and covers exactly its segment's tokens, and the segments
     cover the snapshot's tokens from 0 without a gap. Always: no zstd section declares more than
     ``MAX_EXPANSION`` x its size, and the whole decode fits ``max_decoded_bytes``
@@ -368,11 +369,16 @@ def check_payloads(
             name = bytes(seg.key).hex()
             if len(payload) != seg.size_bytes:
                 raise ChecksumMismatch(name, f"{seg.size_bytes} payload bytes", f"{len(payload)}")
-            if seg.digest:
-                threads = blake3.blake3.AUTO if len(payload) > 1 << 20 else 1
-                got = blake3.blake3(payload, max_threads=threads).digest()
-                if got != seg.digest:
-                    raise ChecksumMismatch(name, bytes(seg.digest).hex(), got.hex())
+            if len(seg.digest) != KEY_BYTES:  # no digest, no end-to-end check: refused, not skipped
+                raise ChecksumMismatch(
+                    name,
+                    f"a {KEY_BYTES}-byte BLAKE3 digest in the segment's info",
+                    f"{len(seg.digest)} bytes",
+                )
+            threads = blake3.blake3.AUTO if len(payload) > 1 << 20 else 1
+            got = blake3.blake3(payload, max_threads=threads).digest()
+            if got != seg.digest:
+                raise ChecksumMismatch(name, bytes(seg.digest).hex(), got.hex())
         hdr = read_header(payload)
         if seg is not None and info is not None:
             if info.codec and hdr.spec.canonical() != info.codec:

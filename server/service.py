@@ -332,14 +332,16 @@ class DeltaStoreService(pb_grpc.DeltaStoreServicer):
         """The stored leading segments of the caller's tokens in its own domain, as GetSnapshot streams."""
         with self._rpc("GetPrefix", context):
             namespace = namespace_for(request.namespace, Access.READ, auth_on=self._auth_on)
-            snap = self._store.get_prefix(
-                namespace,
-                model=_required("model", request.model),
-                codec=self._codec(request.codec),
-                token_ids=self._tokens(request.token_ids),
-                max_tokens=request.max_tokens or None,
-            )
-            yield from self._stream_snapshot("GetPrefix", snap, context)
+            yield from self._stream_snapshot("GetPrefix", self._open_prefix(request, namespace), context)
+
+    def _open_prefix(self, request: pb.GetPrefixRequest, namespace: str) -> SnapshotStream:
+        return self._store.get_prefix(
+            namespace,
+            model=_required("model", request.model),
+            codec=self._codec(request.codec),
+            token_ids=self._tokens(request.token_ids),
+            max_tokens=request.max_tokens or None,
+        )
 
     def _stream_snapshot(
         self, method: str, snap: SnapshotStream, context: grpc.ServicerContext
@@ -366,25 +368,47 @@ class DeltaStoreService(pb_grpc.DeltaStoreServicer):
     ) -> pb.GetSnapshotShmResponse:
         with self._rpc("GetSnapshotShm", context):
             namespace = namespace_for(request.namespace, Access.READ, auth_on=self._auth_on)
-            if self._shm is None:
-                raise NotConfigured(
-                    "this server has no shared-memory directory",
-                    hint="start it with --shm-dir (DELTASTORE_SHM_DIR), or read with GetSnapshot",
-                )
-            if not _on_this_host(context.peer(), allow_loopback=self._settings.shm_peers == "loopback"):
-                raise NotConfigured(
-                    "GetSnapshotShm serves callers on this server's unix socket only"
-                    + (" (or TCP loopback)" if self._settings.shm_peers == "loopback" else ""),
-                    hint="connect through the unix socket (--grpc unix:/path.sock), start the server with "
-                    "--shm-peers loopback to also trust TCP loopback callers, or read with GetSnapshot",
-                )
-            snap = self._open_snapshot(request, namespace)
-            name = self._shm.export(snap)
-            if not context.is_active():  # nobody will claim it
-                self._shm.discard(name)
-                raise _DeadlineExceeded("GetSnapshotShm: the caller went away or its deadline passed")
-            self._metrics.bytes_sent.labels("GetSnapshotShm").inc(snap.payload_bytes)
-            return pb.GetSnapshotShmResponse(info=_snapshot_info(snap), file=name)
+            return self._export("GetSnapshotShm", context, lambda: self._open_snapshot(request, namespace))
+
+    def GetPrefixShm(
+        self, request: pb.GetPrefixRequest, context: grpc.ServicerContext
+    ) -> pb.GetSnapshotShmResponse:
+        """GetPrefix's segments (the caller's own domain) as one shared-memory export."""
+        with self._rpc("GetPrefixShm", context):
+            namespace = namespace_for(request.namespace, Access.READ, auth_on=self._auth_on)
+            return self._export("GetPrefixShm", context, lambda: self._open_prefix(request, namespace))
+
+    def _export(
+        self, method: str, context: grpc.ServicerContext, open_snap: Callable[[], SnapshotStream]
+    ) -> pb.GetSnapshotShmResponse:
+        """What ``open_snap`` opens, exported into shared memory: the rules of every ``*Shm`` rpc.
+
+        Only for a caller on this host (the unix socket; TCP loopback by explicit setting), checked
+        before anything is read; an export nobody will claim (the caller went away) is discarded.
+        Nothing is exported for a snapshot without segments (a prefix that matched nothing).
+        """
+        stream = method.removesuffix("Shm")
+        if self._shm is None:
+            raise NotConfigured(
+                "this server has no shared-memory directory",
+                hint=f"start it with --shm-dir (DELTASTORE_SHM_DIR), or read with {stream}",
+            )
+        if not _on_this_host(context.peer(), allow_loopback=self._settings.shm_peers == "loopback"):
+            raise NotConfigured(
+                f"{method} serves callers on this server's unix socket only"
+                + (" (or TCP loopback)" if self._settings.shm_peers == "loopback" else ""),
+                hint="connect through the unix socket (--grpc unix:/path.sock), start the server with "
+                f"--shm-peers loopback to also trust TCP loopback callers, or read with {stream}",
+            )
+        snap = open_snap()
+        if not snap.segments:
+            return pb.GetSnapshotShmResponse(info=_snapshot_info(snap))
+        name = self._shm.export(snap)
+        if not context.is_active():  # nobody will claim it
+            self._shm.discard(name)
+            raise _DeadlineExceeded(f"{method}: the caller went away or its deadline passed")
+        self._metrics.bytes_sent.labels(method).inc(snap.payload_bytes)
+        return pb.GetSnapshotShmResponse(info=_snapshot_info(snap), file=name)
 
     def LookupPrefix(
         self, request: pb.LookupPrefixRequest, context: grpc.ServicerContext

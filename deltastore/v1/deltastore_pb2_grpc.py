@@ -64,6 +64,11 @@ class DeltaStoreStub:
                 request_serializer=deltastore_dot_v1_dot_deltastore__pb2.GetPrefixRequest.SerializeToString,
                 response_deserializer=deltastore_dot_v1_dot_deltastore__pb2.GetSnapshotResponse.FromString,
                 _registered_method=True)
+        self.GetPrefixShm = channel.unary_unary(
+                '/deltastore.v1.DeltaStore/GetPrefixShm',
+                request_serializer=deltastore_dot_v1_dot_deltastore__pb2.GetPrefixRequest.SerializeToString,
+                response_deserializer=deltastore_dot_v1_dot_deltastore__pb2.GetSnapshotShmResponse.FromString,
+                _registered_method=True)
         self.HasBlocks = channel.unary_unary(
                 '/deltastore.v1.DeltaStore/HasBlocks',
                 request_serializer=deltastore_dot_v1_dot_deltastore__pb2.HasBlocksRequest.SerializeToString,
@@ -153,6 +158,17 @@ class DeltaStoreServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetPrefixShm(self, request, context):
+        """GetPrefix through the server's shared-memory directory, as GetSnapshotShm reads a snapshot:
+        the matched segments' payloads back to back in one export (sizes in `info.segments`), for a
+        worker on the same host. The same domain rules as GetPrefix. Unary; no match: an `info` with
+        no segments and no `file`. FAILED_PRECONDITION when the server has no shared-memory directory
+        or the caller is not on its unix socket (or trusted loopback).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def HasBlocks(self, request, context):
         """Which of these segment keys are stored in this namespace. Unary; an empty key list yields
         an empty answer.
@@ -222,6 +238,11 @@ def add_DeltaStoreServicer_to_server(servicer, server):
                     servicer.GetPrefix,
                     request_deserializer=deltastore_dot_v1_dot_deltastore__pb2.GetPrefixRequest.FromString,
                     response_serializer=deltastore_dot_v1_dot_deltastore__pb2.GetSnapshotResponse.SerializeToString,
+            ),
+            'GetPrefixShm': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetPrefixShm,
+                    request_deserializer=deltastore_dot_v1_dot_deltastore__pb2.GetPrefixRequest.FromString,
+                    response_serializer=deltastore_dot_v1_dot_deltastore__pb2.GetSnapshotShmResponse.SerializeToString,
             ),
             'HasBlocks': grpc.unary_unary_rpc_method_handler(
                     servicer.HasBlocks,
@@ -411,6 +432,33 @@ class DeltaStore:
             '/deltastore.v1.DeltaStore/GetPrefix',
             deltastore_dot_v1_dot_deltastore__pb2.GetPrefixRequest.SerializeToString,
             deltastore_dot_v1_dot_deltastore__pb2.GetSnapshotResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetPrefixShm(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/deltastore.v1.DeltaStore/GetPrefixShm',
+            deltastore_dot_v1_dot_deltastore__pb2.GetPrefixRequest.SerializeToString,
+            deltastore_dot_v1_dot_deltastore__pb2.GetSnapshotShmResponse.FromString,
             options,
             channel_credentials,
             insecure,

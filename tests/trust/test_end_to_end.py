@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import blake3
 import grpc
 import pytest
 from trust_helpers import MODEL, client, make_cache, start_service, tokens_for
@@ -56,30 +57,34 @@ def test_client_verifies_digest_codec_and_coverage(tmp_path: Path, reliability) 
     assert all(len(s.digest) == 32 for s in info.segments)
     assert decode_snapshot(info, payloads, as_cache=False).n_tokens == 40
 
+    def as_sent(sent: list[bytes]) -> pb.SnapshotInfo:
+        """The info a consistent liar sends: sizes and digests of these very bytes, so only the
+        header checks (codec, coverage) can tell."""
+        meta = pb.SnapshotInfo()
+        meta.CopyFrom(info)
+        for seg, payload in zip(meta.segments, sent, strict=True):
+            seg.size_bytes, seg.digest = len(payload), blake3.blake3(payload).digest()
+        return meta
+
     undigested = pb.SnapshotInfo()
     undigested.CopyFrom(info)
-    for seg in undigested.segments:
-        seg.ClearField("digest")  # as from a server that sends none: header checks still apply
+    undigested.segments[1].ClearField("digest")  # as from a server that omits one: refused, not skipped
+    swapped = [payloads[1], payloads[0], *payloads[2:]]
+    foreign = [other[0], *payloads[1:]]
     cases = {
         "bit flip in a payload's data": (info, [_flip_in_data(payloads[0]), *payloads[1:]]),
-        "payloads swapped": (undigested, [payloads[1], payloads[0], *payloads[2:]]),
-        "a payload of another codec": (undigested, [other[0], *payloads[1:]]),
+        "payloads swapped": (as_sent(swapped), swapped),
+        "a payload of another codec": (as_sent(foreign), foreign),
+        "a segment's digest left out": (undigested, payloads),
     }
     assert len(other_info.segments) == len(info.segments)
     for name, (meta, sent) in cases.items():
-        if name == "payloads swapped":
-            # Same sizes, so only coverage can tell: swap the size fields too.
-            meta = pb.SnapshotInfo()
-            meta.CopyFrom(undigested)
-            meta.segments[0].size_bytes, meta.segments[1].size_bytes = (len(sent[0]), len(sent[1]))
-        if name == "a payload of another codec":
-            meta = pb.SnapshotInfo()
-            meta.CopyFrom(undigested)
-            meta.segments[0].size_bytes = len(sent[0])
-        with pytest.raises(ChecksumMismatch):
+        with pytest.raises(ChecksumMismatch) as err:
             decode_snapshot(meta, sent, as_cache=False)
+        assert ("digest in the segment's info" in str(err.value)) is (name == "a segment's digest left out")
     reliability.record(
-        "payload bytes changed after the server's check (flip; swap; another codec's block)",
+        "payload bytes changed after the server's check (flip; swap; another codec's block); "
+        "a segment's digest left out of the info",
         len(cases),
         "client raises ChecksumMismatch before decoding",
     )
@@ -94,7 +99,7 @@ class _Tamper(grpc.UnaryUnaryClientInterceptor):
 
     def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
         outcome = continuation(details, request)
-        if details.method.endswith("/GetSnapshotShm") and outcome.exception() is None:
+        if details.method.endswith(("/GetSnapshotShm", "/GetPrefixShm")) and outcome.exception() is None:
             path = self.shm / outcome.result().file
             fd = os.open(path, os.O_RDWR)
             try:
@@ -106,20 +111,29 @@ class _Tamper(grpc.UnaryUnaryClientInterceptor):
         return outcome
 
 
-def test_shared_memory_export_rewritten_before_mapping(tmp_path: Path, reliability) -> None:
+@pytest.mark.parametrize("read", ["snapshot", "prefix"])
+def test_shared_memory_export_rewritten_before_mapping(tmp_path: Path, reliability, read: str) -> None:
     shm = tmp_path / "shm"
     svc = start_service(tmp_path, shm_dir=str(shm), shm_peers="loopback")
     tamper = _Tamper(shm)
+    tokens = tokens_for(3, 40)
     try:
         with client(svc.grpc_port, None) as c:
-            c.put_snapshot("a", 0, tokens_for(3, 40), make_cache(40), model=MODEL, codec="k4v2")
+            c.put_snapshot("a", 0, tokens, make_cache(40), model=MODEL, codec="k4v2")
         target = f"127.0.0.1:{svc.grpc_port}"
         with (
             DeltaStoreClient(target, timeout=20, shm_dir=str(shm), interceptors=[tamper]) as c,
             pytest.raises(ChecksumMismatch),
         ):
-            c.get_snapshot("a", 0, model=MODEL)
+            if read == "snapshot":
+                c.get_snapshot("a", 0, model=MODEL)
+            else:  # the connector's path: checked before a single payload is handed out
+                c.fetch_prefix(tokens, model=MODEL, codec="k4v2")
         assert tamper.tampered == 1
     finally:
         svc.stop()
-    reliability.record("shared-memory export rewritten before the client maps it", 1, "ChecksumMismatch")
+    reliability.record(
+        "shared-memory export rewritten before the client maps it (GetSnapshotShm; GetPrefixShm)",
+        1,
+        "ChecksumMismatch",
+    )

@@ -408,6 +408,7 @@ def unary_calls(draw: st.DrawFn) -> tuple[str, Any]:
                 "GetSnapshotShm",
                 "LookupPrefix",
                 "GetPrefix",
+                "GetPrefixShm",
                 "HasBlocks",
                 "DeleteSnapshot",
                 "DeleteSession",
@@ -445,6 +446,7 @@ def unary_calls(draw: st.DrawFn) -> tuple[str, Any]:
         "ListSnapshots": lambda: pb.ListSnapshotsRequest(namespace=ns, session=session),
         "GetSavings": lambda: pb.GetSavingsRequest(namespace=ns),
     }
+    requests["GetPrefixShm"] = requests["GetPrefix"]  # the same request, answered by an export
     return method, requests[method]()
 
 

@@ -181,6 +181,49 @@ def test_shared_namespace_is_opt_in_and_read_only_for_readers(service: Service, 
     )
 
 
+def test_prefix_through_shared_memory_keeps_getprefix_domains(tmp_path: Path, reliability) -> None:
+    """GetPrefixShm answers what GetPrefix would: the caller's dedup domain only, nothing exported else."""
+    from deltastore.client.auth import ApiKey
+    from deltastore.client.sync import DeltaStoreClient
+    from deltastore.v1.protocol import SHM_FD_SOCKET
+
+    sock, shm = tmp_path / "ds.sock", tmp_path / "shm"
+    svc = start_service(
+        tmp_path,
+        grpc_address=f"unix:{sock}",
+        shm_dir=str(shm),
+        auth_file=str(write_auth(tmp_path / "auth.json")),
+        store_config=StoreConfig(block_size=16, shared_groups={"acme": "a", "acme-eval": "a"}),
+    )
+
+    def shm_client(key: str, namespace: str) -> DeltaStoreClient:
+        return DeltaStoreClient(
+            f"unix:{sock}", namespace=namespace, timeout=20, interceptors=[ApiKey(key)], shm_dir=str(shm)
+        )
+
+    try:
+        with shm_client(KEY_ACME, "acme") as acme:
+            acme.put_snapshot("one", 0, TOKENS, make_cache(70), model=MODEL, codec="lossless")
+            acme.namespace = "acme-eval"  # the same dedup group: its prefix is served
+            got = acme.get_prefix(TOKENS, model=MODEL, codec="lossless")
+            assert got is not None and got.n_tokens == 70
+        with shm_client(KEY_GLOBEX, "acme") as g:
+            denied = [_status(lambda: g.fetch_prefix(TOKENS, model=MODEL, codec="lossless"))]
+            g.namespace = "acme-eval"
+            denied.append(_status(lambda: g.get_prefix(TOKENS, model=MODEL, codec="lossless")))
+            assert [code for code, _ in denied] == [DENIED] * 2
+            g.namespace = ""  # its own domain: acme's tokens match nothing
+            assert g.fetch_prefix(TOKENS, model=MODEL, codec="lossless") is None
+        assert [p.name for p in shm.iterdir() if p.name != SHM_FD_SOCKET] == []
+    finally:
+        svc.stop()
+    reliability.record(
+        "GetPrefixShm into another tenant's namespaces; with its tokens in its own namespace",
+        3,
+        "PERMISSION_DENIED / no match; nothing exported",
+    )
+
+
 def test_dedup_group_inside_one_tenant_shares_blocks(tmp_path: Path) -> None:
     svc = start_service(
         tmp_path,

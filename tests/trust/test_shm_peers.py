@@ -20,16 +20,25 @@ from deltastore.v1.protocol import SHM_FD_PREFIX, SHM_FD_SOCKET
 TOKENS = tokens_for(40, 40)
 
 
-def _roundtrip(target: str, shm: Path) -> grpc.StatusCode:
+def _roundtrip(target: str, shm: Path) -> list[grpc.StatusCode]:
+    """Both shared-memory reads, GetSnapshotShm (a snapshot) and GetPrefixShm (a prefix): their codes."""
     with DeltaStoreClient(target, timeout=20) as c:
         c.put_snapshot("s", 0, TOKENS, make_cache(40), model=MODEL, codec="k4v2")
+    codes = []
     with DeltaStoreClient(target, timeout=20, shm_dir=str(shm)) as c:
-        try:
-            assert c.get_snapshot("s", 0, model=MODEL).n_tokens == 40
-        except grpc.RpcError as exc:
-            return exc.code()
+        for read in (
+            lambda: c.get_snapshot("s", 0, model=MODEL),
+            lambda: c.get_prefix(TOKENS, model=MODEL, codec="k4v2"),
+        ):
+            try:
+                got = read()
+            except grpc.RpcError as exc:
+                codes.append(exc.code())
+            else:
+                assert got is not None and got.n_tokens == 40
+                codes.append(grpc.StatusCode.OK)
     assert [p.name for p in shm.iterdir() if p.name != SHM_FD_SOCKET] == []
-    return grpc.StatusCode.OK
+    return codes
 
 
 def _ipv6_loopback() -> bool:
@@ -42,7 +51,7 @@ def _ipv6_loopback() -> bool:
 
 
 def test_shm_callers(tmp_path: Path, reliability) -> None:
-    outcomes: dict[str, grpc.StatusCode] = {}
+    outcomes: dict[str, list[grpc.StatusCode]] = {}
     # Default: a TCP loopback caller (possibly a proxied remote one) is refused ...
     svc = start_service(tmp_path / "tcp", shm_dir=str(tmp_path / "shm1"))
     try:
@@ -67,19 +76,21 @@ def test_shm_callers(tmp_path: Path, reliability) -> None:
             outcomes[f"{host} loopback"] = _roundtrip(f"{host}:{svc.grpc_port}", shm)
         finally:
             svc.stop()
-    assert outcomes.pop("tcp default") is grpc.StatusCode.FAILED_PRECONDITION
-    assert all(code is grpc.StatusCode.OK for code in outcomes.values()), outcomes
+    assert outcomes.pop("tcp default") == [grpc.StatusCode.FAILED_PRECONDITION] * 2
+    assert all(codes == [grpc.StatusCode.OK] * 2 for codes in outcomes.values()), outcomes
     assert _on_this_host("ipv6:%5B::1%5D:5000", allow_loopback=True)
     assert _on_this_host("ipv6:[::ffff:127.0.0.1]:1", allow_loopback=True)
     assert not _on_this_host("ipv4:127.0.0.1:5000")  # not without the explicit setting
     reliability.record(
-        "GetSnapshotShm from TCP loopback (a proxied remote caller looks the same), default settings",
-        1,
+        "GetSnapshotShm and GetPrefixShm from TCP loopback (a proxied remote caller looks the same), "
+        "default settings",
+        2,
         "FAILED_PRECONDITION",
     )
     reliability.record(
-        "GetSnapshotShm on the unix socket; with --shm-peers loopback from 127.0.0.1 and [::1]",
-        len(outcomes),
+        "GetSnapshotShm and GetPrefixShm on the unix socket; with --shm-peers loopback from 127.0.0.1 "
+        "and [::1]",
+        2 * len(outcomes),
         "served",
     )
 
@@ -137,7 +148,7 @@ def test_memfd_exports_reach_only_their_caller(tmp_path: Path, reliability) -> N
         tmp_path / "svc", grpc_address=f"unix:{sock}", shm_dir=str(tmp_path / "shm"), shm_mode="memfd"
     )
     try:
-        assert _roundtrip(f"unix:{sock}", tmp_path / "shm") is grpc.StatusCode.OK
+        assert _roundtrip(f"unix:{sock}", tmp_path / "shm") == [grpc.StatusCode.OK] * 2  # snapshot, prefix
     finally:
         svc.stop()
     with Store.open(tmp_path / "data", StoreConfig(block_size=16)) as store:

@@ -165,6 +165,11 @@ def call_every_method(
                 timeout=10,
             )
         ),
+        "GetPrefixShm": lambda md: s.GetPrefixShm(
+            pb.GetPrefixRequest(namespace=namespace, model=MODEL, codec="k4v2", token_ids=tokens),
+            metadata=md,
+            timeout=10,
+        ),
         "HasBlocks": lambda md: s.HasBlocks(
             pb.HasBlocksRequest(namespace=namespace, keys=[bytes(32)]), metadata=md, timeout=10
         ),
