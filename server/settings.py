@@ -49,8 +49,8 @@ class ServerSettings(Config):
             "" leaves the service open (loopback sidecars, first runs).
         tls_cert, tls_key: PEM server certificate and key; both "" means plaintext.
         tls_client_ca: PEM CA that client certificates must chain to (mTLS); "" means none asked.
-        shm_dir: shared-memory directory for GetSnapshotShm (a worker on the same host mounts
-            it); "" disables the call.
+        shm_dir: shared-memory directory for GetSnapshotShm and GetPrefixShm (a worker on the same
+            host mounts it); "" disables both calls.
         shm_max_bytes: most bytes of snapshot files in ``shm_dir`` not yet claimed by a worker.
         shm_mode: ``file`` (default: each export a 0600 file in ``shm_dir``) or ``memfd`` (a
             sealed anonymous memory file handed over a unix socket in ``shm_dir`` to the one caller
@@ -135,7 +135,10 @@ class ServerSettings(Config):
     )
     shm_dir: Annotated[
         str,
-        Cli("--shm-dir", "shared-memory directory for GetSnapshotShm, e.g. /dev/shm/deltastore ('' = off)"),
+        Cli(
+            "--shm-dir",
+            "shared-memory directory for GetSnapshotShm and GetPrefixShm, e.g. /dev/shm/deltastore ('' = off)",
+        ),
     ] = ""
     shm_max_bytes: Annotated[
         Size, Cli("--shm-max-bytes", "most bytes of unclaimed snapshot files in --shm-dir (e.g. 2GiB)")

@@ -1,10 +1,10 @@
 """Shared-memory export of snapshots, for an inference worker on the same host.
 
 A sidecar and its worker can share a memory-backed directory (``/dev/shm``, or a Kubernetes
-``emptyDir`` with ``medium: Memory`` mounted in both containers). GetSnapshotShm copies a
-snapshot's verified payloads once, out of the store, into a new file there; the worker maps the
-file and decodes straight from it, where the stream path frames, sends, receives and joins every
-byte. The worker unlinks the file once it has opened it.
+``emptyDir`` with ``medium: Memory`` mounted in both containers). GetSnapshotShm (GetPrefixShm
+for a prefix) copies a snapshot's verified payloads once, out of the store, into a new file
+there; the worker maps the file and decodes straight from it, where the stream path frames,
+sends, receives and joins every byte. The worker unlinks the file once it has opened it.
 
 Files are created with mode 0600 (the worker runs as the server's user) under names the server
 picks (``O_EXCL``), so a client never names a path the server opens. Memory-backed files count

@@ -3,12 +3,12 @@
 ``--shm-mode file`` (``deltastore.server.shm``) writes each export into a file of the shared
 directory: any process of the server's user that mounts it can open, read or unlink the file
 before its worker maps it. ``--shm-mode memfd`` leaves nothing in the directory but a unix socket
-(``SHM_FD_SOCKET``): GetSnapshotShm writes the verified payloads into an anonymous memory file
-(``memfd_create``), seals it against writing, growing and shrinking, and answers a one-time random
-token (128 bits) in place of a file name. Only the caller of that (authenticated) call learns
-it; its worker connects to the socket, sends the token and receives the file descriptor
-(``SCM_RIGHTS``); the token is then gone. A process of another tenant that lists the directory
-finds nothing to open, and guessing a token is hopeless. Unclaimed exports are closed after
+(``SHM_FD_SOCKET``): GetSnapshotShm (and GetPrefixShm) writes the verified payloads into an
+anonymous memory file (``memfd_create``), seals it against writing, growing and shrinking, and
+answers a one-time random token (128 bits) in place of a file name. Only the caller of that
+(authenticated) call learns it; its worker connects to the socket, sends the token and receives
+the file descriptor (``SCM_RIGHTS``); the token is then gone. A process of another tenant that
+lists the directory finds nothing to open, and guessing a token is hopeless. Unclaimed exports are closed after
 ``ORPHAN_SECONDS`` and count against ``max_bytes`` meanwhile.
 """
 
