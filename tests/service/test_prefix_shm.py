@@ -187,3 +187,41 @@ def test_prefix_is_confined_to_the_callers_namespace(shm_service: tuple[Service,
         assert got is not None and got.n_tokens == len(TOKENS)
         assert beta.fetch_prefix(TOKENS, model=MODEL, codec="k4v2") is None
     assert _exports(shm) == []
+
+
+def test_unclaimed_prefix_exports_share_the_budget_and_are_counted(tmp_path: Path) -> None:
+    """Prefix and snapshot exports draw on one --shm-max-bytes; sent bytes are counted per rpc."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from deltastore.v1 import deltastore_pb2 as pb
+    from deltastore.v1 import deltastore_pb2_grpc as pb_grpc
+
+    sock, shm = tmp_path / "ds.sock", tmp_path / "shm"
+    svc = start_service(tmp_path, grpc_address=f"unix:{sock}", shm_dir=str(shm), shm_max_bytes=1 << 20)
+    try:
+        with DeltaStoreClient(f"unix:{sock}", timeout=20) as c:
+            c.put_snapshot("s", 0, TOKENS, make_cache(len(TOKENS)), model=MODEL, codec="fp16")
+        req = pb.GetPrefixRequest(namespace="default", model=MODEL, codec="fp16", token_ids=TOKENS)
+        sizes = []
+        with grpc.insecure_channel(f"unix:{sock}") as ch, pytest.raises(grpc.RpcError) as err:
+            stub = pb_grpc.DeltaStoreStub(ch)
+            for _ in range(100):  # nobody claims them: ~300 KB each against a 1 MiB cap
+                sizes.append(stub.GetPrefixShm(req, timeout=10).info.payload_bytes)
+        assert err.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "--shm-max-bytes" in (err.value.details() or "")
+        assert 1 <= len(sizes) <= 4 and len(_exports(shm)) == len(sizes)
+        with (
+            DeltaStoreClient(f"unix:{sock}", timeout=20, shm_dir=str(shm)) as c,
+            pytest.raises(grpc.RpcError) as err,
+        ):
+            c.get_snapshot("s", 0)  # the same budget, spent by the prefix exports
+        assert err.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+        sent = sum(
+            s.value
+            for family in text_string_to_metric_families(svc.metrics.exposition().decode())
+            for s in family.samples
+            if s.name == "deltastore_grpc_sent_bytes_total" and s.labels.get("method") == "GetPrefixShm"
+        )
+        assert sent == sum(sizes) > 0
+    finally:
+        svc.stop()
