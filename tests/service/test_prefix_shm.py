@@ -225,3 +225,36 @@ def test_unclaimed_prefix_exports_share_the_budget_and_are_counted(tmp_path: Pat
         assert sent == sum(sizes) > 0
     finally:
         svc.stop()
+
+
+def test_an_export_whose_caller_went_away_is_discarded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The caller's deadline passes while its export is written: nobody will claim it, so it goes."""
+    import time
+
+    from deltastore.server.shm import ShmExporter
+
+    real = ShmExporter.export
+
+    def slow(self: ShmExporter, snap: object) -> str:
+        name = real(self, snap)  # type: ignore[arg-type]
+        time.sleep(1.0)  # a large export: the caller's deadline passes meanwhile
+        return name
+
+    monkeypatch.setattr(ShmExporter, "export", slow)
+    sock, shm = tmp_path / "ds.sock", tmp_path / "shm"
+    svc = start_service(tmp_path, grpc_address=f"unix:{sock}", shm_dir=str(shm))
+    try:
+        with DeltaStoreClient(f"unix:{sock}", timeout=20, shm_dir=str(shm)) as c:
+            c.put_snapshot("s", 0, TOKENS, make_cache(len(TOKENS)), model=MODEL, codec="k4v2")
+            with pytest.raises(grpc.RpcError) as err:
+                c.fetch_prefix(TOKENS, model=MODEL, codec="k4v2", timeout=0.3)
+            assert err.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+            assert len(_exports(shm)) == 1  # written, not claimed
+            deadline = time.monotonic() + 10
+            while _exports(shm) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert _exports(shm) == []  # removed by the server at once, not by the 60 s sweep
+    finally:
+        svc.stop()
