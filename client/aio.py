@@ -227,7 +227,7 @@ class AsyncDeltaStoreClient:
     ) -> FetchedPrefix | None:
         """The stored leading blocks, checked, not decoded (see ``DeltaStoreClient.fetch_prefix``)."""
         req = prefix_request(self.namespace, token_ids, model=model, codec=codec, max_tokens=max_tokens)
-        checks = {"max_decoded_bytes": self.max_decoded_bytes, "dtype": dtype}
+        checks: dict[str, Any] = {"max_decoded_bytes": self.max_decoded_bytes, "dtype": dtype}
         if self.shm_dir is not None:
             reply = await self._call(lambda t: self._stub.GetPrefixShm(req, timeout=t), timeout)
             return await asyncio.to_thread(

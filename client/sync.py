@@ -277,7 +277,7 @@ class DeltaStoreClient:
         mapping is closed when it exits). None when nothing matches.
         """
         req = prefix_request(self.namespace, token_ids, model=model, codec=codec, max_tokens=max_tokens)
-        checks = {"max_decoded_bytes": self.max_decoded_bytes, "dtype": dtype}
+        checks: dict[str, Any] = {"max_decoded_bytes": self.max_decoded_bytes, "dtype": dtype}
         if self.shm_dir is not None:
             reply = self._call(lambda t: self._stub.GetPrefixShm(req, timeout=t), timeout)
             return fetch_mapped(self.shm_dir, reply, self.max_snapshot_bytes, **checks)
