@@ -24,7 +24,8 @@ max_kl                 none        instead of ``codec``: a quality budget (mean 
                                    model) are never picked, only named as ``codec``
 shm_dir                none        the server's ``--shm-dir`` as mounted here (same host)
 lookup_timeout_s       1.0         deadline of a LookupPrefix (scheduler, on the request's path)
-load_timeout_s         10.0        deadline of a GetPrefix (worker, before the forward pass)
+load_timeout_s         10.0        deadline of a step's loads, fetch and every layer (worker: the
+                                   forward pass waits at most this, then recomputes)
 save_timeout_s         60.0        deadline of a put (background)
 cooldown_s             5.0         after the store was down or too slow, skip it this long
 save                   true        store finished requests' KV

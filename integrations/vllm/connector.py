@@ -16,12 +16,15 @@ How it works (one request):
   "ask again" (None), so turn t+1 sees what turn t just stored.
 - Scheduler, ``update_state_after_alloc`` / ``build_connector_meta``: the load plan (tokens
   ``[start, end)`` and the request's block ids) goes to the workers with the step.
-- Worker, ``start_load_kv`` (before the forward pass): GetPrefix streams the stored blocks
-  (digests verified by the server), they are decoded on the KV cache's device in its dtype and
-  scattered into the allocated paged blocks. Any failure (store down, deadline, DATA_LOSS,
-  model/codec mismatch, short answer) reports the request's blocks in
-  ``get_block_ids_with_load_errors``; with ``kv_load_failure_policy="recompute"`` vLLM recomputes
-  them. Nothing is ever fatal to the engine.
+- Worker, ``start_load_kv`` (before the forward pass): starts the step's loads on a background
+  thread and returns (``loads.py``): the stored blocks are fetched (checked by the client:
+  digests, codec, coverage; shared memory when ``shm_dir`` is set), then decoded on the KV
+  cache's device in its dtype and scattered into the allocated paged blocks one layer at a time;
+  ``wait_for_layer_load`` (before each attention layer) waits only for its layer. Any failure
+  (store down, deadline, DATA_LOSS, model/codec mismatch, short answer, a layer that fails)
+  reports all of the load's blocks in ``get_block_ids_with_load_errors``; with
+  ``kv_load_failure_policy="recompute"`` vLLM recomputes them. Nothing is ever fatal to the
+  engine.
 - Scheduler, ``request_finished``: every computed token (prompt and answer, rounded down to
   ``lcm(vLLM block size, store block size)``) is saved: the request's blocks are held
   (``True``) and a save job goes to the workers with the next step.
@@ -36,8 +39,9 @@ OpenAI server's ``kv_transfer_params`` set to ``{"deltastore": {"session": "chat
 it is recorded as that session's turn (parent: the turn before, when stored), so per-session
 savings, temporal deltas and ``/v1/sessions`` work as for HF workers.
 
-Why one long module: vLLM's connector API is one class whose scheduler and worker halves
-exchange the metadata defined here; configuration lives in ``config.py``.
+Modules: this one holds the connector class (vLLM's API is one class whose scheduler and worker
+halves exchange the metadata defined here) and its saves; ``loads.py`` the worker's layer-by-layer
+loads, ``stats.py`` the counters, ``config.py`` the configuration.
 """
 
 from __future__ import annotations
@@ -48,7 +52,6 @@ import logging
 import re
 import threading
 import time
-import weakref
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
@@ -72,6 +75,14 @@ from deltastore.integrations.vllm.config import (
     save_alignment,
     vllm_fingerprint,
 )
+from deltastore.integrations.vllm.loads import LayerLoader, LoadSpec
+from deltastore.integrations.vllm.stats import (
+    Counters,
+    DeltaStoreConnectorStats,
+    connector_totals,
+    instances,
+    register,
+)
 from deltastore.manifest import check_session
 
 if TYPE_CHECKING:
@@ -83,23 +94,13 @@ if TYPE_CHECKING:
     from vllm.v1.outputs import KVConnectorOutput
     from vllm.v1.request import Request
 
+    from deltastore.client.results import FetchedPrefix
+
 __all__ = ["DeltaStoreConnector", "DeltaStoreConnectorStats", "connector_totals", "wait_for_saves"]
 
 log = logging.getLogger("vllm.deltastore")  # under "vllm": the engine's log handlers and level
 
-_INSTANCES: weakref.WeakSet[DeltaStoreConnector] = weakref.WeakSet()
-
-
 # -- metadata ----------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class LoadSpec:
-    req_id: str
-    token_ids: list[int]  # the prompt up to ``end``
-    start: int  # first token to write (the tokens before are computed locally)
-    end: int
-    block_ids: list[int]
 
 
 @dataclasses.dataclass
@@ -117,79 +118,6 @@ class DeltaStoreConnectorMetadata(KVConnectorMetadata):
     saves: list[SaveSpec] = dataclasses.field(default_factory=list)
 
 
-# -- stats -------------------------------------------------------------------------------------
-
-_COUNTERS = (
-    "lookups",
-    "lookup_hits",
-    "lookup_errors",
-    "loads",
-    "load_errors",
-    "tokens_loaded",
-    "bytes_loaded",
-    "load_seconds",
-    "saves",
-    "save_errors",
-    "saves_skipped",
-    "tokens_saved",
-    "bytes_written",
-    "segments_encoded",
-    "save_seconds",
-)
-
-
-@dataclasses.dataclass
-class DeltaStoreConnectorStats(KVConnectorStats):
-    """Counters since the last report (vLLM aggregates them across workers and logs them)."""
-
-    def __post_init__(self) -> None:
-        for name in _COUNTERS:
-            self.data.setdefault(name, 0)
-
-    def reset(self) -> None:
-        self.data = dict.fromkeys(_COUNTERS, 0)
-
-    def aggregate(self, other: KVConnectorStats) -> KVConnectorStats:
-        for k, v in other.data.items():
-            self.data[k] = self.data.get(k, 0) + v
-        return self
-
-    def reduce(self) -> dict[str, int | float]:
-        return dict(self.data)
-
-    def is_empty(self) -> bool:
-        return not any(self.data.values())
-
-
-class _Counters:
-    """Thread-safe cumulative counters plus the interval that vLLM collects."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.total = dict.fromkeys(_COUNTERS, 0)
-        self.interval = dict.fromkeys(_COUNTERS, 0)
-
-    def add(self, **values: float) -> None:
-        with self._lock:
-            for k, v in values.items():
-                self.total[k] += v
-                self.interval[k] += v
-
-    def take_interval(self) -> dict[str, float]:
-        with self._lock:
-            out, self.interval = self.interval, dict.fromkeys(_COUNTERS, 0)
-            return out
-
-
-def connector_totals() -> dict[str, float]:
-    """Cumulative counters of every connector instance in this process (both roles)."""
-    out = dict.fromkeys(_COUNTERS, 0)
-    for inst in list(_INSTANCES):
-        for k, v in inst.counters.total.items():
-            out[k] += v
-    return out
-
-
 def wait_for_saves(llm: Any, timeout: float = 120.0) -> bool:
     """Step an in-process ``vllm.LLM`` until this process's connectors have no save in flight.
 
@@ -198,7 +126,7 @@ def wait_for_saves(llm: Any, timeout: float = 120.0) -> bool:
     itself: ``has_pending_push_work``). Returns False on timeout.
     """
     deadline = time.monotonic() + timeout
-    while any(inst.has_pending_push_work() for inst in list(_INSTANCES)):
+    while any(isinstance(i, DeltaStoreConnector) and i.has_pending_push_work() for i in instances()):
         if time.monotonic() > deadline:
             return False
         llm.llm_engine.step()
@@ -293,7 +221,7 @@ class DeltaStoreConnector(KVConnectorBase_V1):
             mc.get_num_kv_heads(vllm_config.parallel_config),
             self.head_size,
         )
-        self.counters = _Counters()
+        self.counters = Counters()
         self._client: DeltaStoreClient | None = None
         self._down_until = 0.0
         self._lock = threading.Lock()
@@ -305,11 +233,13 @@ class DeltaStoreConnector(KVConnectorBase_V1):
         self._saving: dict[str, list[int]] = {}  # req -> tokens, until the worker reports it
         # worker side
         self._kv: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._layer_of: dict[str, int] = {}  # attention layer name -> index in _kv
+        self._loader: LayerLoader | None = None
         self._load_errors: set[int] = set()
         self._saved: set[str] = set()
         self._dispatched: set[str] = set()
         self._pool: ThreadPoolExecutor | None = None
-        _INSTANCES.add(self)
+        register(self)
         log.info(
             "DeltaStoreConnector (%s) -> %s ns=%s codec=%s%s model=%s save alignment %d tokens",
             role.name,
@@ -507,6 +437,10 @@ class DeltaStoreConnector(KVConnectorBase_V1):
         cpu = current_platform.is_cpu()
         names = sorted(kv_caches, key=_layer_index)
         self._kv = [split_kv(kv_caches[n], self.head_size, cpu_backend=cpu) for n in names]
+        self._layer_of = {n: i for i, n in enumerate(names)}
+        self._loader = LayerLoader(
+            self._fetch, self._kv, self.block_size, self.counters, self._failed, self.cfg.load_timeout_s
+        )
         k0 = self._kv[0][0]
         log.info(
             "DeltaStoreConnector: %d layers, blocks of %d tokens x %d kv heads x %d dims, %s on %s",
@@ -519,60 +453,38 @@ class DeltaStoreConnector(KVConnectorBase_V1):
         )
 
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
+        """Start this step's loads on the loader thread (``loads.py``); the forward pass waits
+        for each layer in ``wait_for_layer_load``."""
         meta = self._get_connector_metadata()
         assert isinstance(meta, DeltaStoreConnectorMetadata)
         self._dispatch_saves(meta)
-        for load in meta.loads:
-            self._load(load)
+        if not meta.loads:
+            return
+        if self._loader is None or not self._available():
+            for load in meta.loads:
+                self._load_errors |= load.blocks(self.block_size)
+            self.counters.add(load_errors=len(meta.loads))
+            return
+        self._loader.start(meta.loads)
 
-    def _load(self, load: LoadSpec) -> None:
-        first, last = load.start // self.block_size, -(-load.end // self.block_size)
-        affected = set(load.block_ids[first:last])
-        if not self._kv or not self._available():
-            self._load_errors |= affected
-            self.counters.add(load_errors=1)
-            return
-        started = time.perf_counter()
+    def _fetch(self, load: LoadSpec, timeout: float) -> FetchedPrefix | None:
+        """The checked payloads of one load (shared memory when configured)."""
+        if not self._available():
+            raise ConnectionError("store skipped after a recent failure")
         k0 = self._kv[0][0]
-        try:
-            snap = self.client.get_prefix(
-                load.token_ids,
-                model=self.model,
-                codec=self.cfg.codec,
-                max_tokens=load.end,
-                device=k0.device,
-                dtype=k0.dtype,
-                timeout=self.cfg.load_timeout_s,
-            )
-            got = 0 if snap is None else snap.n_tokens
-            if snap is None or got < load.end or len(snap.layers) != len(self._kv):
-                raise LookupError(f"the store returned {got} of {load.end} tokens")
-            pos = torch.arange(load.start, load.end, device=k0.device)
-            blocks = torch.tensor(load.block_ids, device=k0.device)[pos // self.block_size]
-            offsets = pos % self.block_size
-            for (kc, vc), (k, v) in zip(self._kv, snap.layers, strict=True):
-                kc[blocks, :, offsets] = k[:, load.start : load.end].permute(1, 0, 2)
-                vc[blocks, :, offsets] = v[:, load.start : load.end].permute(1, 0, 2)
-        except Exception as exc:  # never fatal: report the blocks, vLLM recomputes
-            self._load_errors |= affected
-            self.counters.add(load_errors=1)
-            self._failed(f"load of {load.end - load.start} tokens", exc)
-            return
-        self.counters.add(
-            loads=1,
-            tokens_loaded=load.end - load.start,
-            bytes_loaded=snap.payload_bytes,
-            load_seconds=time.perf_counter() - started,
-        )
-        log.info(
-            "DeltaStore loaded %d tokens for %s in %.3fs",
-            load.end - load.start,
-            load.req_id,
-            time.perf_counter() - started,
+        return self.client.fetch_prefix(
+            load.token_ids,
+            model=self.model,
+            codec=self.cfg.codec,
+            max_tokens=load.end,
+            dtype=k0.dtype,
+            timeout=timeout,
         )
 
     def wait_for_layer_load(self, layer_name: str) -> None:
-        return None  # loads complete in start_load_kv, before the forward pass
+        layer = self._layer_of.get(layer_name)
+        if layer is not None and self._loader is not None:
+            self._loader.wait_layer(layer)
 
     def save_kv_layer(
         self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any
@@ -658,6 +570,10 @@ class DeltaStoreConnector(KVConnectorBase_V1):
         return (done or None), None
 
     def get_block_ids_with_load_errors(self) -> set[int]:
+        """After the forward pass: the step's loads are finished (or cancelled at their deadline)
+        and every block of a load that failed is reported, so vLLM recomputes it."""
+        if self._loader is not None:
+            self._load_errors |= self._loader.finish()
         out, self._load_errors = self._load_errors, set()
         return out
 
@@ -670,6 +586,8 @@ class DeltaStoreConnector(KVConnectorBase_V1):
         return DeltaStoreConnectorStats(data=dict(data or {}))
 
     def shutdown(self) -> None:
+        if self._loader is not None:
+            self._loader.shutdown()
         if self._pool is not None:
             self._pool.shutdown(wait=True)
         if self._client is not None:

@@ -16,18 +16,22 @@ from typing import Any
 
 import pytest
 
+from deltastore.bench.vllm_harness import engine_env
+
+# Before torch loads (importorskip imports it): OMP_NUM_THREADS=1 only takes effect then, and the
+# in-process engine must compute as the fresh engine processes do (engine_run.py) for the
+# bit-for-bit comparisons (with torch's default of one thread per core they differ).
+engine_env()
 pytest.importorskip("vllm", reason="the vLLM tests run in the vLLM venv: make test-vllm")
 
-from deltastore.bench.vllm_harness import (
+from deltastore.bench.vllm_harness import (  # noqa: E402
     ServerProcess,
-    engine_env,
     kv_transfer_config,
     make_llm,
     prompt_tokens,
 )
-from deltastore.bench.vllm_model import smollm2_checkpoint
+from deltastore.bench.vllm_model import smollm2_checkpoint  # noqa: E402
 
-engine_env()
 HERE = Path(__file__).parent
 TEXT = (Path(__file__).parents[2] / "bench" / "data" / "gardiner_french_revolution.txt").read_text()
 

@@ -22,6 +22,7 @@ from conftest import connector_kv, fresh_engine
 from deltastore.bench.vllm_harness import ServerProcess, run_prompts
 from deltastore.client.sync import DeltaStoreClient
 from deltastore.integrations.vllm.connector import connector_totals, wait_for_saves
+from deltastore.integrations.vllm.stats import instances
 from deltastore.store import Store
 
 pytestmark = pytest.mark.slow
@@ -68,6 +69,10 @@ def test_fresh_engine_restores_lossless_and_dedups_the_shared_system_prompt(
     assert same["delta"]["tokens_loaded"] == (len(base["prompt"]) - 1) // 128 * 128
     assert same["delta"]["load_errors"] == 0
     assert same["tokens"][0] == base["hit"]
+    # Layer by layer: the load landed in one step as one write per layer, and the forward pass
+    # waited for each attention layer of that step (vLLM's attention decorator).
+    n_layers = json.loads((model_dir / "config.json").read_text())["num_hidden_layers"]
+    assert same["delta"]["layers_loaded"] == n_layers and same["delta"]["layer_waits"] == n_layers
     # Another user's question on the same system prompt: the prompt's blocks are loaded, and the
     # save encodes only blocks past them.
     assert shared["delta"]["tokens_loaded"] == len(texts["sys"]) // 128 * 128  # whole vLLM blocks
@@ -165,6 +170,31 @@ def test_server_killed_requests_recompute_then_loads_resume(
     assert tokens == base["hit"]
 
 
+def n_layers(llm: Any) -> int:
+    return llm.llm_engine.model_config.get_num_layers(llm.llm_engine.vllm_config.parallel_config)
+
+
+def test_a_load_failing_mid_layers_is_recomputed(
+    llm: Any, server: ServerProcess, base: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Layers 0-2 land in the paged cache, then layer 3's scatter fails (its K/V views swapped for
+    ones of another shape: a real failing write): all of the load's blocks are reported and vLLM
+    recomputes them, so the half-written KV is never used; the next load works again."""
+    (worker,) = [c for c in instances() if getattr(c, "_loader", None) is not None]
+    loader = worker._loader
+    broken = list(loader._kv)
+    broken[3] = (broken[3][0][..., :1], broken[3][1][..., :1])
+    with monkeypatch.context() as m:
+        m.setattr(loader, "_kv", broken)
+        tokens, d = generate(llm, base["prompt"])
+    assert d["lookup_hits"] == 1 and d["load_errors"] == 1 and d["tokens_loaded"] == 0, d
+    assert d["layers_loaded"] == 3 and d["layer_waits"] == n_layers(llm), d
+    assert tokens == base["tokens"], "a half-written load reached the engine"
+    tokens, d = generate(llm, base["prompt"])
+    assert d["load_errors"] == 0 and d["layers_loaded"] == n_layers(llm), d
+    assert tokens == base["hit"]
+
+
 def test_corrupt_stored_payloads_are_data_loss_and_recomputed(
     llm: Any, server: ServerProcess, base: dict[str, Any]
 ) -> None:
@@ -186,3 +216,5 @@ def test_corrupt_stored_payloads_are_data_loss_and_recomputed(
     tokens, d = generate(llm, base["prompt"])
     assert d["lookup_hits"] == 1 and d["load_errors"] == 1 and d["tokens_loaded"] == 0, d
     assert tokens == base["tokens"], "corrupt KV reached the engine"
+    # refused before any layer: no layer written, and every layer's wait returned
+    assert d["layers_loaded"] == 0 and d["layer_waits"] == n_layers(llm), d
