@@ -59,15 +59,22 @@ def free_port() -> int:
 
 @dataclass
 class ServerProcess:
-    """``deltastore serve`` over LMDB in ``data_dir`` on fixed loopback ports (restartable)."""
+    """``deltastore serve`` over LMDB in ``data_dir`` on fixed loopback ports (restartable).
+
+    With ``shm_dir`` it serves gRPC on a unix socket next to ``data_dir`` instead, with
+    ``--shm-dir`` (GetSnapshotShm/GetPrefixShm serve callers on the unix socket only).
+    """
 
     data_dir: Path
     grpc_port: int = field(default_factory=free_port)
     http_port: int = field(default_factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
+    shm_dir: Path | None = None
 
     @property
     def target(self) -> str:
+        if self.shm_dir is not None:
+            return f"unix:{self.data_dir.parent / self.data_dir.name}.sock"
         return f"127.0.0.1:{self.grpc_port}"
 
     @property
@@ -83,6 +90,7 @@ class ServerProcess:
             [
                 *(sys.executable, "-m", "deltastore", "serve", "--data-dir", str(self.data_dir)),
                 *("--grpc", self.target, "--http", f"127.0.0.1:{self.http_port}", "--grace-seconds", "1"),
+                *(("--shm-dir", str(self.shm_dir)) if self.shm_dir is not None else ()),
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -124,6 +132,19 @@ class ServerProcess:
 
         params = {"namespace": namespace} if namespace else {}
         return httpx.get(f"{self.http}/v1/savings", params=params, timeout=30).json()
+
+    def sent_bytes(self, method: str) -> float:
+        """Payload bytes the server sent for ``method`` (its /metrics)."""
+        import httpx
+        from prometheus_client.parser import text_string_to_metric_families
+
+        text = httpx.get(f"{self.http}/metrics", timeout=30).text
+        return sum(
+            sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+            if sample.name == "deltastore_grpc_sent_bytes_total" and sample.labels.get("method") == method
+        )
 
 
 def kv_transfer_config(connector: str | None, **extra: Any) -> dict[str, Any] | None:

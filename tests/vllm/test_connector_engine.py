@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -82,17 +83,35 @@ def test_fresh_engine_restores_lossless_and_dedups_the_shared_system_prompt(
     assert server.savings()["layers"]["prefix_dedup"] > 1.5
 
 
-def test_fresh_engine_restores_k4v4_and_reports_agreement(
-    tmp_path: Path, model_dir: Path, server: ServerProcess, texts: dict[str, list[int]], base: dict[str, Any]
+@pytest.fixture(scope="module")
+def shm_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """A second server on a unix socket with --shm-dir (its own empty store)."""
+    root = tmp_path_factory.mktemp("vllm-shm")
+    srv = ServerProcess(root / "data", shm_dir=root / "shm").start()
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+def test_fresh_engine_restores_k4v4_through_shared_memory_and_reports_agreement(
+    tmp_path: Path, model_dir: Path, shm_server: ServerProcess, base: dict[str, Any]
 ) -> None:
+    """The engine computes and saves over the unix socket, then (vLLM's cache emptied) loads it
+    back through the shared-memory directory (GetPrefixShm), layer by layer."""
     phases = [
         {"prompts": [base["prompt"]], "max_tokens": ANSWER},
         {"prompts": [base["prompt"]], "max_tokens": ANSWER, "reset": True},
     ]
-    cold, restored = fresh_engine(tmp_path, model_dir, connector_kv(server.target, codec="k4v4"), phases)
-    assert cold["delta"]["tokens_loaded"] == 0  # k4v4 has its own chain: the lossless blocks do not match
+    kv = connector_kv(shm_server.target, codec="k4v4", shm_dir=str(shm_server.shm_dir))
+    cold, restored = fresh_engine(tmp_path, model_dir, kv, phases)
+    assert cold["delta"]["tokens_loaded"] == 0  # a new store
     assert restored["delta"]["tokens_loaded"] == (len(base["prompt"]) - 1) // 128 * 128
     assert restored["delta"]["load_errors"] == 0
+    assert restored["delta"]["layers_loaded"] == restored["delta"]["layer_waits"] > 0
+    # every loaded byte came through shared memory, none on the gRPC stream
+    assert shm_server.sent_bytes("GetPrefixShm") >= restored["delta"]["bytes_loaded"] > 0
+    assert shm_server.sent_bytes("GetPrefix") == 0
     a, b = base["hit"], restored["tokens"][0]
     agree = sum(x == y for x, y in zip(a, b, strict=True)) / len(a)
     lossless_bytes = base["delta"]["bytes_written"]
