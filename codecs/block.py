@@ -672,7 +672,9 @@ class BlockDecoder:
     range of layers at a time: a loader that scatters layer by layer into a paged cache copies
     and decodes each layer's bytes once, not every layer's per layer.
 
-    ``decode(slice(i, j))`` is bit for bit what ``decode()`` gives for layers i..j-1.
+    ``decode(slice(i, j))`` is bit for bit what ``decode()`` gives for layers i..j-1. Sections
+    stored without zstd stay views of the payloads: keep them valid (a shared-memory mapping open)
+    until the last ``decode``.
     """
 
     def __init__(
