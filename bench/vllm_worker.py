@@ -1,7 +1,7 @@
 """One configuration of ``deltastore bench vllm`` in its own fresh engine process.
 
-``python -m deltastore.bench.vllm_worker prepare OUT`` writes the checkpoint path and the token
-ids of the workload texts; ``python -m deltastore.bench.vllm_worker run SPEC OUT`` replays the
+``python -m deltastore.bench.vllm_worker prepare OUT`` writes the checkpoint path, the token
+ids of the workload texts and the engine dtype; ``python -m deltastore.bench.vllm_worker run SPEC OUT`` replays the
 chat transcript of SPEC through one engine and writes per-request TTFT, timings, tokens, top-k
 logprobs and the connector's counters. Runs in the interpreter that has vLLM (``.venv-vllm``).
 """
@@ -16,7 +16,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from deltastore.bench.vllm_harness import CONNECTOR_MODULE, engine_env, make_llm, prompt_tokens, run_prompts
+from deltastore.bench.vllm_harness import (
+    CONNECTOR_MODULE,
+    engine_dtype,
+    engine_env,
+    make_llm,
+    prompt_tokens,
+    run_prompts,
+)
 
 TEXT = Path(__file__).resolve().parent / "data" / "gardiner_french_revolution.txt"
 
@@ -26,7 +33,7 @@ def prepare(out: Path) -> None:
 
     model = smollm2_checkpoint()
     (ids,) = prompt_tokens(model, [TEXT.read_text()])
-    out.write_text(json.dumps({"model": str(model), "ids": ids}))
+    out.write_text(json.dumps({"model": str(model), "ids": ids, "dtype": engine_dtype()}))
 
 
 def run(spec: dict[str, Any], out: Path) -> None:
