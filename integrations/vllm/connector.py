@@ -67,8 +67,8 @@ from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStat
 
 from deltastore.addressing import token_bytes
 from deltastore.client.sync import DeltaStoreClient
-from deltastore.client.wire import Retry
-from deltastore.errors import InvalidArgument
+from deltastore.client.wire import Retry, error_type
+from deltastore.errors import InvalidArgument, NotConfigured
 from deltastore.integrations.vllm.config import (
     ConnectorConfig,
     plain_rope_theta,
@@ -197,8 +197,28 @@ def _session_params(request: Request) -> tuple[str | None, int | None]:
     return session, turn
 
 
+class _StoreSkipped(ConnectionError):
+    """The store is being skipped after a failure (already logged): no new warning, no new cooldown."""
+
+
+def _shm_unusable(exc: grpc.RpcError | NotConfigured) -> bool:
+    """Whether a shared-memory read failed because shared memory cannot work in this setup (the
+    server has no --shm-dir, the caller is not on its socket, an older server, or ``shm_dir`` is
+    not the server's directory here), as opposed to a failure of the store or of the data."""
+    if isinstance(exc, NotConfigured):
+        return True
+    return exc.code() == grpc.StatusCode.UNIMPLEMENTED or error_type(exc) == "NotConfigured"
+
+
 class DeltaStoreConnector(KVConnectorBase_V1):
     """DeltaStore as vLLM's KV connector; see the module docstring."""
+
+    @classmethod
+    def requires_piecewise_for_cudagraph(cls, extra_config: dict[str, Any]) -> bool:
+        """Loads land layer by layer (``wait_for_layer_load``), which a CUDA graph replay would
+        skip: the forward could read blocks before they are written. vLLM runs piecewise graphs
+        (attention outside the graph) when this says so."""
+        return bool(extra_config.get("load", True))
 
     def __init__(
         self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig
@@ -224,6 +244,7 @@ class DeltaStoreConnector(KVConnectorBase_V1):
         self.counters = Counters()
         self._client: DeltaStoreClient | None = None
         self._down_until = 0.0
+        self._shm = self.cfg.shm_dir is not None  # False once the shared-memory path failed
         self._lock = threading.Lock()
         # scheduler side
         self._matched: dict[str, tuple[int, int]] = {}  # req -> (local computed, store end)
@@ -286,7 +307,7 @@ class DeltaStoreConnector(KVConnectorBase_V1):
             retry=Retry(attempts=2, base_seconds=0.05, cap_seconds=0.2),
             credentials=creds,
             interceptors=interceptors,
-            shm_dir=self.cfg.shm_dir,
+            shm_dir=self.cfg.shm_dir if self._shm else None,
         )
 
     def _available(self) -> bool:
@@ -299,6 +320,9 @@ class DeltaStoreConnector(KVConnectorBase_V1):
         request a recompute and nothing else: pausing the store for every request would let one
         damaged block or one bad caller turn the cache off for all.
         """
+        if isinstance(exc, _StoreSkipped):
+            log.debug("DeltaStore %s skipped: %s", what, exc)  # logged when the store went down
+            return
         code = exc.code() if isinstance(exc, grpc.RpcError) else None
         down = code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) or isinstance(
             exc, (ConnectionError, TimeoutError)
@@ -470,16 +494,38 @@ class DeltaStoreConnector(KVConnectorBase_V1):
     def _fetch(self, load: LoadSpec, timeout: float) -> FetchedPrefix | None:
         """The checked payloads of one load (shared memory when configured)."""
         if not self._available():
-            raise ConnectionError("store skipped after a recent failure")
+            raise _StoreSkipped("store skipped after a recent failure")
         k0 = self._kv[0][0]
-        return self.client.fetch_prefix(
-            load.token_ids,
-            model=self.model,
-            codec=self.cfg.codec,
-            max_tokens=load.end,
-            dtype=k0.dtype,
-            timeout=timeout,
-        )
+        client = self.client
+
+        def fetch() -> FetchedPrefix | None:
+            return client.fetch_prefix(
+                load.token_ids,
+                model=self.model,
+                codec=self.cfg.codec,
+                max_tokens=load.end,
+                dtype=k0.dtype,
+                timeout=timeout,
+            )
+
+        if client.shm_dir is None:
+            return fetch()
+        try:
+            return fetch()
+        except (grpc.RpcError, NotConfigured) as exc:
+            if not _shm_unusable(exc):
+                raise
+            # A setup fault, not a store fault: every load would fail (and leave an unclaimed
+            # export that holds the server's shared-memory budget), so stream from now on.
+            log.warning(
+                "DeltaStore shared memory is unusable here (%s); loading over the GetPrefix stream "
+                "from now on. Shared memory needs the server's unix socket as target (or the server's "
+                "--shm-peers loopback) and shm_dir set to the server's --shm-dir as mounted here",
+                exc.details() if isinstance(exc, grpc.RpcError) else exc,
+            )
+            self._shm = False
+            client.shm_dir = None
+            return fetch()
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         layer = self._layer_of.get(layer_name)
@@ -520,7 +566,7 @@ class DeltaStoreConnector(KVConnectorBase_V1):
         started = time.perf_counter()
         try:
             if not self._available():
-                raise ConnectionError("store skipped after a recent failure")
+                raise _StoreSkipped("store skipped after a recent failure")
             layers = self._gather(spec)
             session, turn = spec.session, spec.turn
             if session is None:

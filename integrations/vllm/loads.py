@@ -103,6 +103,11 @@ class _Step:
         self.events: list[torch.Event | None] = []  # per landed layer, after its scatters
         self.last: torch.Event | None = None  # after the latest scatter
 
+    def check(self) -> None:
+        """Raise :class:`_Cancelled` once the step is cancelled (a plain read: the flag only goes up)."""
+        if self.cancelled:
+            raise _Cancelled
+
     @contextlib.contextmanager
     def writing(self) -> Iterator[None]:
         with self.cond:
@@ -155,8 +160,10 @@ class LayerLoader:
         self._fetch, self._kv, self._block_size = fetch, kv, block_size
         self._counters, self._on_error, self._timeout_s = counters, on_error, timeout_s
         self._device = kv[0][0].device
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="deltastore-load")
-        self._stream: torch.Stream | None = None
+        # Two threads: a step whose store call overruns its deadline (it is cancelled and writes
+        # nothing more) must not hold up the next step's loads; a third stuck step queues.
+        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="deltastore-load")
+        self._stream = torch.Stream(device=self._device) if self._device.type != "cpu" else None
         self._step: _Step | None = None
 
     # -- the forward's side --------------------------------------------------------------------
@@ -218,14 +225,14 @@ class LayerLoader:
 
     def _run(self, step: _Step) -> None:
         try:
-            if self._device.type != "cpu" and self._stream is None:
-                self._stream = torch.Stream(device=self._device)
             with self._stream if self._stream is not None else contextlib.nullcontext():
                 if step.ready is not None:
                     step.ready.wait()
                 for load in step.loads:
+                    step.check()  # past the deadline: fetch nothing more (the next step waits)
                     self._open(load, step.deadline)
                 for layer in range(step.n_layers):
+                    step.check()
                     for load in step.loads:
                         if not load.failed:
                             self._write(step, load, layer)
@@ -255,6 +262,8 @@ class LayerLoader:
             got = 0 if fetched is None else fetched.n_tokens
             if fetched is None or got < spec.end:
                 raise LookupError(f"the store returned {got} of {spec.end} tokens")
+            if list(fetched.info.token_ids[: spec.end]) != spec.token_ids[: spec.end]:
+                raise LookupError("the store returned the KV of other tokens")
             # only the segments holding tokens [start, end) are decoded
             segments = list(fetched.info.segments)
             chosen = [i for i, s in enumerate(segments) if s.end > spec.start and s.start < spec.end]
@@ -284,6 +293,9 @@ class LayerLoader:
             v = torch.cat([blk.layers[0][1] for blk in blocks], dim=1)[:, a:b].permute(1, 0, 2)
             kc, vc = self._kv[layer]
             ids, offsets = load.slots
+            want = (len(ids), kc.shape[1], kc.shape[3])
+            if k.shape != want or v.shape != want:  # never broadcast a wrong shape into the cache
+                raise LookupError(f"stored layer {layer} is {tuple(k.shape)}, the cache wants {want}")
             with step.writing():
                 kc[ids, :, offsets] = k
                 vc[ids, :, offsets] = v

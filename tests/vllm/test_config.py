@@ -123,3 +123,18 @@ def test_max_kl_tiers_with_keys_before_rope_take_the_models_theta(budget: float)
     assert dataclasses.replace(with_rope, rope_theta=picked.rope_theta) == picked
     plain = [p for p in points if not CodecSpec.parse(p["spec"]).rope_theta]
     assert without == CodecSpec.parse(pick_tier(budget, engine=True, table={"points": plain}))
+
+
+@pytest.mark.parametrize(
+    ("extra", "piecewise"), [({"target": "x"}, True), ({"target": "x", "load": False}, False)]
+)
+def test_loads_ask_vllm_for_piecewise_cuda_graphs(extra: dict, piecewise: bool) -> None:
+    """Layer waits run between attention layers: a full CUDA graph replay would skip them and read
+    blocks before they land, so a loading connector must make vLLM capture piecewise graphs."""
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorBase_V1
+
+    from deltastore.integrations.vllm.connector import DeltaStoreConnector
+
+    assert "requires_piecewise_for_cudagraph" in DeltaStoreConnector.__dict__
+    assert DeltaStoreConnector.requires_piecewise_for_cudagraph(extra) is piecewise
+    assert KVConnectorBase_V1.requires_piecewise_for_cudagraph(extra) is False  # vLLM's default

@@ -129,16 +129,21 @@ def test_fresh_engine_restores_the_max_kl_tier_with_keys_before_rope(
     tmp_path: Path, model_dir: Path, server: ServerProcess, base: dict[str, Any]
 ) -> None:
     """max_kl 0.02 on SmolLM2 (plain RoPE, theta 100000) is k4v2-p8-sink4-z-hp16-pr100000: keys
-    leave vLLM's paged cache post-RoPE, are stored before RoPE and come back re-rotated."""
+    leave vLLM's paged cache post-RoPE, are stored before RoPE and come back re-rotated.
+
+    Also a misconfigured ``shm_dir`` (this server has no --shm-dir and is on TCP): the first load
+    finds shared memory unusable and the connector streams from then on, so loads still work."""
     phases = [
         {"prompts": [base["prompt"]], "max_tokens": ANSWER},
         {"prompts": [base["prompt"]], "max_tokens": ANSWER, "reset": True},
     ]
-    kv = connector_kv(server.target, codec=None, max_kl=0.02)
+    streamed = server.sent_bytes("GetPrefix")
+    kv = connector_kv(server.target, codec=None, max_kl=0.02, shm_dir=str(tmp_path / "not-the-servers"))
     cold, restored = fresh_engine(tmp_path, model_dir, kv, phases)
     assert cold["delta"]["tokens_loaded"] == 0  # its own codec chain
     assert restored["delta"]["tokens_loaded"] == (len(base["prompt"]) - 1) // 128 * 128
     assert restored["delta"]["load_errors"] == 0
+    assert server.sent_bytes("GetPrefix") - streamed >= restored["delta"]["bytes_loaded"] > 0
     a, b = base["hit"], restored["tokens"][0]
     agree = sum(x == y for x, y in zip(a, b, strict=True)) / len(a)
     (tmp_path.parent / "max_kl_agreement.json").write_text(json.dumps({"agreement": agree}))
@@ -196,8 +201,8 @@ def n_layers(llm: Any) -> int:
 def test_a_load_failing_mid_layers_is_recomputed(
     llm: Any, server: ServerProcess, base: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Layers 0-2 land in the paged cache, then layer 3's scatter fails (its K/V views swapped for
-    ones of another shape: a real failing write): all of the load's blocks are reported and vLLM
+    """Layers 0-2 land in the paged cache, then layer 3's write fails (its K/V views swapped for
+    ones of another shape, which the loader refuses rather than broadcast into): all of the load's blocks are reported and vLLM
     recomputes them, so the half-written KV is never used; the next load works again."""
     (worker,) = [c for c in instances() if getattr(c, "_loader", None) is not None]
     loader = worker._loader

@@ -5,6 +5,7 @@ nor writes after the deadline."""
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -113,6 +114,44 @@ def test_a_stalled_fetch_fails_the_load_at_the_deadline_and_writes_nothing_later
     run.shutdown()  # the loader got its answer after the deadline; it wrote nothing
     assert not raw.any()
     assert counters.total["load_errors"] == 1 and counters.total["layers_loaded"] == 0
+
+
+def test_a_step_stuck_past_its_deadline_holds_up_neither_the_next_step_nor_fetches_more(
+    stored: tuple,
+) -> None:
+    """A store call that ignores its timeout keeps one step's loader busy past the deadline: the
+    next step's load still lands in time, the stuck step fetches none of its other loads, and its
+    late answer writes nothing over the next step's KV."""
+    client, cache = stored
+    _, kv = paged()
+    release = threading.Event()
+    fetched: list[str] = []
+
+    def fetch(s: LoadSpec, timeout: float) -> FetchedPrefix | None:
+        fetched.append(s.req_id)
+        if s.req_id.startswith("stuck"):
+            release.wait(30)
+        return client.fetch_prefix(s.token_ids, model=MODEL, codec="lossless", max_tokens=s.end)
+
+    run, counters, _ = loader(fetch, kv, timeout_s=0.3)
+    load = spec()
+    run.start([dataclasses.replace(load, req_id=name) for name in ("stuck-1", "stuck-2")])
+    for layer in range(LAYERS):
+        run.wait_layer(layer)
+    assert run.finish() == set(load.block_ids[1:])
+    run.start([load])  # the stuck step's thread still waits for its store
+    for layer in range(LAYERS):
+        run.wait_layer(layer)
+    assert run.finish() == set()
+    release.set()
+    run.shutdown()
+    assert fetched == ["stuck-1", "req-1"]
+    pos = torch.arange(load.start, load.end)
+    ids, offsets = torch.tensor(load.block_ids)[pos // BLOCK], pos % BLOCK
+    for layer in range(LAYERS):
+        want = cache[layer][0][:, load.start : load.end].permute(1, 0, 2)
+        assert torch.equal(kv[layer][0][ids, :, offsets], want)
+    assert counters.total["loads"] == 1 and counters.total["load_errors"] == 2
 
 
 @pytest.mark.parametrize("answer", ["down", "short"])
