@@ -230,6 +230,13 @@ class DeltaStoreConnector(KVConnectorBase_V1):
         )
         if vllm_config.parallel_config.tensor_parallel_size != 1:
             raise ValueError("DeltaStoreConnector supports tensor_parallel_size=1 only (not verified beyond)")
+        groups = len(kv_cache_config.kv_cache_groups) if kv_cache_config is not None else 1
+        if groups != 1:
+            # loads and saves address every layer with one request's block ids (group 0's)
+            raise ValueError(
+                f"DeltaStoreConnector supports one KV cache group, the engine has {groups} (hybrid "
+                "KV cache manager: sliding-window or mamba layers); leave it disabled"
+            )
         self.block_size = vllm_config.cache_config.block_size
         self.align = save_alignment(self.block_size, self.cfg.store_block_size)
         self.head_size = mc.get_head_size()

@@ -138,3 +138,38 @@ def test_loads_ask_vllm_for_piecewise_cuda_graphs(extra: dict, piecewise: bool) 
     assert "requires_piecewise_for_cudagraph" in DeltaStoreConnector.__dict__
     assert DeltaStoreConnector.requires_piecewise_for_cudagraph(extra) is piecewise
     assert KVConnectorBase_V1.requires_piecewise_for_cudagraph(extra) is False  # vLLM's default
+
+
+def test_more_than_one_kv_cache_group_is_refused(model_dir: Path) -> None:
+    """Loads and saves address every layer with group 0's block ids: an engine whose hybrid KV cache
+    manager made several groups (sliding-window layers) must be refused, not half-written."""
+    import torch
+    from vllm.config import KVTransferConfig
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec
+
+    from deltastore.integrations.vllm.connector import DeltaStoreConnector
+
+    kv = {
+        "kv_connector": "DeltaStoreConnector",
+        "kv_connector_module_path": "deltastore.integrations.vllm.connector",
+        "kv_role": "kv_both",
+        "kv_connector_extra_config": {"target": "127.0.0.1:9"},
+    }
+    vllm_config = EngineArgs(
+        model=str(model_dir),
+        kv_transfer_config=KVTransferConfig(**kv),
+        max_model_len=2048,
+        enforce_eager=True,
+    ).create_engine_config()
+    spec = FullAttentionSpec(block_size=128, num_kv_heads=3, head_size=64, dtype=torch.bfloat16)
+
+    def groups(n: int) -> KVCacheConfig:
+        return KVCacheConfig(
+            num_blocks=4, kv_cache_tensors=[], kv_cache_groups=[KVCacheGroupSpec(["a"], spec)] * n
+        )
+
+    DeltaStoreConnector(vllm_config, KVConnectorRole.SCHEDULER, groups(1))
+    with pytest.raises(ValueError, match="one KV cache group, the engine has 2"):
+        DeltaStoreConnector(vllm_config, KVConnectorRole.SCHEDULER, groups(2))
