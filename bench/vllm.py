@@ -199,7 +199,7 @@ def _storage(
             "stored_bytes": sav["stored_bytes"],
             "tokens_stored": sav["unique_fp16_bytes"] // fp16_per_token,
             "stored_breakdown": {
-                **{f"{part[:-1]}_bytes": n for part, n in sav["stored"].items()},
+                **{f"{part}_bytes": n for part, n in sav["stored"].items()},
                 "blocks": sav["blocks"],
                 "snapshots": sav["snapshots"],
             },
