@@ -224,10 +224,13 @@ class AsyncDeltaStoreClient:
         max_tokens: int | None = None,
         dtype: torch.dtype | None = None,
         timeout: float | None = None,
+        start: int = 0,
     ) -> FetchedPrefix | None:
         """The stored leading blocks, checked, not decoded (see ``DeltaStoreClient.fetch_prefix``)."""
-        req = prefix_request(self.namespace, token_ids, model=model, codec=codec, max_tokens=max_tokens)
-        checks: dict[str, Any] = {"max_decoded_bytes": self.max_decoded_bytes, "dtype": dtype}
+        req = prefix_request(
+            self.namespace, token_ids, model=model, codec=codec, max_tokens=max_tokens, start=start
+        )
+        checks: dict[str, Any] = {"max_decoded_bytes": self.max_decoded_bytes, "dtype": dtype, "start": start}
         if self.shm_dir is not None:
             reply = await self._call(lambda t: self._stub.GetPrefixShm(req, timeout=t), timeout)
             return await asyncio.to_thread(

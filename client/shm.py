@@ -162,6 +162,7 @@ def fetch_mapped(
     *,
     max_decoded_bytes: int,
     dtype: torch.dtype | None,
+    start: int = 0,
 ) -> FetchedPrefix | None:
     """A GetPrefixShm reply as a checked :class:`FetchedPrefix` whose payloads are views of the
     export, unmapped when it closes; None when nothing matched (see ``checked_prefix``)."""
@@ -170,5 +171,5 @@ def fetch_mapped(
     mapping = contextlib.ExitStack()
     views = mapping.enter_context(mapped_payloads(shm_dir, reply, max_bytes))
     return checked_prefix(
-        reply.info, views, max_decoded_bytes=max_decoded_bytes, dtype=dtype, close=mapping.close
+        reply.info, views, max_decoded_bytes=max_decoded_bytes, dtype=dtype, start=start, close=mapping.close
     )

@@ -266,6 +266,7 @@ class DeltaStoreClient:
         max_tokens: int | None = None,
         dtype: torch.dtype | None = None,
         timeout: float | None = None,
+        start: int = 0,
     ) -> FetchedPrefix | None:
         """The stored leading blocks of ``token_ids``, checked but not decoded (see ``get_prefix``).
 
@@ -274,10 +275,14 @@ class DeltaStoreClient:
         and the decode bound for ``dtype``: None counts the stored dtype). With ``shm_dir`` they
         are read through GetPrefixShm (views of the mapped export), else from the GetPrefix
         stream. Use the result as a context manager; its payloads are valid inside it (the
-        mapping is closed when it exits). None when nothing matches.
+        mapping is closed when it exits). None when nothing matches. ``start``: the caller holds
+        the tokens before it (e.g. in an engine's prefix cache): only segments ending after it are
+        sent (the first may begin before it); ``info.token_ids`` still lists every matched token.
         """
-        req = prefix_request(self.namespace, token_ids, model=model, codec=codec, max_tokens=max_tokens)
-        checks: dict[str, Any] = {"max_decoded_bytes": self.max_decoded_bytes, "dtype": dtype}
+        req = prefix_request(
+            self.namespace, token_ids, model=model, codec=codec, max_tokens=max_tokens, start=start
+        )
+        checks: dict[str, Any] = {"max_decoded_bytes": self.max_decoded_bytes, "dtype": dtype, "start": start}
         if self.shm_dir is not None:
             reply = self._call(lambda t: self._stub.GetPrefixShm(req, timeout=t), timeout)
             return fetch_mapped(self.shm_dir, reply, self.max_snapshot_bytes, **checks)

@@ -222,15 +222,23 @@ def has_blocks_request(namespace: str, keys: Sequence[bytes]) -> pb.HasBlocksReq
 
 
 def prefix_request(
-    namespace: str, token_ids: Sequence[int], *, model: Any, codec: str, max_tokens: int | None
+    namespace: str,
+    token_ids: Sequence[int],
+    *,
+    model: Any,
+    codec: str,
+    max_tokens: int | None,
+    start: int = 0,
 ) -> pb.GetPrefixRequest:
-    """The GetPrefix / GetPrefixShm request (``max_tokens`` None: no limit)."""
+    """The GetPrefix / GetPrefixShm request (``max_tokens`` None: no limit; ``start``: send only
+    the segments ending after that token)."""
     return pb.GetPrefixRequest(
         namespace=namespace,
         model=fingerprint(model),
         codec=codec,
         token_ids=token_ids,
         max_tokens=max_tokens or 0,
+        start_token=start,
     )
 
 
@@ -344,6 +352,7 @@ def check_payloads(
     *,
     max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES,
     dtype: Any = None,
+    start: int = 0,
 ) -> int:
     """Check what the server sent before decoding any of it; returns the bytes decoding takes.
 
@@ -351,7 +360,8 @@ def check_payloads(
     on the server, on the wire or in a shared-memory file is ChecksumMismatch, never tensors; a
     segment without a 32-byte digest is ChecksumMismatch too, so nothing goes unchecked), is
     encoded with the snapshot's codec and covers exactly its segment's tokens, and the segments
-    cover the snapshot's tokens from 0 without a gap. Always: no zstd section declares more than
+    cover the snapshot's tokens from 0 (``start``: from a segment holding token ``start``, for a
+    prefix fetched from there) without a gap. Always: no zstd section declares more than
     ``MAX_EXPANSION`` x its size, and the whole decode fits ``max_decoded_bytes``
     (ResourceExhausted).
     """
@@ -364,6 +374,8 @@ def check_payloads(
     if len(segments) != len(payloads):
         raise InvalidArgument(f"{len(payloads)} payloads for {len(segments)} segments")
     total = pos = 0
+    if start and info is not None and info.segments and info.segments[0].start <= start:
+        pos = info.segments[0].start
     for seg, payload in zip(segments, payloads, strict=True):
         if seg is not None:
             name = bytes(seg.key).hex()
@@ -490,6 +502,7 @@ def checked_prefix(
     *,
     max_decoded_bytes: int,
     dtype: torch.dtype | None,
+    start: int = 0,
     close: Callable[[], object] | None = None,
 ) -> FetchedPrefix | None:
     """A GetPrefix answer as a :class:`FetchedPrefix` once :func:`check_payloads` passed; None when
@@ -499,7 +512,7 @@ def checked_prefix(
         fetched.close()
         return None
     try:
-        check_payloads(info, payloads, max_decoded_bytes=max_decoded_bytes, dtype=dtype)
+        check_payloads(info, payloads, max_decoded_bytes=max_decoded_bytes, dtype=dtype, start=start)
     except BaseException:
         fetched.close()
         raise

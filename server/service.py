@@ -341,6 +341,7 @@ class DeltaStoreService(pb_grpc.DeltaStoreServicer):
             codec=self._codec(request.codec),
             token_ids=self._tokens(request.token_ids),
             max_tokens=request.max_tokens or None,
+            start=request.start_token,
         )
 
     def _stream_snapshot(

@@ -201,6 +201,7 @@ class Reads(StoreBase):
         token_ids: Sequence[int],
         *,
         max_tokens: int | None = None,
+        start: int = 0,
     ) -> SnapshotStream:
         """The stored leading segments of these tokens, without a session (what LookupPrefix counts).
 
@@ -208,7 +209,9 @@ class Reads(StoreBase):
         so only blocks of that domain can match. Whole aligned blocks, then the rest as one stored
         segment, up to ``max_tokens`` (None: all). Each block's stored token ids must equal the
         requested ones (ChecksumMismatch otherwise); payloads are verified as they are read, as by
-        :meth:`open_snapshot`. Nothing matching yields a stream with no segments.
+        :meth:`open_snapshot`. Nothing matching yields a stream with no segments. ``start``: only
+        the segments ending after that token are streamed (the caller holds the ones before); every
+        matched block is still looked up and its token ids checked, so the match is the same.
         """
         check_name("namespace", namespace)
         check_label("model fingerprint", model)
@@ -218,10 +221,9 @@ class Reads(StoreBase):
         domain, bs = self.config.domain(namespace), self.config.block_size
         chain = Chain(seed(domain, model, codec, bs), tokens, bs)
         found: list[PlannedSegment] = []
-        fp16_total = 0
+        seg_fp16: dict[Key, int] = {}
 
         def take(view: ReadView, start: int, end: int, key: Key) -> bool:
-            nonlocal fp16_total
             head = block_head(view, domain, key, end - start)
             if head is None:
                 return False
@@ -229,7 +231,7 @@ class Reads(StoreBase):
             if bytes(toks) != tokens[4 * start : 4 * end]:
                 raise ChecksumMismatch(key.hex(), "the requested token ids", "other stored token ids")
             found.append(PlannedSegment(start, end, key, True, meta.payload_nbytes, bytes(meta.digest)))
-            fp16_total += meta.fp16_nbytes
+            seg_fp16[key] = meta.fp16_nbytes
             return True
 
         with self.backend.read() as view:
@@ -242,6 +244,8 @@ class Reads(StoreBase):
                 if matched < chain.n_tokens:
                     take(view, matched, chain.n_tokens, chain.segment_key(matched, chain.n_tokens))
         n_tokens = found[-1].end if found else 0
+        found = [seg for seg in found if seg.end > start]
+        fp16_total = sum(seg_fp16[seg.key] for seg in found)
 
         def read(seg: PlannedSegment, use: Callable[[int, memoryview], T]) -> T:
             with self.backend.read() as view:

@@ -175,18 +175,20 @@ class LookupPrefixRequest(_message.Message):
     def __init__(self, namespace: _Optional[str] = ..., model: _Optional[str] = ..., codec: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class GetPrefixRequest(_message.Message):
-    __slots__ = ("namespace", "model", "codec", "token_ids", "max_tokens")
+    __slots__ = ("namespace", "model", "codec", "token_ids", "max_tokens", "start_token")
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     CODEC_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    START_TOKEN_FIELD_NUMBER: _ClassVar[int]
     namespace: str
     model: str
     codec: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     max_tokens: int
-    def __init__(self, namespace: _Optional[str] = ..., model: _Optional[str] = ..., codec: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., max_tokens: _Optional[int] = ...) -> None: ...
+    start_token: int
+    def __init__(self, namespace: _Optional[str] = ..., model: _Optional[str] = ..., codec: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., max_tokens: _Optional[int] = ..., start_token: _Optional[int] = ...) -> None: ...
 
 class LookupPrefixResponse(_message.Message):
     __slots__ = ("matched_tokens",)

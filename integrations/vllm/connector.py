@@ -513,6 +513,7 @@ class DeltaStoreConnector(KVConnectorBase_V1):
                 max_tokens=load.end,
                 dtype=k0.dtype,
                 timeout=timeout,
+                start=load.start,  # vLLM holds the tokens before: fetch only the rest
             )
 
         if client.shm_dir is None:

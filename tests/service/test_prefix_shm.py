@@ -19,7 +19,9 @@ from service_helpers import BLOCK_SIZE, MODEL, make_cache, start_service
 from deltastore.client.aio import AsyncDeltaStoreClient
 from deltastore.client.results import FetchedPrefix, RestoredSnapshot
 from deltastore.client.sync import DeltaStoreClient
+from deltastore.client.wire import check_payloads
 from deltastore.codecs import decode_block
+from deltastore.errors import ChecksumMismatch
 from deltastore.server.app import Service
 from deltastore.v1.protocol import SHM_FD_SOCKET
 
@@ -119,6 +121,53 @@ def test_connector_style_fetch_with_and_without_shm(shm_service: tuple[Service, 
         with pytest.raises(ValueError):  # shared memory is unmapped once the fetch is closed
             bytes(view)
     assert _exports(shm) == []
+
+
+@pytest.mark.parametrize("start", [1, 64, 100, 256, 299, 300])
+def test_a_prefix_fetched_from_a_token_holds_only_the_segments_from_there(
+    shm_service: tuple[Service, str, Path], start: int
+) -> None:
+    """What an engine that holds the first ``start`` tokens asks for: the segments ending after
+    ``start`` (the first may begin before it), byte for byte the full fetch's, over both paths;
+    the info still lists every matched token."""
+    _, target, shm = shm_service
+    with (
+        DeltaStoreClient(target, timeout=20) as streamed,
+        DeltaStoreClient(target, timeout=20, shm_dir=str(shm)) as mapped,
+    ):
+        streamed.put_snapshot(
+            "writer", 0, TOKENS, make_cache(len(TOKENS), seed=6), model=MODEL, codec="lossless"
+        )
+        with streamed.fetch_prefix(TOKENS, model=MODEL, codec="lossless") as full:
+            want = [
+                (seg.start, bytes(p))
+                for seg, p in zip(full.info.segments, full.payloads, strict=True)
+                if seg.end > start
+            ]
+            full_info = full.info
+        for c in (streamed, mapped):
+            fetched = c.fetch_prefix(TOKENS, model=MODEL, codec="lossless", start=start)
+            if not want:  # the caller holds every stored token: nothing to send
+                assert fetched is None
+                continue
+            assert fetched is not None
+            with fetched:
+                assert list(fetched.info.token_ids) == TOKENS and fetched.n_tokens == len(TOKENS)
+                got = [
+                    (s.start, bytes(p)) for s, p in zip(fetched.info.segments, fetched.payloads, strict=True)
+                ]
+                assert got == want and got[0][0] <= start
+                assert fetched.payload_bytes == sum(len(p) for _, p in want)
+    assert _exports(shm) == []
+    # A server that leaves out a segment the caller needs is caught before decoding.
+    if len(want) > 1:
+        short = type(full_info)()
+        short.CopyFrom(full_info)
+        kept = [seg for seg in short.segments if seg.end > start][1:]
+        del short.segments[:]
+        short.segments.extend(kept)
+        with pytest.raises(ChecksumMismatch):
+            check_payloads(short, [p for _, p in want[1:]], start=start)
 
 
 def test_aio_get_prefix_and_fetch_prefix(shm_service: tuple[Service, str, Path]) -> None:
